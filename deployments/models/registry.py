@@ -1,0 +1,70 @@
+"""Model families: the hook class every family implements, and how a variant finds its family.
+
+Quick start for a new family (one file, one line here)::
+
+    # deployments/models/my_family.py
+    class MyFamily(ImageFamily):
+        def load(self) -> str:
+            self.net = build_or_load(self.weights_source())    # weights, once per replica
+            return "device=cpu dtype=float32"                   # said once in the log
+        def generate(self, tasks):                              # tasks share one ShapeBucket
+            return [uint8_hwc_array_for(task) for task in tasks]
+
+    # below: FAMILIES["my-family"] = "deployments.models.my_family:MyFamily"
+
+A variant YAML then says ``family: my-family``. A family may also be named by its import path
+(``family: my_package.module:MyFamily``) without touching this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from deployments.contracts import ImageTask
+from deployments.models.builtin import resolve_weights
+from serve_app.config import VariantConfig
+
+FAMILIES: dict[str, str] = {
+    "diffusion": "deployments.models.diffusion:DiffusionFamily",
+}
+
+
+class ImageFamily:
+    """A model family: loads a variant's weights once and turns batches of image tasks into pixels."""
+
+    def __init__(self, variant: VariantConfig, cache_dir: Path) -> None:
+        self.variant = variant
+        self.cache_dir = cache_dir
+
+    def weights_source(self) -> str:
+        """What to hand to ``from_pretrained``: a local path or a hub id (builtins built on first use)."""
+        return resolve_weights(self.variant.weights, self.cache_dir)
+
+    def load(self) -> str:
+        """Load the weights; return one line saying the device, dtype and attention backend chosen."""
+        raise NotImplementedError
+
+    def generate(self, tasks: Sequence[ImageTask]) -> list[np.ndarray]:
+        """One contiguous uint8 (H, W, 3) array per task; every task shares one shape bucket."""
+        raise NotImplementedError
+
+
+def family_class(name: str) -> type[ImageFamily]:
+    target = FAMILIES.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)} or 'module:Class'")
+    module_name, class_name = target.split(":", 1)
+    family = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(family, type) and issubclass(family, ImageFamily)):
+        raise TypeError(f"{target} is not an ImageFamily subclass")
+    return family
+
+
+def load_family(variant: VariantConfig, cache_dir: Path) -> tuple[ImageFamily, str]:
+    """Instantiate and load a variant's family; returns it with its one-line description."""
+    family = family_class(variant.family)(variant, cache_dir)
+    return family, family.load()

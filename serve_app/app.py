@@ -1,0 +1,63 @@
+"""Composition of the service: ``build_app(config)`` returns the Serve application.
+
+``serve run serve_app.app:app`` and a Serve config's ``import_path: serve_app.app:app`` build it
+from the configuration named by ``IMAGEGEN_CONFIG`` (see serve_app/config.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application, Deployment
+
+from deployments.model_replica import ModelReplica
+from deployments.postprocess import Postprocess
+from deployments.preprocess import Preprocess
+from serve_app.config import AppConfig, ResourcesConfig, load_config
+from serve_app.ingress import Ingress
+
+
+def _deployment_options(resources: ResourcesConfig) -> dict[str, Any]:
+    return {
+        "num_replicas": resources.num_replicas,
+        "max_ongoing_requests": resources.max_ongoing_requests,
+        "ray_actor_options": resources.ray_actor_options(),
+    }
+
+
+def _deployment(decorated: object) -> Deployment:
+    """A ``@serve.deployment`` class as the Deployment it is at run time (mypy sees the class)."""
+    assert isinstance(decorated, Deployment)
+    return decorated
+
+
+def build_app(config: AppConfig) -> Application:
+    """Bind ingress, preprocess, one ModelReplica per variant, and postprocess."""
+    config = config.with_signing_key()
+    stages = config.stages
+    models = {
+        variant.name: _deployment(ModelReplica)
+        .options(
+            name=f"ModelReplica-{variant.name}",
+            user_config=variant.batching.model_dump(),
+            **_deployment_options(variant.resources),
+        )
+        .bind(variant, config.cache_dir)
+        for variant in config.variants
+    }
+    preprocess = _deployment(Preprocess).options(**_deployment_options(stages.preprocess)).bind()
+    postprocess = (
+        _deployment(Postprocess).options(**_deployment_options(stages.postprocess)).bind(config.storage)
+    )
+    return (
+        _deployment(Ingress)
+        .options(**_deployment_options(stages.ingress))
+        .bind(config, preprocess, postprocess, models)
+    )
+
+
+def __getattr__(name: str) -> Application:
+    # Built lazily so importing this module reads no configuration.
+    if name == "app":
+        return build_app(load_config())
+    raise AttributeError(name)

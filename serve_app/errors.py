@@ -1,0 +1,178 @@
+"""One mapping from every failure to OpenAI's error JSON and its status code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("imagegen.errors")
+
+
+class APIError(Exception):
+    """An error the client should see as it is. Subclasses fix the status and type."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = headers or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments need this to survive pickling between Ray processes.
+        return (_rebuild_api_error, (type(self), self.message, self.param, self.code, self.headers))
+
+
+def _rebuild_api_error(
+    cls: type[APIError], message: str, param: str | None, code: str | None, headers: dict[str, str]
+) -> APIError:
+    return cls(message, param=param, code=code, headers=headers)
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class ForbiddenError(APIError):
+    status_code = 403
+    error_type = "invalid_request_error"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+
+
+def unwrap_remote_error(exc: BaseException) -> BaseException:
+    """The original exception behind Ray's task wrappers (a stage's error keeps its own type)."""
+    seen = 0
+    while (
+        seen < 8 and getattr(exc, "cause", None) is not None and type(exc).__name__.startswith("RayTaskError")
+    ):
+        exc = exc.cause  # type: ignore[attr-defined]
+        seen += 1
+    return exc
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Map any exception to the error the client sees; unknown failures become a logged 500."""
+    exc = unwrap_remote_error(exc)
+    if isinstance(exc, APIError):
+        return exc
+    from ray import exceptions as ray_exceptions
+    from ray.serve import exceptions as serve_exceptions
+
+    if isinstance(exc, serve_exceptions.BackPressureError):
+        return ServiceUnavailableError(
+            "The service is at capacity; retry shortly.", code="overloaded", headers={"retry-after": "1"}
+        )
+    if isinstance(exc, ray_exceptions.RayActorError | ray_exceptions.ActorUnavailableError):
+        return ServiceUnavailableError(
+            "A model replica became unavailable; retry shortly.", headers={"retry-after": "1"}
+        )
+    logger.error("unhandled error", exc_info=exc)
+    return APIError("The server had an error while processing your request.")
+
+
+def error_response(error: APIError) -> JSONResponse:
+    body = ErrorResponse(
+        error=ErrorInfo(message=error.message, type=error.error_type, param=error.param, code=error.code)
+    )
+    return JSONResponse(body.model_dump(), status_code=error.status_code, headers=error.headers)
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return True  # FastAPI parses an untyped body as JSON
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None) -> APIError:
+    """A 400 naming the offending field, or 415 when the body was not JSON at all."""
+    errors = exc.errors()
+    body_errors = [error for error in errors if error.get("loc", ("",))[0] == "body"]
+    if body_errors and not _is_json(content_type):
+        return UnsupportedMediaTypeError(
+            f"Unsupported Content-Type {content_type!r}; send 'application/json'."
+        )
+    first = errors[0] if errors else {"msg": "Invalid request.", "loc": (), "type": ""}
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(
+            "We could not parse the JSON body of your request. Send a JSON object.", code="invalid_json"
+        )
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    if first.get("type") == "extra_forbidden":
+        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
+    if first.get("type") in ("model_attributes_type", "dict_type", "missing") and not location:
+        return InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
+    return InvalidRequestError(message, param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make FastAPI's own failures (validation, 404 routes, 405, crashes) speak the OpenAI shape."""
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_api_error(exc))
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        error = validation_error(exc, request.headers.get("content-type"))
+        return error_response(error)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error_class = {404: NotFoundError, 405: InvalidRequestError}.get(exc.status_code, APIError)
+        error = error_class(f"Invalid URL ({request.method} {request.url.path}): {exc.detail}")
+        error.status_code = exc.status_code
+        return error_response(error)
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_api_error)

@@ -1,0 +1,89 @@
+"""The OpenAI Images API as pydantic models, plus our documented extensions.
+
+Requests forbid unknown fields (OpenAI answers them with 400 too); every extension says so in
+its description, which is what the OpenAPI page at ``/docs`` shows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageGenerationRequest(OpenAIModel):
+    """Body of ``POST /v1/images/generations``."""
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    model: str | None = Field(None, description="A variant id from /v1/models; the default when omitted.")
+    n: int = Field(1, ge=1, le=10, description="How many images (1-10).")
+    size: str = Field("auto", description="'WxH' from the variant's sizes, or 'auto' for its default.")
+    quality: Quality = Field(
+        "auto", description="Maps to denoising steps; 'standard'/'hd' alias medium/high."
+    )
+    response_format: Literal["url", "b64_json"] = Field(
+        "b64_json", description="Base64 in the body, or a signed URL that expires."
+    )
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100, description="0-100, for jpeg/webp (and png).")
+    background: Literal["auto", "opaque", "transparent"] = "auto"
+    moderation: Literal["auto", "low"] = "auto"
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted for compatibility; unused.")
+    user: str | None = Field(None, max_length=256, description="End-user id, for abuse monitoring.")
+    stream: bool = Field(False, description="Streaming of partial images (not yet supported).")
+    partial_images: int | None = Field(None, ge=0, le=3)
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="Extension: image i uses seed+i; same seed, same bytes."
+    )
+    negative_prompt: str | None = Field(None, description="Extension: what to steer away from.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="Extension: denoising steps; overrides `quality`."
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=50.0, description="Extension: classifier-free guidance scale."
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int | None = Field(None, description="Extension: the seed this image was made with.")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    size: str | None = None
+    quality: Literal["low", "medium", "high"] | None = None
+    background: Literal["opaque", "transparent"] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "imagegen-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,50 @@
+"""One real local Ray Serve deployment of the embedded default, shared by the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from openai import OpenAI
+from ray import serve
+
+from serve_app.app import build_app
+from serve_app.config import AppConfig
+from tests.conftest import free_port, make_test_config
+
+
+@dataclass(frozen=True)
+class RunningService:
+    base_url: str
+    config: AppConfig
+    storage_dir: Path
+
+
+@pytest.fixture(scope="package")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    storage_dir = tmp_path_factory.mktemp("store")
+    config = make_test_config(storage_dir)
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="imagegen", route_prefix="/")
+        yield RunningService(f"http://127.0.0.1:{port}", config, storage_dir)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def http(service: RunningService) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def openai_client(service: RunningService) -> OpenAI:
+    return OpenAI(base_url=f"{service.base_url}/v1", api_key="sk-test", max_retries=0, timeout=60)

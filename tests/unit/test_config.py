@@ -1,0 +1,71 @@
+"""Configuration: the embedded default loads, the environment overrides, typos fail at load time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.config import load_config, parse_size
+
+
+def test_default_config_loads() -> None:
+    config = load_config()
+    assert [variant.name for variant in config.variants] == ["tiny-sd"]
+    assert config.variant(None) is config.variants[0]
+    assert config.variant("missing") is None
+    assert (config.host, config.port) == ("127.0.0.1", 8000)
+    assert config.storage.url.startswith("file:///")
+
+
+def test_environment_overrides_nested_fields(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IMAGEGEN_STORAGE__URL", f"file://{tmp_path}")
+    monkeypatch.setenv("IMAGEGEN_PORT", "9123")
+    config = load_config()
+    assert config.storage.url == f"file://{tmp_path}"
+    assert config.port == 9123
+    assert config.storage.url_ttl_s == 3600
+
+
+def test_config_file_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    variant = (Path(load_config.__code__.co_filename).parent / "configs/variants/tiny-sd.yaml").read_text()
+    (tmp_path / "v.yaml").write_text(variant.replace("name: tiny-sd", "name: other"))
+    (tmp_path / "app.yaml").write_text("port: 8100\nvariants: [v.yaml]\n")
+    monkeypatch.setenv("IMAGEGEN_CONFIG", str(tmp_path / "app.yaml"))
+    config = load_config()
+    assert config.port == 8100 and config.variants[0].name == "other"
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        "variants: []\n",
+        "prot: 1\nvariants: [variants/tiny-sd.yaml]\n",
+        "storage: {url: ./relative}\nvariants: [variants/tiny-sd.yaml]\n",
+        "default_model: nope\nvariants: [variants/tiny-sd.yaml]\n",
+    ],
+)
+def test_bad_configs_fail_when_read(tmp_path: Path, yaml_text: str) -> None:
+    configs = Path(load_config.__code__.co_filename).parent / "configs"
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "variants/tiny-sd.yaml").write_text((configs / "variants/tiny-sd.yaml").read_text())
+    (tmp_path / "app.yaml").write_text(yaml_text)
+    with pytest.raises(ValidationError):
+        load_config(tmp_path / "app.yaml")
+
+
+def test_variant_typos_and_bad_sizes_fail(tmp_path: Path) -> None:
+    configs = Path(load_config.__code__.co_filename).parent / "configs"
+    text = (configs / "variants/tiny-sd.yaml").read_text()
+    for broken in (text + "max_batch: 4\n", text.replace('"64x64"', '"63x63"'), text + "family_x: 1\n"):
+        (tmp_path / "v.yaml").write_text(broken)
+        (tmp_path / "app.yaml").write_text("variants: [v.yaml]\n")
+        with pytest.raises(ValidationError):
+            load_config(tmp_path / "app.yaml")
+
+
+def test_parse_size() -> None:
+    assert parse_size("640x480") == (640, 480)
+    with pytest.raises(ValueError, match="size"):
+        parse_size("640 x 480")

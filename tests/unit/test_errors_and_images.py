@@ -1,0 +1,89 @@
+"""The error mapping and image encoding, without HTTP or Ray."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+
+from deployments.images import encode_image, to_uint8
+from serve_app.errors import (
+    APIError,
+    InvalidRequestError,
+    NotFoundError,
+    as_api_error,
+    unwrap_remote_error,
+    validation_error,
+)
+
+
+def test_api_errors_survive_pickling_between_processes() -> None:
+    error = NotFoundError("gone", param="model", code="model_not_found", headers={"x": "1"})
+    copy = pickle.loads(pickle.dumps(error))
+    assert isinstance(copy, NotFoundError)
+    assert (copy.message, copy.param, copy.code, copy.headers) == (
+        "gone",
+        "model",
+        "model_not_found",
+        {"x": "1"},
+    )
+
+
+def test_ray_task_errors_unwrap_to_the_stage_error() -> None:
+    from ray.exceptions import RayTaskError
+
+    cause = InvalidRequestError("bad image", param="image")
+    wrapped = RayTaskError("prepare", "traceback", cause)
+    assert unwrap_remote_error(wrapped) is cause
+    assert as_api_error(wrapped) is cause
+
+
+def test_unknown_exceptions_become_a_generic_500() -> None:
+    error = as_api_error(RuntimeError("secret internals"))
+    assert type(error) is APIError and error.status_code == 500
+    assert "secret" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("errors", "content_type", "status", "param"),
+    [
+        ([{"type": "json_invalid", "loc": ("body", 3), "msg": "bad"}], "application/json", 400, None),
+        ([{"type": "model_attributes_type", "loc": ("body",), "msg": "x"}], "text/plain", 415, None),
+        ([{"type": "extra_forbidden", "loc": ("body", "foo"), "msg": "x"}], None, 400, "foo"),
+        ([{"type": "int_parsing", "loc": ("body", "n"), "msg": "not int"}], "application/json", 400, "n"),
+    ],
+)
+def test_validation_errors_map(
+    errors: list[dict[str, object]], content_type: str | None, status: int, param: str | None
+) -> None:
+    error = validation_error(RequestValidationError(errors), content_type)
+    assert error.status_code == status
+    assert error.param == param
+
+
+@pytest.mark.parametrize(
+    ("output_format", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")]
+)
+def test_encode_decodes_as_the_format(output_format: str, pil_format: str) -> None:
+    pixels = to_uint8(np.random.default_rng(0).random((32, 48, 3)))
+    assert pixels.dtype == np.uint8 and pixels.flags["C_CONTIGUOUS"]
+    data = encode_image(pixels, output_format, compression=30)  # type: ignore[arg-type]
+    image = Image.open(io.BytesIO(data))
+    assert image.format == pil_format
+    assert image.size == (48, 32)
+    assert "exif" not in image.info
+
+
+def test_compression_changes_lossy_size() -> None:
+    pixels = to_uint8(np.random.default_rng(1).random((64, 64, 3)))
+    assert len(encode_image(pixels, "jpeg", 90)) < len(encode_image(pixels, "jpeg", 0))
+
+
+def test_png_is_lossless() -> None:
+    pixels = to_uint8(np.random.default_rng(2).random((16, 16, 3)))
+    decoded = np.asarray(Image.open(io.BytesIO(encode_image(pixels, "png", None))))
+    assert np.array_equal(decoded, pixels)
