@@ -35,6 +35,14 @@ class StageMetrics:
             tag_keys=("variant",),
         )
 
+        self.log_rows_dropped = metrics.Counter(
+            "imagegen_log_rows_dropped_total",
+            description="Generation-log rows dropped because the store stayed down too long.",
+        )
+
+    def count_dropped_log_rows(self, count: int) -> None:
+        self.log_rows_dropped.inc(count)
+
     def observe_stage(self, stage: str, variant: str, seconds: float) -> None:
         self.stage_latency.observe(seconds, tags={"stage": stage, "variant": variant})
 

@@ -19,18 +19,22 @@ def deliver(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -
     """Encode one image and either inline it or write it to the store (blocking; run in a thread)."""
     started = time.perf_counter()
     data = encode_image(image.pixels, options.output_format, options.compression)
+    encoded = time.perf_counter()
     b64_json = object_key = None
     if options.response_format == "b64_json":
         b64_json = base64.b64encode(data).decode("ascii")
     else:
         object_key = build_object_key(image.task.tenant, options.output_format)
         store.put(object_key, data)
+    timings = {"postprocess": encoded - started}
+    if object_key:
+        timings["upload"] = time.perf_counter() - encoded
     return StoredImage(
         seed=image.task.seed,
         output_format=options.output_format,
         byte_count=len(data),
         batch_size=image.batch_size,
-        timings={**image.timings, "postprocess": time.perf_counter() - started},
+        timings={**image.timings, **timings},
         b64_json=b64_json,
         object_key=object_key,
     )
@@ -39,7 +43,7 @@ def deliver(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -
 @serve.deployment
 class Postprocess:
     def __init__(self, storage: StorageConfig) -> None:
-        self.store = ObjectStore(storage.url)
+        self.store = ObjectStore(storage)
         self.metrics = stage_metrics()
 
     async def ready(self) -> bool:
@@ -50,5 +54,7 @@ class Postprocess:
             *(asyncio.to_thread(deliver, image, options, self.store) for image in images)
         )
         for item in stored:
-            self.metrics.observe_stage("postprocess", images[0].task.variant, item.timings["postprocess"])
+            for stage in ("postprocess", "upload"):
+                if stage in item.timings:
+                    self.metrics.observe_stage(stage, images[0].task.variant, item.timings[stage])
         return list(stored)

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import hmac
+import logging
+import math
 import os
 import posixpath
 import re
+import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 import fsspec
+
+from deployments.resilience import CircuitBreaker, CircuitOpenError, call_with_retries
+from serve_app.config import StorageConfig
+from serve_app.errors import StorageUnavailableError
+
+T = TypeVar("T")
+logger = logging.getLogger("imagegen.storage")
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}/\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.(png|jpeg|webp)$")
 TENANT_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -27,39 +40,108 @@ def is_valid_object_key(key: str) -> bool:
     return KEY_PATTERN.match(key) is not None
 
 
-class ObjectStore:
-    """Whole-object writes and reads under one fsspec URL (``file://...`` or ``s3://...``)."""
+def is_transient(error: BaseException) -> bool:
+    """Worth retrying: network and server trouble, not a missing object or a denied access."""
+    from botocore.exceptions import BotoCoreError
 
-    def __init__(self, url: str, **storage_options: object) -> None:
-        self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        self.root = root.rstrip("/")
-        self.is_local = "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
+    if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    return isinstance(error, OSError | BotoCoreError | asyncio.TimeoutError)
+
+
+class ObjectStore:
+    """Whole-object writes and reads under one URL (``file://...`` or ``s3://bucket/prefix``).
+
+    Every call goes through bounded retries and a circuit breaker: when the store is down,
+    callers get `StorageUnavailableError` (503 with ``Retry-After``) quickly instead of hanging,
+    and a probe after ``breaker_reset_s`` closes the circuit once the store is back.
+    """
+
+    def __init__(self, config: StorageConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.is_local = config.url.startswith("file://")
+        self.fs: fsspec.AbstractFileSystem
+        if self.is_local:
+            self.fs = fsspec.filesystem("file")
+            self.root = config.url.removeprefix("file://")
+        else:
+            import s3fs
+
+            # One attempt per botocore call with short timeouts: retries and backoff are ours.
+            self.fs = s3fs.S3FileSystem(
+                endpoint_url=config.endpoint_url,
+                skip_instance_cache=True,
+                use_listings_cache=False,
+                config_kwargs={
+                    "signature_version": "s3v4",  # presigned URLs valid up to 7 days
+                    "connect_timeout": config.timeout_s,
+                    "read_timeout": config.timeout_s,
+                    "retries": {"total_max_attempts": 1, "mode": "standard"},
+                },
+            )
+            self.fs.retries = 1
+            self.root = config.url.removeprefix("s3://")
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, clock)
 
     def _path(self, key: str) -> str:
         return posixpath.join(self.root, key)
 
+    def _call(self, operation: Callable[[], T]) -> T:
+        try:
+            return call_with_retries(
+                operation,
+                attempts=self.config.attempts,
+                backoff_s=self.config.backoff_s,
+                breaker=self.breaker,
+                is_transient=is_transient,
+            )
+        except CircuitOpenError as open_circuit:
+            raise StorageUnavailableError(
+                "Image storage is unavailable; retry shortly.",
+                headers={"retry-after": str(math.ceil(open_circuit.retry_after_s))},
+            ) from open_circuit
+        except Exception as failure:
+            if not is_transient(failure):
+                raise
+            logger.warning("object store call failed: %r", failure)
+            raise StorageUnavailableError(
+                "Image storage is unavailable; retry shortly.",
+                headers={"retry-after": str(math.ceil(self.config.breaker_reset_s))},
+            ) from failure
+
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` in one call: a failed write leaves no object behind."""
+        self._call(lambda: self._write(key, data))
+
+    def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        if self.is_local:
-            # Local files are written beside and renamed, so readers never see a partial image.
-            directory = posixpath.dirname(path)
-            os.makedirs(directory, exist_ok=True)
-            temporary = posixpath.join(directory, f".{uuid.uuid4().hex}.tmp")
+        if not self.is_local:
+            self.fs.pipe_file(path, data)  # one PUT: S3 never exposes a partial object
+            return
+        # Local files are written beside and renamed, so readers never see a partial image.
+        directory = posixpath.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        temporary = posixpath.join(directory, f".{uuid.uuid4().hex}.tmp")
+        try:
             with open(temporary, "wb") as handle:
                 handle.write(data)
             os.replace(temporary, path)
-        else:
-            self.fs.pipe_file(path, data)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
     def get(self, key: str) -> bytes:
-        return bytes(self.fs.cat_file(self._path(key)))
+        return self._call(lambda: bytes(self.fs.cat_file(self._path(key))))
 
-    def exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self._path(key)))
+    def presigned_url(self, key: str, ttl_s: int) -> str:
+        """A time-limited GET URL for an S3 object (computed locally; no call to the store)."""
+        assert not self.is_local, "local objects are served by the ingress through UrlSigner"
+        return str(self.fs.sign(self._path(key), expiration=ttl_s))
+
+    def list_files(self, prefix: str) -> list[str]:
+        """Paths (as the filesystem names them) of every object under ``prefix``."""
+        root = self._path(prefix)
+        return self._call(lambda: [str(path) for path in self.fs.find(root)])
 
 
 class UrlSigner:

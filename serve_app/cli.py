@@ -1,12 +1,15 @@
-"""The ``imagegen`` command: ``imagegen serve`` runs the service on a local Ray instance."""
+"""The ``imagegen`` command: ``serve`` runs the service on a local Ray instance; ``report`` reads
+the generation log."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # images are small; keep Ray's shared memory modest
 APP_NAME = "imagegen"
@@ -40,6 +43,21 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_command(args: argparse.Namespace) -> int:
+    from deployments.storage import ObjectStore
+    from serve_app.config import load_config
+    from serve_app.report import format_report, parse_duration, plot_report, read_generation_log, summarize
+
+    config = load_config(args.config)
+    since = dt.datetime.now(dt.UTC) - parse_duration(args.since) if args.since else None
+    summaries = summarize(read_generation_log(ObjectStore(config.storage), since))
+    print(format_report(summaries))
+    if args.plot:
+        plot_report(summaries, Path(args.plot))
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagegen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default="local", help="Ray address: 'local' starts a private instance, 'auto' joins one"
     )
     serve_parser.set_defaults(handler=serve_command)
+
+    report_parser = commands.add_parser(
+        "report", help="latency, throughput and errors from the generation log"
+    )
+    report_parser.add_argument("--config", default=os.environ.get("IMAGEGEN_CONFIG"), help="YAML config")
+    report_parser.add_argument("--since", help="only the last 90s, 15m, 1h, 2d, ... (default: everything)")
+    report_parser.add_argument("--plot", help="also write a PNG of latency by stage here")
+    report_parser.set_defaults(handler=report_command)
     return parser
 
 

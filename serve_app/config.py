@@ -103,17 +103,38 @@ class VariantConfig(StrictModel):
         return self.sizes[0]
 
 
+class GenerationLogConfig(StrictModel):
+    """The generation log: one Parquet row per image, written to the object store."""
+
+    enabled: bool = True
+    flush_rows: int = Field(256, ge=1, description="Write a file once this many rows are buffered.")
+    flush_interval_s: float = Field(10.0, gt=0, description="...or once the oldest row is this old.")
+    max_buffered_rows: int = Field(
+        10_000, ge=1, description="Rows kept while the store is down; the oldest beyond are dropped."
+    )
+    include_prompt: bool = Field(False, description="Store raw prompts (otherwise length and SHA-256).")
+
+
 class StorageConfig(StrictModel):
-    """Where images are written and how clients fetch them."""
+    """Where images and the generation log are written, and how clients fetch images."""
 
     url: str = Field("file://./data", description="fsspec URL of the store root: file://... or s3://...")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, R2, ...).")
     signing_key: SecretStr | None = Field(
         None, description="HMAC key for file:// URLs; random per start when unset (URLs then die on restart)."
     )
-    url_ttl_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="Lifetime of a returned URL.")
+    url_ttl_s: int = Field(
+        3600, ge=1, le=7 * 24 * 3600, description="Lifetime of a returned URL (<= 7 days)."
+    )
     public_base_url: str | None = Field(
         None, description="Base URL clients use to reach the service; defaults to the request's own."
     )
+    attempts: int = Field(3, ge=1, le=10, description="Tries per store call for transient errors.")
+    backoff_s: float = Field(0.05, ge=0, le=5, description="First retry delay; doubles per attempt.")
+    timeout_s: float = Field(2.0, gt=0, le=60, description="Connect and read timeout of one S3 call.")
+    breaker_failures: int = Field(3, ge=1, description="Failed calls in a row that open the circuit.")
+    breaker_reset_s: float = Field(5.0, gt=0, description="How long the circuit stays open before a probe.")
+    log: GenerationLogConfig = GenerationLogConfig()
 
     @field_validator("url")
     @classmethod
@@ -121,9 +142,9 @@ class StorageConfig(StrictModel):
         # Ray workers may run elsewhere than the driver's directory: pin relative paths now.
         if url.startswith("file://"):
             return "file://" + str(Path(url.removeprefix("file://")).expanduser().resolve())
-        if "://" not in url:
-            raise ValueError(f"storage url needs a scheme (file:// or s3://), got {url!r}")
-        return url
+        if not url.startswith("s3://"):
+            raise ValueError(f"storage url must start with file:// or s3://, got {url!r}")
+        return url.rstrip("/")
 
 
 class StageConfig(StrictModel):

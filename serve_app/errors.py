@@ -86,6 +86,10 @@ class ServiceUnavailableError(APIError):
     default_code = "service_unavailable"
 
 
+class StorageUnavailableError(ServiceUnavailableError):
+    default_code = "storage_unavailable"
+
+
 def unwrap_remote_error(exc: BaseException) -> BaseException:
     """The original exception behind Ray's task wrappers (a stage's error keeps its own type)."""
     seen = 0

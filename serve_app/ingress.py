@@ -7,6 +7,9 @@ image bytes go preprocess -> model -> postprocess without a round trip through t
 # No `from __future__ import annotations` here: Serve re-creates the routes in its proxy and
 # FastAPI must see real types, not strings, to build the request models there.
 import asyncio
+import contextlib
+import logging
+import math
 import time
 import uuid
 from typing import Annotated
@@ -17,13 +20,17 @@ from ray import serve
 from ray.serve.context import _get_serve_request_context
 from ray.serve.handle import DeploymentHandle
 
-from deployments.contracts import StoredImage
+from deployments.contracts import ImageRequest, StoredImage
+from deployments.generation_log import GenerationLog, generation_rows
 from deployments.images import MEDIA_TYPES
+from deployments.metrics import stage_metrics
+from deployments.resilience import CircuitOpenError
 from deployments.storage import ObjectStore, UrlSigner, is_valid_object_key
 from serve_app.config import AppConfig
 from serve_app.errors import (
     ForbiddenError,
     NotFoundError,
+    StorageUnavailableError,
     as_api_error,
     error_response,
     install_error_handlers,
@@ -41,6 +48,8 @@ from serve_app.protocol import (
 FILES_ROUTE = "/v1/images/files"
 READY_TIMEOUT_S = 5.0
 LOCAL_TENANT = "local"
+LOG_CHECK_INTERVAL_S = 1.0
+logger = logging.getLogger("imagegen.ingress")
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 500, 503)
@@ -82,10 +91,14 @@ class ImageService:
         self.preprocess = preprocess
         self.postprocess = postprocess
         self.models = models
-        self.store = ObjectStore(config.storage.url)
+        self.store = ObjectStore(config.storage)
         assert config.storage.signing_key is not None, "build_app sets a signing key"
         self.signer = UrlSigner(config.storage.signing_key.get_secret_value())
         self.created = int(time.time())
+        self.log = GenerationLog(
+            self.store, config.storage.log, on_drop=stage_metrics().count_dropped_log_rows
+        )
+        self._log_flusher: asyncio.Task[None] | None = None
 
     async def generate(
         self, request: ImageGenerationRequest, request_id: str, base_url: str
@@ -100,13 +113,26 @@ class ImageService:
         image_request, options = plan_generation(
             request, variant, self.config.limits, request_id=request_id, tenant=LOCAL_TENANT
         )
+        needs_store = options.response_format == "url"
+        if needs_store:
+            self.check_store_available()
         tasks = self.preprocess.prepare.remote(image_request)
         generated = self.models[variant.name].generate.remote(tasks)
-        stored: list[StoredImage] = await self.postprocess.finish.remote(generated, options)
+        try:
+            stored: list[StoredImage] = await self.postprocess.finish.remote(generated, options)
+        except Exception as failure:
+            error = as_api_error(failure)
+            if isinstance(error, StorageUnavailableError):
+                self.store.breaker.record_failure()
+            self.record(image_request, None, error_code=error.code or "server_error")
+            raise
+        if needs_store:
+            self.store.breaker.record_success()
+        self.record(image_request, stored)
         data = [
             ImageData(
                 b64_json=item.b64_json,
-                url=self.signed_url(base_url, item.object_key) if item.object_key else None,
+                url=self.image_url(base_url, item.object_key) if item.object_key else None,
                 revised_prompt=request.prompt,
                 seed=item.seed,
             )
@@ -122,15 +148,65 @@ class ImageService:
         )
         return response, stored
 
-    def signed_url(self, base_url: str, key: str) -> str:
-        expires = int(time.time()) + self.config.storage.url_ttl_s
+    def check_store_available(self) -> None:
+        """Fail fast, before any model work, while uploads are failing.
+
+        The ingress breaker mirrors what postprocess reports, so a request whose result could
+        not be stored never takes a batch slot; once it half-opens, one request goes through as
+        the probe.
+        """
+        try:
+            self.store.breaker.before_call()
+        except CircuitOpenError as open_circuit:
+            raise StorageUnavailableError(
+                "Image storage is unavailable; retry shortly, or ask for response_format=b64_json.",
+                headers={"retry-after": str(math.ceil(open_circuit.retry_after_s))},
+            ) from open_circuit
+
+    def record(
+        self, request: ImageRequest, stored: list[StoredImage] | None, error_code: str | None = None
+    ) -> None:
+        """Append the request's rows to the generation log and make sure a flusher runs."""
+        if not self.config.storage.log.enabled:
+            return
+        include_prompt = self.config.storage.log.include_prompt
+        self.log.append(
+            generation_rows(request, stored, include_prompt=include_prompt, error_code=error_code)
+        )
+        if self._log_flusher is None or self._log_flusher.done():
+            self._log_flusher = asyncio.get_running_loop().create_task(self._flush_log_when_due())
+
+    async def _flush_log_when_due(self) -> None:
+        check_every_s = min(self.config.storage.log.flush_interval_s, LOG_CHECK_INTERVAL_S)
+        while True:
+            await asyncio.sleep(check_every_s)  # a timer: the log flushes by age as well as by size
+            if self.log.is_due():
+                with contextlib.suppress(StorageUnavailableError):  # rows stay buffered for the next try
+                    await asyncio.to_thread(self.log.flush)
+
+    def close(self) -> None:
+        """Flush the generation log (Serve calls this through ``__del__`` on graceful shutdown)."""
+        if self._log_flusher is not None:
+            self._log_flusher.cancel()
+        try:
+            self.log.flush()
+        except StorageUnavailableError:
+            logger.warning("generation log: %d rows not written at shutdown", self.log.buffered_rows)
+
+    def image_url(self, base_url: str, key: str) -> str:
+        """A presigned URL for S3; for local storage a URL this ingress serves, HMAC-signed."""
+        ttl_s = self.config.storage.url_ttl_s
+        if not self.store.is_local:
+            return self.store.presigned_url(key, ttl_s)
+        expires = int(time.time()) + ttl_s
         base = (self.config.storage.public_base_url or base_url).rstrip("/")
         signature = self.signer.signature(key, expires)
         return f"{base}{FILES_ROUTE}/{key}?expires={expires}&signature={signature}"
 
     def read_signed_object(self, key: str, expires: str, signature: str) -> bytes:
         valid = (
-            is_valid_object_key(key)
+            self.store.is_local
+            and is_valid_object_key(key)
             and expires.isdecimal()
             and self.signer.is_valid(key, int(expires), signature, time.time())
         )
@@ -169,6 +245,9 @@ class Ingress:
         models: dict[str, DeploymentHandle],
     ) -> None:
         self.service = ImageService(config, preprocess, postprocess, models)
+
+    def __del__(self) -> None:
+        self.service.close()
 
     @api.post(
         "/v1/images/generations",

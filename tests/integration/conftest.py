@@ -16,6 +16,12 @@ from serve_app.app import build_app
 from serve_app.config import AppConfig
 from tests.conftest import free_port, make_test_config
 
+AWS_TEST_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
 
 @dataclass(frozen=True)
 class RunningService:
@@ -29,7 +35,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService
     storage_dir = tmp_path_factory.mktemp("store")
     config = make_test_config(storage_dir)
     port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
+    # Replicas inherit the environment Ray starts with: moto's test credentials go in first.
+    patch = pytest.MonkeyPatch()
+    for name, value in AWS_TEST_ENVIRONMENT.items():
+        patch.setenv(name, value)
+    # Logical CPUs: room for a second app (the S3 tests) beside the default one on two cores.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name="imagegen", route_prefix="/")
@@ -37,6 +48,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService
     finally:
         serve.shutdown()
         ray.shutdown()
+        patch.undo()
 
 
 @pytest.fixture

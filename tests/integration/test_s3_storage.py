@@ -1,0 +1,202 @@
+"""Images and the generation log on a real S3 API (moto's server on loopback), including an outage."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import boto3
+import httpx
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from openai import OpenAI
+from PIL import Image
+from ray import serve
+
+from deployments.generation_log import SCHEMA
+from deployments.storage import ObjectStore
+from serve_app.app import build_app
+from serve_app.config import AppConfig, GenerationLogConfig, StorageConfig
+from serve_app.report import read_generation_log
+from tests.conftest import free_port
+from tests.integration.conftest import RunningService
+from tests.integration.tcp_proxy import TcpProxy
+
+BUCKET = "imagegen-test"
+PREFIX = "images"
+APP_NAME = "imagegen-s3"
+ROUTE = "/s3"
+KEY_PATTERN = re.compile(rf"^{PREFIX}/local/\d{{4}}/\d{{2}}/\d{{2}}/[0-9a-f]{{32}}\.png$")
+RECOVERY_DEADLINE_S = 30.0
+
+
+@dataclass(frozen=True)
+class S3Service:
+    base_url: str
+    config: AppConfig
+    proxy: TcpProxy
+    s3: object  # a boto3 client talking to moto directly, never through the proxy
+
+    def object_keys(self, prefix: str = PREFIX) -> list[str]:
+        listing = self.s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)  # type: ignore[attr-defined]
+        return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def wait_for_port(port: int, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listening on {port}"
+            time.sleep(0.1)  # polling until a freshly started server accepts connections
+
+
+@pytest.fixture(scope="module")
+def moto_port() -> Iterator[int]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3_service(service: RunningService, moto_port: int) -> Iterator[S3Service]:
+    # The shared fixture exported AWS test credentials before Ray started, so replicas see them.
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    proxy = TcpProxy(moto_port)
+    proxy.restore()
+    storage = StorageConfig(
+        url=f"s3://{BUCKET}/{PREFIX}",
+        endpoint_url=f"http://127.0.0.1:{proxy.port}",
+        attempts=2,
+        backoff_s=0.05,
+        timeout_s=1.0,
+        breaker_failures=2,
+        breaker_reset_s=1.0,
+        log=GenerationLogConfig(flush_rows=1, flush_interval_s=1.0),
+    )
+    config = service.config.model_copy(update={"storage": storage})
+    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE)
+    try:
+        yield S3Service(f"{service.base_url}{ROUTE}", config, proxy, s3)
+    finally:
+        serve.delete(APP_NAME)
+        proxy.cut()
+
+
+@pytest.fixture
+def client(s3_service: S3Service) -> OpenAI:
+    return OpenAI(base_url=f"{s3_service.base_url}/v1", api_key="sk-test", max_retries=0, timeout=60)
+
+
+def generate_url(http: httpx.Client, base_url: str, **extra: object) -> httpx.Response:
+    body = {"prompt": "an s3 bucket", "size": "64x64", "response_format": "url", **extra}
+    return http.post(f"{base_url}/v1/images/generations", json=body)
+
+
+def test_url_is_presigned_and_object_key_is_server_built(client: OpenAI, s3_service: S3Service) -> None:
+    result = client.images.generate(prompt="a bucket of paint", size="128x128", response_format="url")
+    assert result.data is not None and result.data[0].url
+    url = httpx.URL(result.data[0].url)
+    assert url.port == s3_service.proxy.port
+    assert "X-Amz-Signature" in str(url) and url.params["X-Amz-Expires"] == "3600"
+    fetched = httpx.get(url, timeout=30)
+    assert fetched.status_code == 200
+    assert Image.open(io.BytesIO(fetched.content)).size == (128, 128)
+    key = url.path.removeprefix(f"/{BUCKET}/")
+    assert KEY_PATTERN.match(key), key
+    assert key in s3_service.object_keys()
+
+
+def test_store_outage_fails_fast_keeps_b64_and_recovers(http: httpx.Client, s3_service: S3Service) -> None:
+    assert generate_url(http, s3_service.base_url).status_code == 200
+    s3_service.proxy.cut()
+    try:
+        for _ in range(3):  # the first calls exhaust their retries and open the circuit
+            started = time.monotonic()
+            response = generate_url(http, s3_service.base_url)
+            print(f"outage response {response.status_code} in {time.monotonic() - started:.2f}s")
+            assert response.status_code == 503, response.text
+            error = response.json()["error"]
+            assert error["code"] == "storage_unavailable"
+            assert int(response.headers["retry-after"]) >= 1
+        b64 = http.post(
+            f"{s3_service.base_url}/v1/images/generations", json={"prompt": "still here", "size": "64x64"}
+        )
+        assert b64.status_code == 200 and b64.json()["data"][0]["b64_json"]
+        assert http.get(f"{s3_service.base_url}/readyz").status_code == 200
+    finally:
+        s3_service.proxy.restore()
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while (response := generate_url(http, s3_service.base_url)).status_code == 503:
+        assert time.monotonic() < deadline, "the store came back but requests still fail"
+    assert response.status_code == 200, response.text
+    for key in s3_service.object_keys(f"{PREFIX}/local/"):  # no partial objects: every image decodes whole
+        body = s3_service.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()  # type: ignore[attr-defined]
+        assert KEY_PATTERN.match(key)
+        Image.open(io.BytesIO(body)).load()
+
+
+def test_generation_log_rows_match_and_report_agrees(http: httpx.Client, s3_service: S3Service) -> None:
+    request_ids = [f"log-test-{index}" for index in range(3)]
+    for request_id in request_ids:
+        response = http.post(
+            f"{s3_service.base_url}/v1/images/generations",
+            json={"prompt": "logged", "size": "64x64", "n": 2},
+            headers={"x-request-id": request_id},
+        )
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == request_id
+    store = ObjectStore(s3_service.config.storage)
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while True:  # the log flushes in the background; poll the dataset until our rows are there
+        table = read_generation_log(store)
+        ours = table.filter(pc.is_in(table.column("request_id"), value_set=pa.array(request_ids)))
+        if ours.num_rows >= 6:
+            break
+        assert time.monotonic() < deadline, f"only {ours.num_rows} of 6 rows were logged"
+        time.sleep(0.2)
+    assert ours.num_rows == 6
+    assert table.schema.remove_metadata() == SCHEMA
+    assert set(ours.column("status").to_pylist()) == {"succeeded"}
+    assert all(size >= 1 for size in ours.column("batch_size").to_pylist())
+    assert all(value > 0 for value in ours.column("model_s").to_pylist())
+    log_keys = s3_service.object_keys(f"{PREFIX}/generation_log")
+    assert log_keys and all(key.endswith(".parquet") and "/date=" in key for key in log_keys)
+
+    env = {
+        **os.environ,
+        "IMAGEGEN_STORAGE__URL": s3_service.config.storage.url,
+        "IMAGEGEN_STORAGE__ENDPOINT_URL": str(s3_service.config.storage.endpoint_url),
+    }
+    report = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "report", "--since", "1h"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    table = read_generation_log(store)
+    failed = table.filter(pc.equal(table.column("status"), "failed")).num_rows
+    assert f"tiny-sd: {table.num_rows} images, {failed} failed" in report
+    assert "| model |" in report
