@@ -85,6 +85,8 @@ class EncodeOptions:
     output_format: OutputFormat = "png"
     compression: int | None = None
     response_format: Literal["url", "b64_json"] = "b64_json"
+    job_id: str | None = None  # set for jobs: their objects get stable keys, so a retry never duplicates
+    job_created_at: float | None = None  # the job's creation time (UNIX seconds) dates its keys
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import time
 
 from ray import serve
@@ -24,7 +25,11 @@ def deliver(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -
     if options.response_format == "b64_json":
         b64_json = base64.b64encode(data).decode("ascii")
     else:
-        object_key = build_object_key(image.task.tenant, options.output_format)
+        stable_name = f"{options.job_id}/{image.task.index}" if options.job_id else None
+        created = (
+            dt.datetime.fromtimestamp(options.job_created_at, dt.UTC) if options.job_created_at else None
+        )
+        object_key = build_object_key(image.task.tenant, options.output_format, created, stable_name)
         store.put(object_key, data)
     timings = {"postprocess": encoded - started}
     if object_key:

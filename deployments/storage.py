@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -29,11 +30,18 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}/\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.
 TENANT_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-def build_object_key(tenant: str, extension: str, now: dt.datetime | None = None) -> str:
-    """``tenant/YYYY/MM/DD/<uuid>.<ext>``; built by the server, never from user text."""
+def build_object_key(
+    tenant: str, extension: str, now: dt.datetime | None = None, stable_name: str | None = None
+) -> str:
+    """``tenant/YYYY/MM/DD/<uuid>.<ext>``; built by the server, never from user text.
+
+    With ``stable_name`` (a job id and image index) the uuid is derived from it, so a retried
+    job overwrites its own object instead of storing the image twice.
+    """
     now = now or dt.datetime.now(dt.UTC)
     safe_tenant = TENANT_UNSAFE.sub("_", tenant)[:64] or "_"
-    return f"{safe_tenant}/{now:%Y/%m/%d}/{uuid.uuid4().hex}.{extension}"
+    name = uuid.uuid5(uuid.NAMESPACE_URL, stable_name) if stable_name else uuid.uuid4()
+    return f"{safe_tenant}/{now:%Y/%m/%d}/{name.hex}.{extension}"
 
 
 def is_valid_object_key(key: str) -> bool:
@@ -132,6 +140,15 @@ class ObjectStore:
 
     def get(self, key: str) -> bytes:
         return self._call(lambda: bytes(self.fs.cat_file(self._path(key))))
+
+    def delete(self, key: str) -> None:
+        """Remove an object; removing one that is not there is not an error."""
+
+        def remove() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._path(key))
+
+        self._call(remove)
 
     def presigned_url(self, key: str, ttl_s: int) -> str:
         """A time-limited GET URL for an S3 object (computed locally; no call to the store)."""

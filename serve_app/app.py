@@ -15,6 +15,8 @@ from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
 from serve_app.config import AppConfig, ResourcesConfig, load_config
 from serve_app.ingress import Ingress
+from serve_app.pipeline import StageHandles
+from serve_app.scheduler import Scheduler
 
 
 def _deployment_options(resources: ResourcesConfig) -> dict[str, Any]:
@@ -32,8 +34,8 @@ def _deployment(decorated: object) -> Deployment:
 
 
 def build_app(config: AppConfig) -> Application:
-    """Bind ingress, preprocess, one ModelReplica per variant, and postprocess."""
-    config = config.with_signing_key()
+    """Bind ingress, scheduler, preprocess, one ModelReplica per variant, and postprocess."""
+    config = config.with_secrets()
     stages = config.stages
     models = {
         variant.name: _deployment(ModelReplica)
@@ -49,11 +51,15 @@ def build_app(config: AppConfig) -> Application:
     postprocess = (
         _deployment(Postprocess).options(**_deployment_options(stages.postprocess)).bind(config.storage)
     )
-    return (
-        _deployment(Ingress)
-        .options(**_deployment_options(stages.ingress))
-        .bind(config, preprocess, postprocess, models)
+    # One scheduler replica: it is the single owner of queue order and job state.
+    scheduler_options = {**_deployment_options(config.scheduler.resources), "num_replicas": 1}
+    scheduler = (
+        _deployment(Scheduler).options(**scheduler_options).bind(config, preprocess, postprocess, models)
     )
+    # Bound applications now; Serve hands the deployments handles in their place at run time.
+    stage_handles = StageHandles(preprocess, postprocess, models)  # type: ignore[arg-type]
+    ingress = _deployment(Ingress).options(**_deployment_options(stages.ingress))
+    return ingress.bind(config, stage_handles, scheduler)
 
 
 def __getattr__(name: str) -> Application:

@@ -155,6 +155,73 @@ class StageConfig(StrictModel):
     postprocess: ResourcesConfig = ResourcesConfig(num_cpus=0.2)
 
 
+class TierConfig(StrictModel):
+    """How one tier is admitted, ordered and limited."""
+
+    requests_per_minute: int = Field(600, ge=1, description="Requests a tenant may make per minute.")
+    cost_per_minute: float = Field(
+        2_000.0, gt=0, description="Image cost per minute; one 512x512 image at 30 steps costs 1."
+    )
+    queue_delay_s: float = Field(
+        0.0, ge=0, description="Head start other tiers get: work is ordered by arrival + this delay (ageing)."
+    )
+    deferred_delay_s: float = Field(
+        0.0, ge=0, description="Extra delay while the backlog is over `defer_at_backlog` (deferral at peak)."
+    )
+    max_wait_s: float = Field(300.0, gt=0, description="Deadline: work predicted to wait longer is shed.")
+    sheddable: bool = Field(
+        False, description="Shed at `shed_at_backlog` or on a missed deadline, not only at the hard limit."
+    )
+
+
+class SchedulerConfig(StrictModel):
+    """Backlog thresholds, job durability and webhooks."""
+
+    defer_at_backlog: int = Field(16, ge=0, description="Queued images above which deferrable work waits.")
+    shed_at_backlog: int = Field(64, ge=0, description="Queued images above which sheddable tiers get 429.")
+    max_backlog: int = Field(
+        512, ge=1, description="Hard limit: queued images above which every tier gets 429."
+    )
+    slots_per_replica: int | None = Field(
+        None, ge=1, description="Images in flight per model replica; default twice its max_batch_size."
+    )
+    job_attempts: int = Field(4, ge=1, le=20, description="Tries per job when a replica dies under it.")
+    lease_s: float = Field(900.0, gt=0, description="A slot not released within this is reclaimed.")
+    webhook_attempts: int = Field(4, ge=1, le=20)
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private addresses.")
+    resources: ResourcesConfig = ResourcesConfig(num_cpus=0.1, max_ongoing_requests=100_000)
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> SchedulerConfig:
+        if not self.defer_at_backlog <= self.shed_at_backlog <= self.max_backlog:
+            raise ValueError("need defer_at_backlog <= shed_at_backlog <= max_backlog")
+        return self
+
+
+class AuthConfig(StrictModel):
+    keys_file: Path | None = Field(
+        None, description="YAML with `keys: [{key, tenant, tier}]`; without it the service runs open (local)."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC key for webhook signatures; random per start when unset."
+    )
+
+
+def default_tiers() -> dict[str, TierConfig]:
+    return {
+        "paid": TierConfig(),
+        "free": TierConfig(
+            requests_per_minute=60,
+            cost_per_minute=200.0,
+            queue_delay_s=10.0,
+            deferred_delay_s=60.0,
+            max_wait_s=120.0,
+            sheddable=True,
+        ),
+    }
+
+
 class LimitsConfig(StrictModel):
     max_prompt_chars: int = Field(32000, ge=1)
     max_images_per_request: int = Field(10, ge=1, le=10)
@@ -176,6 +243,9 @@ class AppConfig(BaseSettings):
     storage: StorageConfig = StorageConfig()
     stages: StageConfig = StageConfig()
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
+    tiers: dict[str, TierConfig] = Field(default_factory=default_tiers)
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -201,18 +271,22 @@ class AppConfig(BaseSettings):
             raise ValueError(f"variant names must be unique, got {names}")
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of {names}")
+        if "paid" not in self.tiers:
+            raise ValueError("tiers must include 'paid' (the tier of the open local mode)")
         return self
 
     def variant(self, name: str | None) -> VariantConfig | None:
         wanted = name or self.default_model or self.variants[0].name
         return next((variant for variant in self.variants if variant.name == wanted), None)
 
-    def with_signing_key(self) -> AppConfig:
-        """A copy whose storage has a signing key, generating one when none is configured."""
-        if self.storage.signing_key is not None:
-            return self
-        storage = self.storage.model_copy(update={"signing_key": SecretStr(secrets.token_hex(32))})
-        return self.model_copy(update={"storage": storage})
+    def with_secrets(self) -> AppConfig:
+        """A copy with every signing key set, generating random ones for those not configured."""
+        storage, auth = self.storage, self.auth
+        if storage.signing_key is None:
+            storage = storage.model_copy(update={"signing_key": SecretStr(secrets.token_hex(32))})
+        if auth.webhook_secret is None:
+            auth = auth.model_copy(update={"webhook_secret": SecretStr(secrets.token_hex(32))})
+        return self.model_copy(update={"storage": storage, "auth": auth})
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -80,6 +80,25 @@ class UnsupportedMediaTypeError(APIError):
     default_code = "unsupported_media_type"
 
 
+class IdempotencyConflictError(APIError):
+    status_code = 422
+    error_type = "invalid_request_error"
+    default_code = "idempotency_key_reused"
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+
+
+class OverloadedError(RateLimitError):
+    """Work shed at peak: it was not accepted, so the client should retry later."""
+
+    error_type = "server_overloaded"
+    default_code = "overloaded"
+
+
 class ServiceUnavailableError(APIError):
     status_code = 503
     error_type = "server_error"

@@ -48,6 +48,22 @@ class ImageGenerationRequest(OpenAIModel):
     guidance_scale: float | None = Field(
         None, ge=0.0, le=50.0, description="Extension: classifier-free guidance scale."
     )
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="Extension, async jobs only: called with a signed POST when the job ends.",
+    )
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
 
 
 class ImageData(BaseModel):
@@ -66,6 +82,20 @@ class ImagesResponse(BaseModel):
     background: Literal["opaque", "transparent"] | None = None
 
 
+class JobResponse(BaseModel):
+    """An async job (extension): ``Prefer: respond-async`` answers 202 with one of these."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: int
+    completed_at: float | None = Field(None, description="When it ended (UNIX seconds), once ended.")
+    queue_position: int | None = Field(None, description="Jobs ahead of this one in its model's queue.")
+    eta_seconds: float | None = Field(None, description="Predicted wait before it starts.")
+    result: ImagesResponse | None = Field(None, description="The OpenAI response, once succeeded.")
+    error: ErrorInfo | None = Field(None, description="Why it failed, once failed.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -76,14 +106,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo

@@ -205,7 +205,7 @@ def test_models_health_and_readiness(http: httpx.Client, openai_client: OpenAI) 
     ready = http.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["ready"] is True
-    assert set(ready.json()["stages"]) == {"preprocess", "postprocess", "model:tiny-sd"}
+    assert set(ready.json()["stages"]) == {"scheduler", "preprocess", "postprocess", "model:tiny-sd"}
 
 
 def test_unknown_route_is_openai_shaped_404(http: httpx.Client) -> None:

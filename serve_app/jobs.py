@@ -1,0 +1,203 @@
+"""Async jobs: their durable records in the object store, and signed webhook deliveries.
+
+A record is one JSON object at ``jobs/records/<id>.json``; while a job is not finished an empty
+marker sits at ``jobs/active/<id>``, so a restarted scheduler finds what to resume by listing
+the markers alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import time
+import uuid
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, Field
+
+from deployments.contracts import EncodeOptions, ImageRequest
+from deployments.storage import ObjectStore
+from serve_app.errors import InvalidRequestError
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+RECORDS = "jobs/records"
+ACTIVE = "jobs/active"
+IDEMPOTENCY = "jobs/idempotency"
+logger = logging.getLogger("imagegen.jobs")
+
+
+class JobImage(BaseModel):
+    object_key: str
+    seed: int
+    byte_count: int
+
+
+class JobRecord(BaseModel):
+    """Everything needed to answer about a job and to run it again after a restart."""
+
+    id: str
+    tenant: str
+    tier: str
+    status: JobStatus = "queued"
+    created_at: float
+    updated_at: float
+    completed_at: float | None = None
+    request: dict[str, Any] = Field(description="The ImageRequest, as a dict.")
+    options: dict[str, Any] = Field(description="The client's EncodeOptions, as a dict.")
+    quality: str
+    order_key: float = 0.0
+    attempts: int = 0
+    idempotency_key: str | None = None
+    body_sha256: str | None = None
+    webhook_url: str | None = None
+    images: list[JobImage] = Field(default_factory=list)
+    error_code: str | None = None
+    error_message: str | None = None
+    error_status: int | None = None
+
+    @property
+    def image_request(self) -> ImageRequest:
+        return ImageRequest(**self.request)
+
+    @property
+    def encode_options(self) -> EncodeOptions:
+        return EncodeOptions(**self.options)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def new_job_id() -> str:
+    return f"job_{uuid.uuid4().hex}"
+
+
+def new_record(
+    request: ImageRequest,
+    options: EncodeOptions,
+    *,
+    tier: str,
+    quality: str,
+    idempotency_key: str | None,
+    body_sha256: str | None,
+    webhook_url: str | None,
+) -> JobRecord:
+    now = time.time()
+    return JobRecord(
+        id=request.request_id,
+        tenant=request.tenant,
+        tier=tier,
+        created_at=now,
+        updated_at=now,
+        request=dataclasses.asdict(request),
+        options=dataclasses.asdict(options),
+        quality=quality,
+        idempotency_key=idempotency_key,
+        body_sha256=body_sha256,
+        webhook_url=webhook_url,
+    )
+
+
+class JobStore:
+    """Job records in the object store (through its retries and circuit breaker)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    def save(self, record: JobRecord) -> None:
+        record.updated_at = time.time()
+        if record.is_terminal and record.completed_at is None:
+            record.completed_at = record.updated_at
+        self.store.put(f"{RECORDS}/{record.id}.json", record.model_dump_json().encode())
+        if record.is_terminal:
+            self.store.delete(f"{ACTIVE}/{record.id}")
+        else:
+            self.store.put(f"{ACTIVE}/{record.id}", b"")
+
+    def load(self, job_id: str) -> JobRecord | None:
+        try:
+            return JobRecord.model_validate_json(self.store.get(f"{RECORDS}/{job_id}.json"))
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _idempotency_path(tenant: str, key: str) -> str:
+        return f"{IDEMPOTENCY}/{tenant}/{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def remember_idempotency_key(self, tenant: str, key: str, job_id: str) -> None:
+        self.store.put(self._idempotency_path(tenant, key), job_id.encode())
+
+    def job_for_idempotency_key(self, tenant: str, key: str) -> str | None:
+        try:
+            return self.store.get(self._idempotency_path(tenant, key)).decode()
+        except FileNotFoundError:
+            return None
+
+    def active(self) -> list[JobRecord]:
+        """Every job that had not finished, oldest first."""
+        ids = [path.rsplit("/", 1)[-1] for path in self.store.list_files(ACTIVE)]
+        records = [record for job_id in ids if (record := self.load(job_id)) is not None]
+        return sorted(records, key=lambda record: record.created_at)
+
+
+def body_digest(body: dict[str, Any]) -> str:
+    """A stable digest of a request body, for idempotency checks."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_webhook_url(url: str, allow_private: bool) -> None:
+    """Refuse anything but http(s) to public addresses (unless private ones are allowed)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequestError("webhook_url must be an http(s) URL.", param="webhook_url")
+    if allow_private:
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
+    except socket.gaierror as unresolved:
+        raise InvalidRequestError("webhook_url's host does not resolve.", param="webhook_url") from unresolved
+    if not all(ipaddress.ip_address(str(address).split("%")[0]).is_global for address in addresses):
+        raise InvalidRequestError(
+            "webhook_url must point to a public address (loopback and private ranges are refused).",
+            param="webhook_url",
+        )
+
+
+def sign_webhook(secret: str, body: bytes, timestamp: int) -> str:
+    """``t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">``: receivers recompute and compare."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+async def deliver_webhook(
+    url: str, payload: dict[str, Any], secret: str, *, attempts: int, timeout_s: float, allow_private: bool
+) -> bool:
+    """POST the signed payload, retrying failures with backoff; True once a 2xx is received."""
+    body = json.dumps(payload).encode()
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+        for attempt in range(attempts):
+            try:
+                check_webhook_url(url, allow_private)  # again at delivery: DNS may have changed
+                timestamp = int(time.time())
+                headers = {
+                    "content-type": "application/json",
+                    "x-imagegen-signature": sign_webhook(secret, body, timestamp),
+                }
+                response = await client.post(url, content=body, headers=headers)
+                if response.is_success:
+                    return True
+                logger.warning("webhook %s answered %d", payload.get("id"), response.status_code)
+            except (httpx.HTTPError, InvalidRequestError) as failure:
+                logger.warning("webhook %s failed: %r", payload.get("id"), failure)
+            if attempt < attempts - 1:
+                await asyncio.sleep(0.5 * 2**attempt)  # backoff between delivery attempts
+    return False

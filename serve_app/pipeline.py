@@ -1,0 +1,58 @@
+"""The stage chain preprocess -> model -> postprocess, shared by the ingress and the scheduler.
+
+Stage results travel as ``DeploymentResponse`` objects straight into the next stage, so image
+data never passes through the caller. A replica that dies mid-batch fails the whole chain,
+which is then run again (bounded): the tasks are deterministic and jobs have stable object
+keys, so a retry neither changes the images nor stores them twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ray import exceptions as ray_exceptions
+from ray.serve.handle import DeploymentHandle
+
+from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
+from serve_app.errors import unwrap_remote_error
+
+RETRY_BACKOFF_S = 0.5
+
+
+def is_replica_failure(error: BaseException) -> bool:
+    """A replica died or became unreachable: the work itself may well succeed elsewhere.
+
+    Serve reports a dead upstream stage as a RayServeException whose ``__cause__`` is Ray's
+    actor error, so the whole cause chain is searched.
+    """
+    cause: BaseException | None = error
+    for _ in range(8):
+        if cause is None:
+            return False
+        cause = unwrap_remote_error(cause)
+        if isinstance(cause, ray_exceptions.RayActorError | ray_exceptions.ActorUnavailableError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+@dataclass(frozen=True)
+class StageHandles:
+    preprocess: DeploymentHandle
+    postprocess: DeploymentHandle
+    models: dict[str, DeploymentHandle]
+
+    async def run(self, request: ImageRequest, options: EncodeOptions, attempts: int) -> list[StoredImage]:
+        """Run the chain for one request, retrying up to ``attempts`` times when a replica dies."""
+        for attempt in range(attempts):
+            try:
+                tasks = self.preprocess.prepare.remote(request)
+                generated = self.models[request.variant].generate.remote(tasks)
+                stored: list[StoredImage] = await self.postprocess.finish.remote(generated, options)
+                return stored
+            except Exception as failure:
+                if attempt == attempts - 1 or not is_replica_failure(failure):
+                    raise
+                await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)  # let Serve replace the replica
+        raise AssertionError("unreachable: attempts >= 1")
