@@ -1,15 +1,22 @@
-"""Preprocess stage: normalize a validated request and expand it into one task per image."""
+"""Preprocess stage: normalize a validated request, decode its uploads, expand it into image tasks."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import math
 import time
 import unicodedata
 
+import numpy as np
+from PIL import Image, ImageOps
 from ray import serve
 
-from deployments.contracts import ImageRequest, ImageTask
+from deployments.contracts import MASK_EDIT_THRESHOLD, ImageRequest, ImageTask
+from deployments.decoding import mask_from_alpha, open_upload, to_rgb_array
 from deployments.metrics import stage_metrics
+from serve_app.config import LimitsConfig
+from serve_app.errors import InvalidRequestError
 
 
 def normalize_prompt(text: str) -> str:
@@ -19,8 +26,52 @@ def normalize_prompt(text: str) -> str:
     return "".join(kept).strip()
 
 
-def expand_request(request: ImageRequest) -> list[ImageTask]:
-    """Image ``i`` of the request gets seed ``seed + i``, so any image can be reproduced alone."""
+def collage(images: list[Image.Image], width: int, height: int) -> np.ndarray:
+    """The images tiled in reading order on a width x height grid, each cropped to fill its cell."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    canvas = Image.new("RGB", (width, height))
+    for position, image in enumerate(images):
+        row, column = divmod(position, columns)
+        left, top = column * width // columns, row * height // rows
+        right, bottom = (column + 1) * width // columns, (row + 1) * height // rows
+        canvas.paste(ImageOps.fit(image.convert("RGB"), (right - left, bottom - top)), (left, top))
+    return to_rgb_array(canvas)
+
+
+def prepare_inputs(request: ImageRequest, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode a request's uploads into its starting image and mask, at the request's size.
+
+    Every image is cropped to fill the output size (aspect ratio kept). Several images are tiled
+    into one starting image. With a mask, the first image is the one edited (as in OpenAI's API)
+    and the area to repaint starts from the other images, tiled, when there are any.
+    """
+    images = [open_upload(data, max_pixels=max_pixels, param="image") for data in request.images]
+    size = (request.width, request.height)
+    if request.mask is None:
+        return collage(images, *size), None
+    mask_image = open_upload(request.mask, max_pixels=max_pixels, param="mask")
+    if mask_image.size != images[0].size:
+        raise InvalidRequestError(
+            f"The mask is {mask_image.width}x{mask_image.height} but the image is "
+            f"{images[0].width}x{images[0].height}; they must be the same size.",
+            param="mask",
+            code="invalid_mask",
+        )
+    alpha_mask = Image.fromarray(mask_from_alpha(mask_image)[:, :, 0])
+    mask = np.ascontiguousarray(np.asarray(ImageOps.fit(alpha_mask, size), dtype=np.uint8)[:, :, None])
+    first = collage(images[:1], *size)
+    fill = collage(images[1:], *size) if len(images) > 1 else first
+    return np.ascontiguousarray(np.where(mask >= MASK_EDIT_THRESHOLD, fill, first)), mask
+
+
+def expand_request(
+    request: ImageRequest, image: np.ndarray | None = None, mask: np.ndarray | None = None
+) -> list[ImageTask]:
+    """Image ``i`` of the request gets seed ``seed + i``, so any image can be reproduced alone.
+
+    The ``n`` tasks share one decoded image and mask (one copy in the object store).
+    """
     prompt = normalize_prompt(request.prompt)
     negative = normalize_prompt(request.negative_prompt) if request.negative_prompt else None
     return [
@@ -37,6 +88,10 @@ def expand_request(request: ImageRequest) -> list[ImageTask]:
             steps=request.steps,
             guidance_scale=request.guidance_scale,
             seed=request.seed + index,
+            strength=request.strength,
+            partial_images=request.partial_images,
+            image=image,
+            mask=mask,
         )
         for index in range(request.n)
     ]
@@ -44,7 +99,8 @@ def expand_request(request: ImageRequest) -> list[ImageTask]:
 
 @serve.deployment
 class Preprocess:
-    def __init__(self) -> None:
+    def __init__(self, limits: LimitsConfig) -> None:
+        self.limits = limits
         self.metrics = stage_metrics()
 
     async def ready(self) -> bool:
@@ -52,7 +108,10 @@ class Preprocess:
 
     async def prepare(self, request: ImageRequest) -> list[ImageTask]:
         start = time.perf_counter()
-        tasks = expand_request(request)
+        image = mask = None
+        if request.images:  # decoding is CPU work: keep the replica's loop free
+            image, mask = await asyncio.to_thread(prepare_inputs, request, self.limits.max_image_pixels)
+        tasks = expand_request(request, image, mask)
         elapsed = time.perf_counter() - start
         self.metrics.observe_stage("preprocess", request.variant, elapsed)
         return [dataclasses.replace(task, preprocess_s=elapsed) for task in tasks]

@@ -45,7 +45,7 @@ def build_app(config: AppConfig) -> Application:
         .bind(variant, config.cache_dir)
         for variant in config.variants
     }
-    preprocess = _deployment(Preprocess).options(**_deployment_options(stages.preprocess)).bind()
+    preprocess = _deployment(Preprocess).options(**_deployment_options(stages.preprocess)).bind(config.limits)
     postprocess = (
         _deployment(Postprocess).options(**_deployment_options(stages.postprocess)).bind(config.storage)
     )
