@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from contextlib import aclosing
 from dataclasses import dataclass
 from functools import cache
@@ -44,8 +44,8 @@ SelfT = TypeVar("SelfT")
 ItemT = TypeVar("ItemT")
 EventT = TypeVar("EventT")
 BatchGenerator = Callable[[SelfT, list[ItemT]], AsyncGenerator[list[EventT], None]]
-RowEvent = ModelEvent | Exception | None
-"""What one queued task gets from one step of the batch generator."""
+RowEvent = ModelEvent | Exception | type[StopIteration] | None
+"""What one queued task gets from one step of the batch generator (StopIteration: it is done)."""
 
 
 @dataclass(eq=False)
@@ -186,35 +186,40 @@ class ModelReplica:
                 yield event
 
     async def _image(self, task: ImageTask, arrived: float) -> GeneratedImage:
-        async with aclosing(self._events(task, arrived)) as events:
-            async for event in events:
-                if isinstance(event, GeneratedImage):
-                    return event
-        raise RuntimeError(f"the batch ended without an image for task {task.key}")
+        image = None
+        async for event in self._events(task, arrived):
+            if isinstance(event, GeneratedImage):
+                image = event
+        if image is None:
+            raise RuntimeError(f"the batch ended without an image for task {task.key}")
+        return image
 
     async def _events(self, task: ImageTask, arrived: float) -> AsyncGenerator[ModelEvent, None]:
-        """One task through the batch queue. A caller that stops listening cancels the task."""
+        """One task through the batch queue. A caller that stops listening cancels the task.
+
+        It reads its share of the batch to the end (a few steps after its image at most), so
+        Serve's per-task futures are all awaited.
+        """
         queued = QueuedTask(task, arrived)
         ended = False  # the image (or an error) was delivered: nothing left to cancel
+        failure: Exception | None = None
         self._track_in_flight(+1)
         try:
             async with aclosing(self._run_batch(queued)) as events:
                 async for event in events:
                     if isinstance(event, Exception):
-                        ended = True
-                        raise event
-                    if event is None:
-                        continue
-                    ended = isinstance(event, GeneratedImage)
-                    yield event
-                    if ended:
-                        return
+                        ended, failure = True, event
+                    elif isinstance(event, PartialImage | GeneratedImage):
+                        ended = ended or isinstance(event, GeneratedImage)
+                        yield event
         finally:
             self._track_in_flight(-1)
             if not ended:
                 queued.cancelled = True
                 self._cancelled += 1
                 self.metrics.count_cancelled(self.variant.name)
+        if failure is not None:
+            raise failure
 
     def _track_in_flight(self, change: int) -> None:
         self._in_flight += change
@@ -223,14 +228,29 @@ class ModelReplica:
     @batch_stream(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _run_batch(self, queued: list[QueuedTask]) -> AsyncGenerator[list[RowEvent], None]:
         tasks = [item.task for item in queued]
+        ended: set[int] = set()
+
+        def share(events: dict[int, ModelEvent | Exception], finishing: Collection[int] = ()) -> list[Any]:
+            """One entry per queued task: its event, None, or StopIteration once it is done or gone."""
+            row_events: list[Any] = []
+            for position, item in enumerate(queued):
+                if position in ended:
+                    row_events.append(None)  # Serve no longer delivers to a finished task
+                elif position in events:
+                    row_events.append(events[position])
+                elif position in finishing or item.cancelled:
+                    ended.add(position)
+                    row_events.append(StopIteration)
+                else:
+                    row_events.append(None)
+            return row_events
+
         for positions in group_by_bucket(tasks).values():
             live = [position for position in positions if not queued[position].cancelled]
-            if not live:
-                continue
-            async for row, event in self._run_pass([queued[position] for position in live]):
-                row_events: list[RowEvent] = [None] * len(queued)
-                row_events[live[row]] = event
-                yield row_events
+            if live:
+                async for row, event in self._run_pass([queued[position] for position in live]):
+                    yield share({live[row]: event})
+                yield share({}, finishing=set(live))
 
     async def _run_pass(
         self, group: list[QueuedTask]

@@ -32,7 +32,7 @@ def _deployment(decorated: object) -> Deployment:
 
 
 def build_app(config: AppConfig) -> Application:
-    """Bind ingress, preprocess, one ModelReplica per variant, and postprocess."""
+    """Bind ingress, preprocess, one ModelReplica per variant, and postprocess (which streams from them)."""
     config = config.with_signing_key()
     stages = config.stages
     models = {
@@ -46,8 +46,10 @@ def build_app(config: AppConfig) -> Application:
         for variant in config.variants
     }
     preprocess = _deployment(Preprocess).options(**_deployment_options(stages.preprocess)).bind(config.limits)
-    postprocess = (
-        _deployment(Postprocess).options(**_deployment_options(stages.postprocess)).bind(config.storage)
+    postprocess = (  # streams from the models for stream=true requests
+        _deployment(Postprocess)
+        .options(**_deployment_options(stages.postprocess))
+        .bind(config.storage, models)
     )
     return (
         _deployment(Ingress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -145,12 +146,18 @@ def validation_error(exc: RequestValidationError, content_type: str | None) -> A
             "We could not parse the JSON body of your request. Send a JSON object.", code="invalid_json"
         )
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = ".".join(location) or None
-    if first.get("type") == "extra_forbidden":
-        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
     if first.get("type") in ("model_attributes_type", "dict_type", "missing") and not location:
         return InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
+    return field_error(first)
+
+
+def field_error(error: Mapping[str, Any]) -> InvalidRequestError:
+    """A 400 naming the field of one pydantic error (JSON bodies and multipart forms alike)."""
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    if error.get("type") == "extra_forbidden":
+        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
+    message = f"Invalid value for '{param}': {error.get('msg')}" if param else str(error.get("msg"))
     return InvalidRequestError(message, param=param, code="invalid_value")
 
 
