@@ -36,6 +36,7 @@ from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, Partial
 from deployments.metrics import stage_metrics
 from deployments.models.registry import DenoisingHooks, PassCancelled, load_family
 from serve_app.config import BatchingConfig, VariantConfig
+from serve_app.errors import quiet_client_errors
 
 logger = logging.getLogger("ray.serve")
 
@@ -156,6 +157,7 @@ class ModelReplica:
         self._running = 0
         self._cancelled = 0
         self._stopped_passes = 0
+        quiet_client_errors()
         logger.info(description)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from deployments.images import encode_image
 from deployments.metrics import stage_metrics
 from deployments.storage import ObjectStore, build_object_key
 from serve_app.config import StorageConfig
+from serve_app.errors import quiet_client_errors
 
 
 def deliver(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -> StoredImage:
@@ -67,6 +68,7 @@ class Postprocess:
         self.store = ObjectStore(storage.url)
         self.metrics = stage_metrics()
         self.models = models or {}
+        quiet_client_errors()  # a stream's bad input surfaces here too
 
     async def ready(self) -> bool:
         return True

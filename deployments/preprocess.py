@@ -16,7 +16,7 @@ from deployments.contracts import MASK_EDIT_THRESHOLD, ImageRequest, ImageTask
 from deployments.decoding import mask_from_alpha, open_upload, to_rgb_array
 from deployments.metrics import stage_metrics
 from serve_app.config import LimitsConfig
-from serve_app.errors import InvalidRequestError
+from serve_app.errors import InvalidRequestError, quiet_client_errors
 
 
 def normalize_prompt(text: str) -> str:
@@ -102,6 +102,7 @@ class Preprocess:
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
         self.metrics = stage_metrics()
+        quiet_client_errors()
 
     async def ready(self) -> bool:
         return True

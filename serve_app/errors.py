@@ -87,6 +87,25 @@ class ServiceUnavailableError(APIError):
     default_code = "service_unavailable"
 
 
+class ClientErrorLogFilter(logging.Filter):
+    """Drops Serve's "Request failed." traceback when the failure is the client's (a 4xx APIError).
+
+    A stage that rejects bad input raises, and Serve logs every raised exception with its
+    traceback; without this, each hostile upload would write one. Access logs still show them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, APIError) and error.status_code < 500)
+
+
+def quiet_client_errors() -> None:
+    """Install ClientErrorLogFilter on Serve's logger in this process (once)."""
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(existing, ClientErrorLogFilter) for existing in serve_logger.filters):
+        serve_logger.addFilter(ClientErrorLogFilter())
+
+
 def unwrap_remote_error(exc: BaseException) -> BaseException:
     """The original exception behind Ray's task wrappers (a stage's error keeps its own type)."""
     seen = 0

@@ -11,10 +11,14 @@ import pytest
 import ray
 from openai import OpenAI
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from serve_app.app import build_app
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, LimitsConfig
 from tests.conftest import free_port, make_test_config
+
+# Small upload limits, so the oversize uploads the tests send stay small.
+TEST_LIMITS = LimitsConfig(max_upload_bytes=256 * 1024, max_total_upload_bytes=1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class RunningService:
 @pytest.fixture(scope="package")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     storage_dir = tmp_path_factory.mktemp("store")
-    config = make_test_config(storage_dir)
+    config = make_test_config(storage_dir, limits=TEST_LIMITS)
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
     try:
@@ -48,3 +52,9 @@ def http(service: RunningService) -> Iterator[httpx.Client]:
 @pytest.fixture
 def openai_client(service: RunningService) -> OpenAI:
     return OpenAI(base_url=f"{service.base_url}/v1", api_key="sk-test", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def model_replica(service: RunningService) -> DeploymentHandle:
+    """The embedded default's ModelReplica, to read its scheduling state (``stats``)."""
+    return serve.get_deployment_handle("ModelReplica-tiny-sd", app_name="imagegen")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -15,32 +13,9 @@ from deployments.decoding import mask_from_alpha, open_upload, sniff_format, to_
 from deployments.images import encode_image
 from deployments.preprocess import collage, expand_request, prepare_inputs
 from serve_app.errors import APIError, InvalidRequestError, UnsupportedMediaTypeError
+from tests.images import animated, encoded, hole_mask, noise, png_declaring
 
 MAX_PIXELS = 4096 * 4096
-
-
-def encoded(image: Image.Image, image_format: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, image_format, **options)
-    return buffer.getvalue()
-
-
-def noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    channels = len(mode)
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
-    return Image.fromarray(pixels.squeeze(), mode)
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A small PNG whose header claims ``width`` x ``height``: a decompression bomb's calling card."""
-    real = encoded(Image.new("RGB", (8, 8), "red"), "PNG")
-    header = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return real[:8] + struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header)) + real[33:]
-
-
-def animated(image_format: str) -> bytes:
-    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
-    return encoded(frames[0], image_format, save_all=True, append_images=frames[1:])
 
 
 def decode_error(data: bytes, max_pixels: int = MAX_PIXELS) -> APIError:
@@ -155,19 +130,13 @@ def edit_request(images: list[bytes], mask: bytes | None = None, n: int = 1) -> 
     )
 
 
-def centre_hole_mask(width: int, height: int) -> bytes:
-    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
-    mask.paste((0, 0, 0, 0), (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return encoded(mask, "PNG")
-
-
 def test_one_image_is_cropped_to_the_requested_size() -> None:
     image, mask = prepare_inputs(edit_request([encoded(noise(160, 80), "PNG")]), MAX_PIXELS)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and mask is None
 
 
 def test_a_mask_of_another_size_is_400_on_mask() -> None:
-    request = edit_request([encoded(noise(80, 80), "PNG")], mask=centre_hole_mask(64, 64))
+    request = edit_request([encoded(noise(80, 80), "PNG")], mask=hole_mask(64, 64))
     with pytest.raises(InvalidRequestError) as raised:
         prepare_inputs(request, MAX_PIXELS)
     assert (raised.value.status_code, raised.value.param) == (400, "mask")
@@ -175,7 +144,7 @@ def test_a_mask_of_another_size_is_400_on_mask() -> None:
 
 def test_several_images_with_a_mask_fill_the_hole_from_the_others() -> None:
     first, second = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
-    request = edit_request([encoded(first, "PNG"), encoded(second, "PNG")], mask=centre_hole_mask(64, 64))
+    request = edit_request([encoded(first, "PNG"), encoded(second, "PNG")], mask=hole_mask(64, 64))
     image, mask = prepare_inputs(request, MAX_PIXELS)
     assert mask is not None and mask.shape == (64, 64, 1)
     assert mask[32, 32, 0] == 255 and mask[2, 2, 0] == 0
@@ -191,7 +160,7 @@ def test_several_images_without_a_mask_are_tiled() -> None:
 
 
 def test_the_n_tasks_of_a_request_share_one_decoded_image() -> None:
-    request = edit_request([encoded(noise(64, 64), "PNG")], mask=centre_hole_mask(64, 64), n=3)
+    request = edit_request([encoded(noise(64, 64), "PNG")], mask=hole_mask(64, 64), n=3)
     tasks = expand_request(request, *prepare_inputs(request, MAX_PIXELS))
     assert [task.seed for task in tasks] == [1, 2, 3]
     assert all(task.image is tasks[0].image and task.mask is tasks[0].mask for task in tasks)
