@@ -42,25 +42,31 @@ def collage(images: list[Image.Image], width: int, height: int) -> np.ndarray:
 def prepare_inputs(request: ImageRequest, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode a request's uploads into its starting image and mask, at the request's size.
 
-    Every image is cropped to fill the output size (aspect ratio kept). Several images are tiled
-    into one starting image. With a mask, the first image is the one edited (as in OpenAI's API)
-    and the area to repaint starts from the other images, tiled, when there are any.
+    Every image is cropped to fill the output size (aspect ratio kept) as soon as it is decoded,
+    so at most one full-size upload is held at a time. Several images are tiled into one
+    starting image. With a mask, the first image is the one edited (as in OpenAI's API) and the
+    area to repaint starts from the other images, tiled, when there are any.
     """
-    images = [open_upload(data, max_pixels=max_pixels, param="image") for data in request.images]
     size = (request.width, request.height)
-    if request.mask is None:
+    first_size: tuple[int, int] | None = None
+    images: list[Image.Image] = []
+    for data in request.images:
+        image = open_upload(data, max_pixels=max_pixels, param="image")
+        first_size = first_size or image.size
+        images.append(ImageOps.fit(image.convert("RGB"), size))
+    if request.mask is None or first_size is None:
         return collage(images, *size), None
     mask_image = open_upload(request.mask, max_pixels=max_pixels, param="mask")
-    if mask_image.size != images[0].size:
+    if mask_image.size != first_size:
         raise InvalidRequestError(
             f"The mask is {mask_image.width}x{mask_image.height} but the image is "
-            f"{images[0].width}x{images[0].height}; they must be the same size.",
+            f"{first_size[0]}x{first_size[1]}; they must be the same size.",
             param="mask",
             code="invalid_mask",
         )
     alpha_mask = Image.fromarray(mask_from_alpha(mask_image)[:, :, 0])
     mask = np.ascontiguousarray(np.asarray(ImageOps.fit(alpha_mask, size), dtype=np.uint8)[:, :, None])
-    first = collage(images[:1], *size)
+    first = to_rgb_array(images[0])
     fill = collage(images[1:], *size) if len(images) > 1 else first
     return np.ascontiguousarray(np.where(mask >= MASK_EDIT_THRESHOLD, fill, first)), mask
 
