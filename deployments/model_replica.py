@@ -116,6 +116,12 @@ class PassHooks(DenoisingHooks):
         self.sent[row] += 1
 
 
+def retrieve_outcome(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (asyncio logs unseen ones)."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncGenerator[T, None]:
     """The items of several async iterators as they come; closing the merge cancels them all."""
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -283,6 +289,7 @@ class ModelReplica:
             return
         finally:
             hooks.stopped = True  # if this generator is closed early, the thread stops at its next step
+            forward.add_done_callback(retrieve_outcome)  # and nobody else will await it then
             self._running -= len(group)
         elapsed = time.perf_counter() - started
         self.metrics.observe_batch(self.variant.name, len(group))
