@@ -2,6 +2,8 @@
 
 Pixels travel as contiguous ``uint8`` (H, W, C) numpy arrays: small, zero-copy in Ray's object
 store, cheap to encode. Nothing here imports torch, so the HTTP-facing stages stay light.
+Uploaded files cross one boundary as the raw bytes the client sent (ingress -> preprocess); from
+preprocess on they are decoded arrays, shared by the ``n`` tasks of a request.
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ import numpy as np
 
 TaskKind = Literal["generate", "edit", "variation"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+TaskKey = tuple[str, int]
+"""(request id, image index): one image task, across stages."""
+MASK_EDIT_THRESHOLD = 128
+"""Mask values at or above this are repainted (alpha below 128: mostly transparent)."""
 
 
 @dataclass(frozen=True)
 class ShapeBucket:
-    """Image tasks that may share one forward pass: same variant, task kind, shape and schedule."""
+    """Image tasks that may share one forward pass: same variant, task kind, shape and schedule.
+
+    ``masked`` splits edits with a mask (inpainting) from edits without (image-to-image): they
+    run different pipelines. ``strength`` is part of the schedule of both.
+    """
 
     variant: str
     kind: TaskKind
@@ -25,6 +35,8 @@ class ShapeBucket:
     height: int
     steps: int
     guidance_scale: float
+    strength: float | None = None
+    masked: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,13 @@ class ImageRequest:
     steps: int
     guidance_scale: float
     seed: int
+    strength: float | None = None
+    partial_images: int = 0
+    images: tuple[bytes, ...] = field(default=(), repr=False)
+    mask: bytes | None = field(default=None, repr=False)
+    input_keys: tuple[str, ...] = ()
+    """A job's uploads, stashed in the object store instead of ``images`` (preprocess reads them)."""
+    mask_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,10 +81,29 @@ class ImageTask:
     guidance_scale: float
     seed: int
     preprocess_s: float = 0.0
+    strength: float | None = None
+    partial_images: int = 0
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """The starting image of an edit or variation: uint8 (height, width, 3)."""
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """Where to edit: uint8 (height, width, 1), >= MASK_EDIT_THRESHOLD repaints (from the mask's alpha)."""
+
+    @property
+    def key(self) -> TaskKey:
+        return (self.request_id, self.index)
 
     @property
     def bucket(self) -> ShapeBucket:
-        return ShapeBucket(self.variant, self.kind, self.width, self.height, self.steps, self.guidance_scale)
+        return ShapeBucket(
+            self.variant,
+            self.kind,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.strength,
+            self.mask is not None,
+        )
 
 
 @dataclass(frozen=True)
@@ -76,6 +114,19 @@ class GeneratedImage:
     pixels: np.ndarray
     batch_size: int
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A preview of one task, decoded from its latents between denoising steps (streaming)."""
+
+    task: ImageTask
+    partial_image_index: int
+    pixels: np.ndarray
+
+
+ModelEvent = PartialImage | GeneratedImage
+"""What a model replica streams for one task: its previews, then its image."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +151,19 @@ class StoredImage:
     timings: dict[str, float]
     b64_json: str | None = None
     object_key: str | None = None
+
+
+@dataclass(frozen=True)
+class EncodedPartialImage:
+    """A preview as the client gets it: base64 in the request's output format."""
+
+    task_index: int
+    partial_image_index: int
+    b64_json: str
+
+
+StreamEvent = EncodedPartialImage | StoredImage
+"""What postprocess streams to the ingress: previews, then each finished image."""
 
 
 def group_by_bucket(tasks: list[ImageTask]) -> dict[ShapeBucket, list[int]]:

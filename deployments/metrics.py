@@ -14,7 +14,7 @@ BATCH_SIZE_BOUNDARIES = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 6
 
 
 class StageMetrics:
-    """Latency per stage, images generated and batch sizes, tagged by variant."""
+    """Latency per stage, images generated, batch sizes, tasks in flight and cancelled, by variant."""
 
     def __init__(self) -> None:
         self.stage_latency = metrics.Histogram(
@@ -34,6 +34,16 @@ class StageMetrics:
             boundaries=BATCH_SIZE_BOUNDARIES,
             tag_keys=("variant",),
         )
+        self.tasks_in_flight = metrics.Gauge(
+            "imagegen_tasks_in_flight",
+            description="Image tasks a model replica holds (queued or computing), per replica.",
+            tag_keys=("variant",),
+        )
+        self.tasks_cancelled = metrics.Counter(
+            "imagegen_tasks_cancelled_total",
+            description="Image tasks whose caller went away before the image was done.",
+            tag_keys=("variant",),
+        )
 
         self.log_rows_dropped = metrics.Counter(
             "imagegen_log_rows_dropped_total",
@@ -45,6 +55,12 @@ class StageMetrics:
 
     def observe_stage(self, stage: str, variant: str, seconds: float) -> None:
         self.stage_latency.observe(seconds, tags={"stage": stage, "variant": variant})
+
+    def set_in_flight(self, variant: str, count: int) -> None:
+        self.tasks_in_flight.set(count, tags={"variant": variant})
+
+    def count_cancelled(self, variant: str) -> None:
+        self.tasks_cancelled.inc(tags={"variant": variant})
 
     def observe_batch(self, variant: str, size: int) -> None:
         self.batch_size.observe(size, tags={"variant": variant})

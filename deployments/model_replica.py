@@ -1,9 +1,20 @@
 """The batched model replica: one deployment per variant, one copy of the weights per replica.
 
 Calls carry a request's image tasks; each task joins the replica's batch queue on its own, so
-images of concurrent requests share forward passes. A batch is split by shape bucket and never
-mixes buckets in one pass. The forward pass runs in a worker thread so the replica keeps
-answering (health checks, new arrivals) while it computes.
+images of concurrent requests share forward passes, streaming or not. A batch is split by shape
+bucket and never mixes buckets in one pass. The forward pass runs in a worker thread so the
+replica keeps answering (health checks, new arrivals, cancellations) while it computes.
+
+One batch queue serves both kinds of call. ``@serve.batch`` wraps an async generator that
+yields, for every event of a pass, one list with an entry per queued task (None where that task
+has nothing new): a task's previews, then its image. ``generate`` keeps only the images;
+``generate_stream`` (called with ``handle.options(stream=True)``) passes every event on.
+
+Cancellation: a caller that goes away (a client disconnect cancels the call) marks its tasks
+cancelled. Serve drops cancelled tasks that are still queued; a forward pass checks its tasks
+between denoising steps and stops as soon as all of them are cancelled, which frees the batch
+slot for the next batch. A cancelled task in a pass that others still need is computed to the
+end with them (rows cannot leave a running pass) but gets no previews and its image is dropped.
 """
 
 from __future__ import annotations
@@ -11,19 +22,133 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from contextlib import aclosing
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
+import numpy as np
 from ray import serve
 
-from deployments.contracts import GeneratedImage, ImageTask, group_by_bucket
+from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
 from deployments.metrics import stage_metrics
-from deployments.models.registry import load_family
+from deployments.models.registry import DenoisingHooks, PassCancelled, load_family
 from serve_app.config import BatchingConfig, VariantConfig
+from serve_app.errors import quiet_client_errors
 
 logger = logging.getLogger("ray.serve")
 
-QueuedTask = tuple[ImageTask, float]
+T = TypeVar("T")
+SelfT = TypeVar("SelfT")
+ItemT = TypeVar("ItemT")
+EventT = TypeVar("EventT")
+BatchGenerator = Callable[[SelfT, list[ItemT]], AsyncGenerator[list[EventT], None]]
+RowEvent = ModelEvent | Exception | type[StopIteration] | None
+"""What one queued task gets from one step of the batch generator (StopIteration: it is done)."""
+
+
+@dataclass(eq=False)
+class QueuedTask:
+    """One task in the batch queue. ``cancelled`` is set on the event loop, read by the worker thread."""
+
+    task: ImageTask
+    arrived: float
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """The replica's scheduling state, for operators and tests (``handle.stats.remote()``)."""
+
+    in_flight: int
+    """Tasks whose caller is waiting: queued or in a forward pass."""
+    running: int
+    """Tasks in the forward pass that is computing now."""
+    cancelled: int
+    """Tasks whose caller went away before their image was done (since start)."""
+    stopped_passes: int
+    """Forward passes stopped between denoising steps because all their tasks were cancelled."""
+
+
+def batch_stream(
+    max_batch_size: int, batch_wait_timeout_s: float
+) -> Callable[[BatchGenerator[SelfT, ItemT, EventT]], Callable[[SelfT, ItemT], AsyncGenerator[EventT, None]]]:
+    """``serve.batch`` on an async generator method, typed as Serve runs it (Ray types only lists):
+    each caller passes one item and iterates its own share of every yielded list."""
+    decorator: Any = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+    return cast(Callable[[BatchGenerator[SelfT, ItemT, EventT]], Any], decorator)
+
+
+@cache
+def preview_steps(total_steps: int, count: int) -> frozenset[int]:
+    """The steps (0-based) after which ``count`` previews are taken, spread evenly over the run.
+
+    Never the last step (that is the image itself), so short runs give fewer previews, as
+    OpenAI's API allows ("the final image may be sent before all partial images").
+    """
+    if total_steps < 2 or count < 1:
+        return frozenset()
+    return frozenset(
+        min(total_steps - 2, max(0, round(k * total_steps / (count + 1)) - 1)) for k in range(1, count + 1)
+    )
+
+
+class PassHooks(DenoisingHooks):
+    """The replica's side of one forward pass; called from the worker thread between steps."""
+
+    def __init__(self, queued: list[QueuedTask], emit: Callable[[int, PartialImage], None]) -> None:
+        self.queued = queued
+        self.emit = emit
+        self.sent = [0] * len(queued)
+        self.stopped = False
+
+    def after_step(self, step: int, total_steps: int) -> list[int]:
+        live = [row for row, item in enumerate(self.queued) if not item.cancelled]
+        if self.stopped or not live:
+            raise PassCancelled
+        wanted = [preview_steps(total_steps, self.queued[row].task.partial_images) for row in live]
+        return [row for row, steps in zip(live, wanted, strict=True) if step in steps]
+
+    def preview(self, row: int, pixels: np.ndarray) -> None:
+        self.emit(row, PartialImage(self.queued[row].task, self.sent[row], pixels))
+        self.sent[row] += 1
+
+
+def retrieve_outcome(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (asyncio logs unseen ones)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncGenerator[T, None]:
+    """The items of several async iterators as they come; closing the merge cancels them all."""
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait(("item", item))
+            queue.put_nowait(("done", None))
+        except Exception as error:
+            queue.put_nowait(("error", error))
+
+    pumps = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        remaining = len(pumps)
+        while remaining:
+            kind, value = await queue.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                remaining -= 1
+            else:
+                yield value
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 @serve.deployment
@@ -34,6 +159,11 @@ class ModelReplica:
         self.metrics = stage_metrics()
         self.batching = variant.batching
         self._apply_batching(variant.batching)
+        self._in_flight = 0
+        self._running = 0
+        self._cancelled = 0
+        self._stopped_passes = 0
+        quiet_client_errors()
         logger.info(description)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -48,24 +178,123 @@ class ModelReplica:
     async def ready(self) -> bool:
         return True
 
+    async def stats(self) -> ReplicaStats:
+        return ReplicaStats(self._in_flight, self._running, self._cancelled, self._stopped_passes)
+
     async def generate(self, tasks: list[ImageTask]) -> list[GeneratedImage]:
         """Generate every task of one request; each task is batched with whatever else is queued."""
         arrived = time.perf_counter()
-        return list(await asyncio.gather(*(self._run_batch((task, arrived)) for task in tasks)))
+        return list(await asyncio.gather(*(self._image(task, arrived) for task in tasks)))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _run_batch(self, queued: list[QueuedTask]) -> list[GeneratedImage]:
-        tasks = [task for task, _ in queued]
-        results: list[GeneratedImage | None] = [None] * len(tasks)
+    async def generate_stream(self, tasks: list[ImageTask]) -> AsyncGenerator[ModelEvent, None]:
+        """Every task's previews and then its image, as they are made (``options(stream=True)``)."""
+        arrived = time.perf_counter()
+        async with aclosing(merge([self._events(task, arrived) for task in tasks])) as events:
+            async for event in events:
+                yield event
+
+    async def _image(self, task: ImageTask, arrived: float) -> GeneratedImage:
+        image = None
+        async for event in self._events(task, arrived):
+            if isinstance(event, GeneratedImage):
+                image = event
+        if image is None:
+            raise RuntimeError(f"the batch ended without an image for task {task.key}")
+        return image
+
+    async def _events(self, task: ImageTask, arrived: float) -> AsyncGenerator[ModelEvent, None]:
+        """One task through the batch queue. A caller that stops listening cancels the task.
+
+        It reads its share of the batch to the end (a few steps after its image at most), so
+        Serve's per-task futures are all awaited.
+        """
+        queued = QueuedTask(task, arrived)
+        ended = False  # the image (or an error) was delivered: nothing left to cancel
+        failure: Exception | None = None
+        self._track_in_flight(+1)
+        try:
+            async with aclosing(self._run_batch(queued)) as events:
+                async for event in events:
+                    if isinstance(event, Exception):
+                        ended, failure = True, event
+                    elif isinstance(event, PartialImage | GeneratedImage):
+                        ended = ended or isinstance(event, GeneratedImage)
+                        yield event
+        finally:
+            self._track_in_flight(-1)
+            if not ended:
+                queued.cancelled = True
+                self._cancelled += 1
+                self.metrics.count_cancelled(self.variant.name)
+        if failure is not None:
+            raise failure
+
+    def _track_in_flight(self, change: int) -> None:
+        self._in_flight += change
+        self.metrics.set_in_flight(self.variant.name, self._in_flight)
+
+    @batch_stream(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _run_batch(self, queued: list[QueuedTask]) -> AsyncGenerator[list[RowEvent], None]:
+        tasks = [item.task for item in queued]
+        ended: set[int] = set()
+
+        def share(events: dict[int, ModelEvent | Exception], finishing: Collection[int] = ()) -> list[Any]:
+            """One entry per queued task: its event, None, or StopIteration once it is done or gone."""
+            row_events: list[Any] = []
+            for position, item in enumerate(queued):
+                if position in ended:
+                    row_events.append(None)  # Serve no longer delivers to a finished task
+                elif position in events:
+                    row_events.append(events[position])
+                elif position in finishing or item.cancelled:
+                    ended.add(position)
+                    row_events.append(StopIteration)
+                else:
+                    row_events.append(None)
+            return row_events
+
         for positions in group_by_bucket(tasks).values():
-            group = [tasks[position] for position in positions]
-            started = time.perf_counter()
-            pixels = await asyncio.to_thread(self.family.generate, group)
-            elapsed = time.perf_counter() - started
-            self.metrics.observe_batch(self.variant.name, len(group))
-            self.metrics.observe_stage("model", self.variant.name, elapsed)
-            for position, image in zip(positions, pixels, strict=True):
-                task, arrived = queued[position]
-                timings = {"preprocess": task.preprocess_s, "queue": started - arrived, "model": elapsed}
-                results[position] = GeneratedImage(task, image, batch_size=len(group), timings=timings)
-        return [result for result in results if result is not None]
+            live = [position for position in positions if not queued[position].cancelled]
+            if live:
+                async for row, event in self._run_pass([queued[position] for position in live]):
+                    yield share({live[row]: event})
+                yield share({}, finishing=set(live))
+
+    async def _run_pass(
+        self, group: list[QueuedTask]
+    ) -> AsyncGenerator[tuple[int, ModelEvent | Exception], None]:
+        """One forward pass in a worker thread: its previews as they come, then its images."""
+        loop = asyncio.get_running_loop()
+        previews: asyncio.Queue[tuple[int, PartialImage] | None] = asyncio.Queue()
+
+        def emit(row: int, preview: PartialImage) -> None:  # runs in the worker thread
+            loop.call_soon_threadsafe(previews.put_nowait, (row, preview))
+
+        hooks = PassHooks(group, emit)
+        tasks = [item.task for item in group]
+        started = time.perf_counter()
+        self._running += len(group)
+        forward = asyncio.ensure_future(asyncio.to_thread(self.family.generate, tasks, hooks))
+        forward.add_done_callback(lambda _: previews.put_nowait(None))
+        try:
+            while (preview := await previews.get()) is not None:
+                yield preview
+            pixels = await forward
+        except PassCancelled:
+            self._stopped_passes += 1
+            return
+        except Exception as error:  # this pass's callers get the error; other buckets go on
+            for row in range(len(group)):
+                yield row, error
+            return
+        finally:
+            hooks.stopped = True  # if this generator is closed early, the thread stops at its next step
+            forward.add_done_callback(retrieve_outcome)  # and nobody else will await it then
+            self._running -= len(group)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_batch(self.variant.name, len(group))
+        self.metrics.observe_stage("model", self.variant.name, elapsed)
+        for row, (item, image) in enumerate(zip(group, pixels, strict=True)):
+            queue_s = started - item.arrived
+            timings = {"preprocess": item.task.preprocess_s, "queue": queue_s, "model": elapsed}
+            yield row, GeneratedImage(item.task, image, batch_size=len(group), timings=timings)

@@ -1,4 +1,9 @@
-"""Postprocess stage: encode each image and deliver it as base64 or as a stored object."""
+"""Postprocess stage: encode each image and deliver it as base64 or as a stored object.
+
+Streaming requests run through here too: ``stream`` calls the request's model replica with
+``options(stream=True)`` and encodes each preview and image as it arrives, so every output pixel
+passes this stage (and only encoded bytes go on to the ingress).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,25 @@ import asyncio
 import base64
 import datetime as dt
 import time
+from collections.abc import AsyncGenerator
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.contracts import EncodeOptions, GeneratedImage, StoredImage
+from deployments.contracts import (
+    EncodedPartialImage,
+    EncodeOptions,
+    GeneratedImage,
+    ImageTask,
+    PartialImage,
+    StoredImage,
+    StreamEvent,
+)
 from deployments.images import encode_image
 from deployments.metrics import stage_metrics
 from deployments.storage import ObjectStore, build_object_key
 from serve_app.config import StorageConfig
+from serve_app.errors import quiet_client_errors
 
 
 def deliver(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -> StoredImage:
@@ -45,11 +61,23 @@ def deliver(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -
     )
 
 
+def encode_partial(partial: PartialImage, options: EncodeOptions) -> EncodedPartialImage:
+    """A preview in the request's output format, as base64 (blocking; run in a thread)."""
+    data = encode_image(partial.pixels, options.output_format, options.compression)
+    return EncodedPartialImage(
+        task_index=partial.task.index,
+        partial_image_index=partial.partial_image_index,
+        b64_json=base64.b64encode(data).decode("ascii"),
+    )
+
+
 @serve.deployment
 class Postprocess:
-    def __init__(self, storage: StorageConfig) -> None:
+    def __init__(self, storage: StorageConfig, models: dict[str, DeploymentHandle] | None = None) -> None:
         self.store = ObjectStore(storage)
         self.metrics = stage_metrics()
+        self.models = models or {}
+        quiet_client_errors()  # a stream's bad input surfaces here too
 
     async def ready(self) -> bool:
         return True
@@ -63,3 +91,27 @@ class Postprocess:
                 if stage in item.timings:
                     self.metrics.observe_stage(stage, images[0].task.variant, item.timings[stage])
         return list(stored)
+
+    async def stream(
+        self, tasks: list[ImageTask], options: EncodeOptions
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """A request's previews and images from its model replica, each encoded as it comes.
+
+        Closing this stream (a client disconnect) cancels the model call, which stops the task.
+        """
+        events = self.models[tasks[0].variant].options(stream=True).generate_stream.remote(tasks)
+        assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
+        finished = False
+        try:
+            async for event in events:
+                if isinstance(event, PartialImage):
+                    yield await asyncio.to_thread(encode_partial, event, options)
+                else:
+                    stored = await asyncio.to_thread(deliver, event, options, self.store)
+                    seconds = stored.timings["postprocess"]
+                    self.metrics.observe_stage("postprocess", event.task.variant, seconds)
+                    yield stored
+            finished = True
+        finally:
+            if not finished:
+                events.cancel()

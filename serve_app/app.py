@@ -47,9 +47,15 @@ def build_app(config: AppConfig) -> Application:
         .bind(variant, config.cache_dir)
         for variant in config.variants
     }
-    preprocess = _deployment(Preprocess).options(**_deployment_options(stages.preprocess)).bind()
-    postprocess = (
-        _deployment(Postprocess).options(**_deployment_options(stages.postprocess)).bind(config.storage)
+    preprocess = (
+        _deployment(Preprocess)
+        .options(**_deployment_options(stages.preprocess))
+        .bind(config.limits, config.storage)
+    )
+    postprocess = (  # streams from the models for stream=true requests
+        _deployment(Postprocess)
+        .options(**_deployment_options(stages.postprocess))
+        .bind(config.storage, models)
     )
     # One scheduler replica: it is the single owner of queue order and job state.
     scheduler_options = {**_deployment_options(config.scheduler.resources), "num_replicas": 1}

@@ -225,7 +225,23 @@ def default_tiers() -> dict[str, TierConfig]:
 class LimitsConfig(StrictModel):
     max_prompt_chars: int = Field(32000, ge=1)
     max_images_per_request: int = Field(10, ge=1, le=10)
-    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest JSON body accepted.")
+    max_request_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest JSON body, and largest text field of a multipart form."
+    )
+    max_input_images: int = Field(16, ge=1, le=16, description="Most images one edit request may upload.")
+    max_upload_bytes: int = Field(16 << 20, ge=1024, description="Largest uploaded file (one form part).")
+    max_total_upload_bytes: int = Field(
+        64 << 20, ge=1024, description="Largest multipart body, counted while it is read."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Most pixels an uploaded image may declare (bomb guard)."
+    )
+
+    @model_validator(mode="after")
+    def _total_holds_one_file(self) -> LimitsConfig:
+        if self.max_total_upload_bytes < self.max_upload_bytes:
+            raise ValueError("max_total_upload_bytes must be at least max_upload_bytes")
+        return self
 
 
 class AppConfig(BaseSettings):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -109,6 +110,25 @@ class StorageUnavailableError(ServiceUnavailableError):
     default_code = "storage_unavailable"
 
 
+class ClientErrorLogFilter(logging.Filter):
+    """Drops Serve's "Request failed." traceback when the failure is the client's (a 4xx APIError).
+
+    A stage that rejects bad input raises, and Serve logs every raised exception with its
+    traceback; without this, each hostile upload would write one. Access logs still show them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, APIError) and error.status_code < 500)
+
+
+def quiet_client_errors() -> None:
+    """Install ClientErrorLogFilter on Serve's logger in this process (once)."""
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(existing, ClientErrorLogFilter) for existing in serve_logger.filters):
+        serve_logger.addFilter(ClientErrorLogFilter())
+
+
 def unwrap_remote_error(exc: BaseException) -> BaseException:
     """The original exception behind Ray's task wrappers (a stage's error keeps its own type)."""
     seen = 0
@@ -168,12 +188,18 @@ def validation_error(exc: RequestValidationError, content_type: str | None) -> A
             "We could not parse the JSON body of your request. Send a JSON object.", code="invalid_json"
         )
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = ".".join(location) or None
-    if first.get("type") == "extra_forbidden":
-        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
     if first.get("type") in ("model_attributes_type", "dict_type", "missing") and not location:
         return InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
+    return field_error(first)
+
+
+def field_error(error: Mapping[str, Any]) -> InvalidRequestError:
+    """A 400 naming the field of one pydantic error (JSON bodies and multipart forms alike)."""
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    if error.get("type") == "extra_forbidden":
+        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
+    message = f"Invalid value for '{param}': {error.get('msg')}" if param else str(error.get("msg"))
     return InvalidRequestError(message, param=param, code="invalid_value")
 
 

@@ -4,10 +4,10 @@
 # FastAPI must see real types, not strings, to build the request models there.
 import asyncio
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 from ray.serve.handle import DeploymentHandle
@@ -17,13 +17,41 @@ from serve_app.auth import Principal
 from serve_app.config import AppConfig
 from serve_app.errors import as_api_error, error_response, install_error_handlers
 from serve_app.pipeline import StageHandles
-from serve_app.protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse, JobResponse, ModelList
-from serve_app.service import FILES_ROUTE, Accepted, ImageService
+from serve_app.protocol import (
+    ErrorResponse,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageVariationRequest,
+    JobResponse,
+    ModelList,
+)
+from serve_app.service import FILES_ROUTE, Accepted, Delivery, ImageService, Outcome, Streaming
+from serve_app.uploads import form_openapi
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503)
 }
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {
+        "description": "The images; with stream=true, server-sent events (partial images, then completed).",
+        "content": {"text/event-stream": {}},
+    },
+    202: {"model": JobResponse, "description": "With 'Prefer: respond-async': the job, to poll."},
+}
+IMAGE_FILE = {"type": "string", "format": "binary"}
+EDIT_FILES: dict[str, dict[str, Any]] = {
+    "image": {**IMAGE_FILE, "description": "The image to edit: PNG, JPEG or WebP."},
+    "image[]": {"type": "array", "items": IMAGE_FILE, "description": "Or up to 16 images, tiled."},
+    "mask": {**IMAGE_FILE, "description": "PNG with alpha, the first image's size: transparent = edit."},
+}
+VARIATION_FILES: dict[str, dict[str, Any]] = {
+    "image": {**IMAGE_FILE, "description": "The image to vary: PNG, JPEG or WebP."}
+}
 AuthorizationHeader = Annotated[str | None, Header(description="Bearer API key.")]
+PreferHeader = Annotated[str | None, Header(description="'respond-async' makes it a job (202).")]
+IdempotencyHeader = Annotated[str | None, Header(description="Same key and body, same result.")]
 
 api = FastAPI(
     title="imagegen-serve",
@@ -31,6 +59,17 @@ api = FastAPI(
     version="0.1.0",
 )
 install_error_handlers(api)
+
+
+def respond(outcome: Outcome) -> Response:
+    if isinstance(outcome, Streaming):
+        headers = {**outcome.headers, "cache-control": "no-cache"}
+        return StreamingResponse(outcome.body, media_type="text/event-stream", headers=headers)
+    if isinstance(outcome, Accepted):
+        return JSONResponse(
+            outcome.job.model_dump(exclude_none=True), status_code=202, headers=outcome.headers
+        )
+    return JSONResponse(outcome.response.model_dump(exclude_none=True), headers=outcome.headers)
 
 
 def current_request_id() -> str:
@@ -54,7 +93,7 @@ class Ingress:
         "/v1/images/generations",
         response_model=ImagesResponse,
         response_model_exclude_none=True,
-        responses={**ERROR_RESPONSES, 202: {"model": JobResponse}},
+        responses=IMAGE_RESPONSES,
         summary="Create images from a prompt",
     )
     async def create_image(
@@ -62,25 +101,59 @@ class Ingress:
         body: ImageGenerationRequest,
         request: Request,
         authorization: AuthorizationHeader = None,
-        prefer: Annotated[str | None, Header(description="'respond-async' makes it a job (202).")] = None,
-        idempotency_key: Annotated[str | None, Header(description="Same key and body, same result.")] = None,
+        prefer: PreferHeader = None,
+        idempotency_key: IdempotencyHeader = None,
     ) -> Response:
+        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
         try:
-            outcome = await self.service.generate(
-                body,
-                self.principal(authorization),
-                request_id=current_request_id(),
-                base_url=str(request.base_url),
-                prefer=prefer,
-                idempotency_key=idempotency_key,
-            )
+            principal = self.principal(authorization)
+            return respond(await self.service.generate(body, principal, current_request_id(), delivery))
         except Exception as exc:  # every failure leaves as the OpenAI error shape
             return error_response(as_api_error(exc))
-        if isinstance(outcome, Accepted):
-            return JSONResponse(
-                outcome.job.model_dump(exclude_none=True), status_code=202, headers=outcome.headers
-            )
-        return JSONResponse(outcome.response.model_dump(exclude_none=True), headers=outcome.headers)
+
+    @api.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses=IMAGE_RESPONSES,
+        summary="Edit images (multipart): image-to-image, or inpainting with a mask",
+        openapi_extra=form_openapi(ImageEditRequest, EDIT_FILES),
+    )
+    async def create_edit(
+        self,
+        request: Request,
+        authorization: AuthorizationHeader = None,
+        prefer: PreferHeader = None,
+        idempotency_key: IdempotencyHeader = None,
+    ) -> Response:
+        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
+        try:
+            principal = self.principal(authorization)
+            return respond(await self.service.edit(request, principal, current_request_id(), delivery))
+        except Exception as exc:
+            return error_response(as_api_error(exc))
+
+    @api.post(
+        "/v1/images/variations",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses=IMAGE_RESPONSES,
+        summary="Create variations of an image (multipart)",
+        openapi_extra=form_openapi(ImageVariationRequest, VARIATION_FILES),
+    )
+    async def create_variation(
+        self,
+        request: Request,
+        authorization: AuthorizationHeader = None,
+        prefer: PreferHeader = None,
+        idempotency_key: IdempotencyHeader = None,
+    ) -> Response:
+        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
+        try:
+            principal = self.principal(authorization)
+            return respond(await self.service.variation(request, principal, current_request_id(), delivery))
+        except Exception as exc:
+            return error_response(as_api_error(exc))
 
     @api.get(
         "/v1/images/jobs/{job_id}", response_model=JobResponse, responses=ERROR_RESPONSES, summary="A job"

@@ -66,7 +66,10 @@ class JobRecord(BaseModel):
 
     @property
     def image_request(self) -> ImageRequest:
-        return ImageRequest(**self.request)
+        fields = dict(self.request)
+        fields["input_keys"] = tuple(fields.get("input_keys", ()))
+        fields["images"] = ()  # uploads live in the store under input_keys, never in the record
+        return ImageRequest(**fields)
 
     @property
     def encode_options(self) -> EncodeOptions:
@@ -98,7 +101,9 @@ def new_record(
         tier=tier,
         created_at=now,
         updated_at=now,
-        request=dataclasses.asdict(request),
+        request={
+            key: value for key, value in dataclasses.asdict(request).items() if key not in ("images", "mask")
+        },
         options=dataclasses.asdict(options),
         quality=quality,
         idempotency_key=idempotency_key,

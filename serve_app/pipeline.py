@@ -49,7 +49,14 @@ class StageHandles:
             try:
                 tasks = self.preprocess.prepare.remote(request)
                 generated = self.models[request.variant].generate.remote(tasks)
-                stored: list[StoredImage] = await self.postprocess.finish.remote(generated, options)
+                try:
+                    stored: list[StoredImage] = await self.postprocess.finish.remote(generated, options)
+                except asyncio.CancelledError:
+                    # Each stage call is its own request: cancel the model's too, so it stops
+                    # between denoising steps instead of finishing work nobody wants.
+                    generated.cancel()
+                    tasks.cancel()
+                    raise
                 return stored
             except Exception as failure:
                 if attempt == attempts - 1 or not is_replica_failure(failure):

@@ -6,19 +6,31 @@ never reaches a model.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from typing import Literal, cast
 
-from deployments.contracts import EncodeOptions, ImageRequest
+from deployments.contracts import EncodeOptions, ImageRequest, TaskKind
 from serve_app.config import LimitsConfig, VariantConfig, parse_size
 from serve_app.errors import InvalidRequestError
-from serve_app.protocol import ImageGenerationRequest
+from serve_app.protocol import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageOutputFields,
+    ImageVariationRequest,
+)
 
-QUALITY_ALIASES = {"auto": "medium", "standard": "medium", "hd": "high"}
+ResolvedQuality = Literal["low", "medium", "high"]
+QUALITY_ALIASES: dict[str, ResolvedQuality] = {"auto": "medium", "standard": "medium", "hd": "high"}
 MAX_SEED = 2**32 - 1
+EDIT_STRENGTH = 0.8
+"""How much an edit changes by default (diffusers' image-to-image default)."""
+VARIATION_STRENGTH = 0.7
+"""How far a variation strays from its image by default."""
 
 
-def resolve_quality(quality: str) -> str:
-    return QUALITY_ALIASES.get(quality, quality)
+def resolve_quality(quality: str) -> ResolvedQuality:
+    return QUALITY_ALIASES.get(quality) or cast(ResolvedQuality, quality)
 
 
 def resolve_size(size: str, variant: VariantConfig) -> tuple[int, int]:
@@ -43,14 +55,122 @@ def plan_generation(
     tenant: str,
 ) -> tuple[ImageRequest, EncodeOptions]:
     """Validate ``request`` against ``variant`` and fill every default; raises InvalidRequestError."""
-    if len(request.prompt) > limits.max_prompt_chars:
+    check_prompt(request.prompt, limits)
+    return plan_images(
+        request, variant, limits, "generate", prompt=request.prompt, request_id=request_id, tenant=tenant
+    )
+
+
+def plan_edit(
+    request: ImageEditRequest,
+    images: list[bytes],
+    mask: bytes | None,
+    variant: VariantConfig,
+    limits: LimitsConfig,
+    *,
+    request_id: str,
+    tenant: str,
+) -> tuple[ImageRequest, EncodeOptions]:
+    """Validate an edit: 1 to ``max_input_images`` images, an optional mask, and the output fields."""
+    check_prompt(request.prompt, limits)
+    if not images:
         raise InvalidRequestError(
-            f"Prompt is too long: {len(request.prompt)} characters, at most {limits.max_prompt_chars}.",
+            "An image to edit is required: send it as the file field 'image' (or 'image[]').",
+            param="image",
+            code="missing_image",
+        )
+    if len(images) > limits.max_input_images:
+        raise InvalidRequestError(
+            f"Too many images: {len(images)}, at most {limits.max_input_images}.",
+            param="image",
+            code="too_many_images",
+        )
+    image_request, options = plan_images(
+        request, variant, limits, "edit", prompt=request.prompt, request_id=request_id, tenant=tenant
+    )
+    strength = check_strength(request.strength, EDIT_STRENGTH, image_request.steps)
+    image_request = dataclasses.replace(image_request, strength=strength, images=tuple(images), mask=mask)
+    return image_request, options
+
+
+def plan_variation(
+    request: ImageVariationRequest,
+    images: list[bytes],
+    variant: VariantConfig,
+    limits: LimitsConfig,
+    *,
+    request_id: str,
+    tenant: str,
+) -> tuple[ImageRequest, EncodeOptions]:
+    """Validate a variation: exactly one image, PNG out, the variant's medium steps."""
+    if len(images) != 1:
+        raise InvalidRequestError(
+            f"A variation takes exactly one file field 'image', got {len(images)}.",
+            param="image",
+            code="missing_image" if not images else "too_many_images",
+        )
+    output_fields = ImageOutputFields(
+        model=request.model,
+        n=request.n,
+        size=request.size,
+        response_format=request.response_format,
+        seed=request.seed,
+    )
+    image_request, options = plan_images(
+        output_fields, variant, limits, "variation", request_id=request_id, tenant=tenant, prompt=""
+    )
+    strength = check_strength(request.strength, VARIATION_STRENGTH, image_request.steps)
+    return dataclasses.replace(image_request, strength=strength, images=tuple(images)), options
+
+
+def check_prompt(prompt: str, limits: LimitsConfig) -> None:
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"Prompt is too long: {len(prompt)} characters, at most {limits.max_prompt_chars}.",
             param="prompt",
             code="string_above_max_length",
         )
-    if not request.prompt.strip():
+    if not prompt.strip():
         raise InvalidRequestError("Prompt must not be empty.", param="prompt", code="empty_prompt")
+
+
+def check_strength(strength: float | None, default: float, steps: int) -> float:
+    """The strength to use; at least one denoising step must be left (steps x strength >= 1)."""
+    chosen = default if strength is None else strength
+    if int(steps * chosen) < 1:
+        raise InvalidRequestError(
+            f"strength {chosen} leaves no denoising step out of {steps}: raise strength to at least "
+            f"{1 / steps:.2f} or send more num_inference_steps.",
+            param="strength",
+        )
+    return chosen
+
+
+def check_streaming(request: ImageOutputFields) -> None:
+    if not request.stream:
+        return
+    if request.n != 1:
+        raise InvalidRequestError(
+            "stream=true makes one image per request; send n=1 (or several requests).", param="n"
+        )
+    if request.response_format != "b64_json":
+        raise InvalidRequestError(
+            "Streamed images come as b64_json; send response_format='b64_json' with stream=true.",
+            param="response_format",
+        )
+
+
+def plan_images(
+    request: ImageOutputFields,
+    variant: VariantConfig,
+    limits: LimitsConfig,
+    kind: TaskKind,
+    *,
+    request_id: str,
+    tenant: str,
+    prompt: str,
+) -> tuple[ImageRequest, EncodeOptions]:
+    """The checks and defaults generations, edits and variations share."""
     if request.n > limits.max_images_per_request:
         raise InvalidRequestError(
             f"n must be at most {limits.max_images_per_request}.", param="n", code="invalid_value"
@@ -65,10 +185,7 @@ def plan_generation(
         raise InvalidRequestError(
             "A transparent background needs output_format 'png' or 'webp'.", param="output_format"
         )
-    if request.stream:
-        raise InvalidRequestError(
-            "Streaming is not supported by this server yet; send stream=false.", param="stream"
-        )
+    check_streaming(request)
     if request.num_inference_steps is not None and request.num_inference_steps > variant.max_steps:
         raise InvalidRequestError(
             f"num_inference_steps must be at most {variant.max_steps} for model {variant.name!r}.",
@@ -84,8 +201,8 @@ def plan_generation(
         request_id=request_id,
         tenant=tenant,
         variant=variant.name,
-        kind="generate",
-        prompt=request.prompt,
+        kind=kind,
+        prompt=prompt,
         negative_prompt=request.negative_prompt,
         n=request.n,
         width=width,
@@ -95,6 +212,7 @@ def plan_generation(
             request.guidance_scale if request.guidance_scale is not None else variant.guidance_scale
         ),
         seed=seed,
+        partial_images=(request.partial_images or 0) if request.stream else 0,
     )
     options = EncodeOptions(
         output_format=request.output_format,

@@ -9,21 +9,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from ray.serve.handle import DeploymentHandle
+from fastapi import Request
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-from deployments.contracts import ImageRequest, StoredImage
+from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
 from deployments.generation_log import GenerationLog, generation_rows
 from deployments.metrics import stage_metrics
 from deployments.resilience import CircuitOpenError
 from deployments.storage import ObjectStore, UrlSigner, is_valid_object_key
 from serve_app.auth import KeyRing, Principal
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, VariantConfig
 from serve_app.errors import (
     APIError,
     ForbiddenError,
@@ -34,22 +37,26 @@ from serve_app.errors import (
 )
 from serve_app.jobs import JobRecord, body_digest, check_webhook_url, new_job_id
 from serve_app.pipeline import StageHandles
-from serve_app.planning import plan_generation, resolve_quality
+from serve_app.planning import ResolvedQuality, plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import (
     ErrorInfo,
     ImageData,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageVariationRequest,
     JobResponse,
     ModelCard,
     ModelList,
 )
-from serve_app.scheduler import JobSubmission, JobView, work_request
+from serve_app.scheduler import Grant, JobSubmission, JobView, work_request
+from serve_app.streaming import EventPrefix, StreamDescription, estimate_usage, event_stream
+from serve_app.uploads import UploadLimits, parse_fields, read_form
 
 FILES_ROUTE = "/v1/images/files"
 READY_TIMEOUT_S = 5.0
 LOG_CHECK_INTERVAL_S = 1.0
-MAX_IDEMPOTENCY_KEY_CHARS = 255
+UPLOADS_PREFIX = "jobs/uploads"
 logger = logging.getLogger("imagegen.service")
 
 
@@ -69,6 +76,43 @@ class Accepted:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Streaming:
+    """A streaming request whose first event is made: the rest of its server-sent events."""
+
+    body: AsyncIterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Outcome = Completed | Accepted | Streaming
+
+
+@dataclass(frozen=True)
+class ResponseFields:
+    """What the response repeats about the request, beside the images."""
+
+    prefix: EventPrefix
+    quality: ResolvedQuality
+    revised_prompt: str | None
+    input_images: int = 0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How the client asked to get the result: now, streamed, as a job, idempotently."""
+
+    base_url: str
+    prefer: str | None = None
+    idempotency_key: str | None = None
+    stream: bool = False
+    webhook_url: str | None = None
+    body_sha256: str | None = None
+
+    @property
+    def as_job(self) -> bool:
+        return wants_async(self.prefer) or self.idempotency_key is not None
+
+
 def server_timing(images: list[StoredImage], scheduler_s: float) -> str:
     """A Server-Timing header: the scheduler wait, then each stage's slowest time, in ms."""
     stages: dict[str, float] = {"scheduler": scheduler_s}
@@ -76,6 +120,14 @@ def server_timing(images: list[StoredImage], scheduler_s: float) -> str:
         for stage, seconds in image.timings.items():
             stages[stage] = max(stages.get(stage, 0.0), seconds)
     return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in stages.items())
+
+
+def upload_digest(fields: dict[str, str], files: list[bytes]) -> str:
+    """A digest of a multipart request's text fields and files, for idempotency checks."""
+    digest = hashlib.sha256(body_digest(fields).encode())
+    for data in files:
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
 
 
 def wants_async(prefer: str | None) -> bool:
@@ -97,73 +149,125 @@ class ImageService:
             self.store, config.storage.log, on_drop=stage_metrics().count_dropped_log_rows
         )
         self._log_flusher: asyncio.Task[None] | None = None
+        self.upload_limits = UploadLimits.from_config(config.limits)
 
     def authenticate(self, authorization: str | None) -> Principal:
         return self.keyring.authenticate(authorization)
 
     # ---- generations ---------------------------------------------------------------------
 
-    async def generate(
-        self,
-        request: ImageGenerationRequest,
-        principal: Principal,
-        *,
-        request_id: str,
-        base_url: str,
-        prefer: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> Completed | Accepted:
-        variant = self.config.variant(request.model)
+    def find_variant(self, model: str | None) -> VariantConfig:
+        variant = self.config.variant(model)
         if variant is None:
             raise NotFoundError(
-                f"The model {request.model!r} does not exist. See GET /v1/models.",
+                f"The model {model!r} does not exist. See GET /v1/models.",
                 param="model",
                 code="model_not_found",
             )
-        is_async = wants_async(prefer)
-        if request.webhook_url is not None:
-            if not is_async:
-                raise InvalidRequestError("webhook_url needs 'Prefer: respond-async'.", param="webhook_url")
-            check_webhook_url(request.webhook_url, self.config.scheduler.webhook_allow_private)
-        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-            raise InvalidRequestError("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key")
-        job_id = new_job_id() if (is_async or idempotency_key) else request_id
-        image_request, options = plan_generation(
-            request, variant, self.config.limits, request_id=job_id, tenant=principal.tenant
-        )
-        quality = resolve_quality(request.quality)
-        if not (is_async or idempotency_key):
-            return await self._generate_now(image_request, options, principal, quality, base_url)
-        self.check_store_available()  # a job's images are always stored
-        submission = JobSubmission(
-            work=work_request(image_request, principal.tier),
-            request=image_request,
-            options=options,
-            quality=quality,
-            idempotency_key=idempotency_key,
-            body_sha256=body_digest(request.model_dump(mode="json", exclude_unset=True)),
-            webhook_url=request.webhook_url,
-        )
-        view: JobView = await self.scheduler.submit.remote(submission)
-        if is_async:
-            headers = {**view.rate_limit_headers, "location": f"/v1/images/jobs/{view.record.id}"}
-            return Accepted(await self.job_response(view, base_url), headers)
-        view = await self.scheduler.wait.remote(principal.tenant, view.record.id)
-        job = await self.job_response(view, base_url)
-        if job.result is None:
-            record = view.record
-            error = APIError(record.error_message or "The request failed.", code=record.error_code)
-            error.status_code = record.error_status or 500
-            raise error
-        return Completed(job.result, {**view.rate_limit_headers, "x-imagegen-job-id": view.record.id})
+        return variant
 
-    async def _generate_now(
-        self, image_request: ImageRequest, options: Any, principal: Principal, quality: str, base_url: str
-    ) -> Completed:
+    def work_id(self, request_id: str, delivery: Delivery) -> str:
+        """Jobs get their own ids (they outlive the HTTP request); other requests keep Serve's."""
+        if delivery.idempotency_key is not None and not 0 < len(delivery.idempotency_key) <= 255:
+            raise InvalidRequestError("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key")
+        if delivery.webhook_url is not None:
+            if not wants_async(delivery.prefer):
+                raise InvalidRequestError("webhook_url needs 'Prefer: respond-async'.", param="webhook_url")
+            check_webhook_url(delivery.webhook_url, self.config.scheduler.webhook_allow_private)
+        if delivery.as_job and delivery.stream:
+            raise InvalidRequestError(
+                "stream=true cannot be combined with 'Prefer: respond-async' or an Idempotency-Key.",
+                param="stream",
+            )
+        return new_job_id() if delivery.as_job else request_id
+
+    async def generate(
+        self, request: ImageGenerationRequest, principal: Principal, request_id: str, delivery: Delivery
+    ) -> Outcome:
+        variant = self.find_variant(request.model)
+        delivery = dataclasses.replace(
+            delivery,
+            stream=request.stream,
+            webhook_url=request.webhook_url,
+            body_sha256=body_digest(request.model_dump(mode="json", exclude_unset=True)),
+        )
+        image_request, options = plan_generation(
+            request,
+            variant,
+            self.config.limits,
+            request_id=self.work_id(request_id, delivery),
+            tenant=principal.tenant,
+        )
+        fields = ResponseFields("image_generation", resolve_quality(request.quality), request.prompt)
+        return await self.deliver(image_request, options, fields, principal, delivery)
+
+    async def edit(
+        self, http_request: Request, principal: Principal, request_id: str, delivery: Delivery
+    ) -> Outcome:
+        form = await read_form(http_request, self.upload_limits)
+        form.only_files("image", "image[]", "mask")
+        request = parse_fields(ImageEditRequest, form.fields)
+        images, masks = form.files_of("image", "image[]"), form.files_of("mask")
+        if len(masks) > 1:
+            raise InvalidRequestError("Send at most one mask.", param="mask")
+        variant = self.find_variant(request.model)
+        delivery = dataclasses.replace(
+            delivery,
+            stream=request.stream,
+            webhook_url=request.webhook_url,
+            body_sha256=upload_digest(form.fields, [*images, *masks]),
+        )
+        image_request, options = plan_edit(
+            request,
+            images,
+            masks[0] if masks else None,
+            variant,
+            self.config.limits,
+            request_id=self.work_id(request_id, delivery),
+            tenant=principal.tenant,
+        )
+        fields = ResponseFields(
+            "image_edit", resolve_quality(request.quality), request.prompt, input_images=1
+        )
+        return await self.deliver(image_request, options, fields, principal, delivery)
+
+    async def variation(
+        self, http_request: Request, principal: Principal, request_id: str, delivery: Delivery
+    ) -> Outcome:
+        form = await read_form(http_request, self.upload_limits)
+        form.only_files("image")
+        request = parse_fields(ImageVariationRequest, form.fields)
+        variant = self.find_variant(request.model)
+        images = form.files_of("image")
+        delivery = dataclasses.replace(delivery, body_sha256=upload_digest(form.fields, images))
+        image_request, options = plan_variation(
+            request,
+            images,
+            variant,
+            self.config.limits,
+            request_id=self.work_id(request_id, delivery),
+            tenant=principal.tenant,
+        )
+        fields = ResponseFields("image_edit", resolve_quality("auto"), None, input_images=1)
+        return await self.deliver(image_request, options, fields, principal, delivery)
+
+    async def deliver(
+        self,
+        image_request: ImageRequest,
+        options: EncodeOptions,
+        fields: ResponseFields,
+        principal: Principal,
+        delivery: Delivery,
+    ) -> Outcome:
+        """Run a planned request the way the client asked: as a job, streamed, or now."""
+        if delivery.as_job:
+            return await self._submit_job(image_request, options, fields, principal, delivery)
         needs_store = options.response_format == "url"
         if needs_store:
             self.check_store_available()
-        grant = await self.scheduler.acquire.remote(work_request(image_request, principal.tier))
+        grant: Grant = await self.scheduler.acquire.remote(work_request(image_request, principal.tier))
+        if delivery.stream:
+            return await self._stream(image_request, options, fields, grant)
         completed = 0
         try:
             stored = await self.stages.run(image_request, options, self.config.scheduler.job_attempts)
@@ -182,19 +286,100 @@ class ImageService:
         data = [
             ImageData(
                 b64_json=item.b64_json,
-                url=self.image_url(base_url, item.object_key) if item.object_key else None,
-                revised_prompt=image_request.prompt,
+                url=self.image_url(delivery.base_url, item.object_key) if item.object_key else None,
+                revised_prompt=fields.revised_prompt,
                 seed=item.seed,
             )
             for item in stored
         ]
-        response = self._images_response(image_request, options.output_format, quality, data)
+        response = self._images_response(image_request, options.output_format, fields.quality, data)
         headers = {
             **grant.rate_limit_headers,
             "server-timing": server_timing(stored, grant.waited_s),
             "x-imagegen-batch-size": ",".join(str(item.batch_size) for item in stored),
         }
         return Completed(response, headers)
+
+    async def _stream(
+        self, image_request: ImageRequest, options: EncodeOptions, fields: ResponseFields, grant: Grant
+    ) -> Streaming:
+        """Start the stream and wait for its first event, so a bad request still gets a plain 4xx.
+
+        Postprocess streams from the model replica and encodes each event; the slot goes back to
+        the scheduler when the stream ends, fails or the client leaves.
+        """
+        usage = estimate_usage(
+            image_request.prompt, image_request.width, image_request.height, fields.input_images
+        )
+        size = f"{image_request.width}x{image_request.height}"
+        description = StreamDescription(
+            fields.prefix, size, fields.quality, "opaque", options.output_format, usage
+        )
+        tasks = self.stages.preprocess.prepare.remote(image_request)
+        assert isinstance(tasks, DeploymentResponse)  # a unary call
+        events = self.stages.postprocess.options(stream=True).stream.remote(tasks, options)
+        assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
+        try:
+            first = await events.__anext__()
+        except BaseException:
+            events.cancel()
+            self.scheduler.release.remote(grant.ticket_id, 0)
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in event_stream(first, events, description, events.cancel):
+                    yield chunk
+            finally:
+                self.scheduler.release.remote(grant.ticket_id, image_request.n)
+
+        return Streaming(body(), dict(grant.rate_limit_headers))
+
+    async def _submit_job(
+        self,
+        image_request: ImageRequest,
+        options: EncodeOptions,
+        fields: ResponseFields,
+        principal: Principal,
+        delivery: Delivery,
+    ) -> Outcome:
+        self.check_store_available()  # a job's images (and uploads) are always stored
+        submission = JobSubmission(
+            work=work_request(image_request, principal.tier),
+            request=await asyncio.to_thread(self._stash_uploads, image_request),
+            options=options,
+            quality=fields.quality,
+            idempotency_key=delivery.idempotency_key,
+            body_sha256=delivery.body_sha256,
+            webhook_url=delivery.webhook_url,
+        )
+        view: JobView = await self.scheduler.submit.remote(submission)
+        if wants_async(delivery.prefer):
+            headers = {**view.rate_limit_headers, "location": f"/v1/images/jobs/{view.record.id}"}
+            return Accepted(await self.job_response(view, delivery.base_url), headers)
+        view = await self.scheduler.wait.remote(principal.tenant, view.record.id)
+        job = await self.job_response(view, delivery.base_url)
+        if job.result is None:
+            record = view.record
+            error = APIError(record.error_message or "The request failed.", code=record.error_code)
+            error.status_code = record.error_status or 500
+            raise error
+        return Completed(job.result, {**view.rate_limit_headers, "x-imagegen-job-id": view.record.id})
+
+    def _stash_uploads(self, request: ImageRequest) -> ImageRequest:
+        """Write a job's uploads to the store, so its record (and the scheduler) holds keys, not bytes."""
+        if not request.images:
+            return request
+        prefix = f"{UPLOADS_PREFIX}/{request.request_id}"
+        keys = []
+        for index, data in enumerate(request.images):
+            self.store.put(f"{prefix}/image-{index}", data)
+            keys.append(f"{prefix}/image-{index}")
+        mask_key = None
+        if request.mask is not None:
+            mask_key = f"{prefix}/mask"
+            self.store.put(mask_key, request.mask)
+        return dataclasses.replace(request, images=(), mask=None, input_keys=tuple(keys), mask_key=mask_key)
 
     @staticmethod
     def _images_response(

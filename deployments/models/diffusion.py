@@ -1,5 +1,10 @@
 """The diffusion family: diffusers pipelines loaded with ``from_pretrained``.
 
+Text-to-image, image-to-image and inpainting run on one set of weights: the edit pipelines are
+built with ``from_pipe`` from the loaded components, so they add no memory. Streaming previews
+and cancellation hang off ``callback_on_step_end``: between steps the replica's hooks say which
+rows want a preview (their current latents are decoded with the VAE) or that nobody is waiting.
+
 On a GPU it runs in half precision with memory-efficient attention (xformers when installed,
 PyTorch SDPA otherwise), a channels-last denoiser and optional ``torch.compile``; on a CPU it
 runs in float32. Seeds drive CPU generators, so one seed gives the same latents on any device.
@@ -8,17 +13,20 @@ runs in float32. Seeds drive CPU generators, so one seed gives the same latents 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from deployments.contracts import ImageTask
+from deployments.contracts import MASK_EDIT_THRESHOLD, ImageTask
 from deployments.images import to_uint8
-from deployments.models.registry import ImageFamily
+from deployments.models.registry import DenoisingHooks, ImageFamily
+from serve_app.errors import InvalidRequestError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 
 def choose_device(requested: str) -> str:
@@ -35,13 +43,22 @@ def choose_dtype(requested: str, device: str) -> torch.dtype:
     return DTYPES[requested]
 
 
+def keep_unmasked(task: ImageTask, pixels: np.ndarray) -> np.ndarray:
+    """An inpainted image with the pixels outside its mask put back exactly as they were sent."""
+    if task.mask is None or task.image is None:
+        return pixels
+    return np.ascontiguousarray(np.where(task.mask >= MASK_EDIT_THRESHOLD, pixels, task.image))
+
+
 class DiffusionFamily(ImageFamily):
-    """Text-to-image with any diffusers pipeline that takes prompts, sizes, steps and generators."""
+    """Any diffusers pipeline that takes prompts, sizes, steps and generators, plus its edit pipelines."""
 
     pipeline: Any
+    image_to_image: Any | None
+    inpainting: Any | None
 
     def load(self) -> str:
-        from diffusers import DiffusionPipeline
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
@@ -60,23 +77,73 @@ class DiffusionFamily(ImageFamily):
             if self.variant.compile:
                 denoiser.compile(mode="max-autotune-no-cudagraphs")
         self.pipeline = pipeline
+        self.image_to_image = self._sharing_weights(AutoPipelineForImage2Image, pipeline)
+        self.inpainting = self._sharing_weights(AutoPipelineForInpainting, pipeline)
+        derived = {"img2img": self.image_to_image, "inpaint": self.inpainting}
+        edits = [name for name, pipe in derived.items() if pipe is not None]
         return (
             f"variant {self.variant.name}: {type(pipeline).__name__} on {device}, "
             f"dtype={str(dtype).removeprefix('torch.')}, attention={attention}, "
-            f"compile={self.variant.compile and device == 'cuda'}"
+            f"compile={self.variant.compile and device == 'cuda'}, edits={'+'.join(edits) or 'none'}"
         )
 
-    def generate(self, tasks: Sequence[ImageTask]) -> list[np.ndarray]:
+    @staticmethod
+    def _sharing_weights(auto_pipeline: Any, pipeline: Any) -> Any | None:
+        """The same components under another task's pipeline, or None where diffusers has none."""
+        try:
+            derived = auto_pipeline.from_pipe(pipeline)
+        except ValueError:
+            return None
+        derived.set_progress_bar_config(disable=True)
+        return derived
+
+    def generate(self, tasks: Sequence[ImageTask], hooks: DenoisingHooks | None = None) -> list[np.ndarray]:
         first = tasks[0]
         negative = [task.negative_prompt or "" for task in tasks]
-        output = self.pipeline(
-            prompt=[task.prompt for task in tasks],
-            negative_prompt=negative if any(negative) else None,
-            height=first.height,
-            width=first.width,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(task.seed) for task in tasks],
-            output_type="np",
-        )
-        return [to_uint8(image) for image in output.images]
+        arguments: dict[str, Any] = {
+            "prompt": [task.prompt for task in tasks],
+            "negative_prompt": negative if any(negative) else None,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": [torch.Generator("cpu").manual_seed(task.seed) for task in tasks],
+            "output_type": "np",
+            "callback_on_step_end": self._step_callback(tasks, hooks or DenoisingHooks()),
+        }
+        if first.kind == "generate":
+            output = self.pipeline(height=first.height, width=first.width, **arguments)
+        else:
+            output = self._edit(tasks, arguments)
+        images = zip(tasks, output.images, strict=True)
+        return [keep_unmasked(task, to_uint8(image)) for task, image in images]
+
+    def _edit(self, tasks: Sequence[ImageTask], arguments: dict[str, Any]) -> Any:
+        first = tasks[0]
+        pipeline = self.image_to_image if first.mask is None else self.inpainting
+        if pipeline is None:
+            raise InvalidRequestError(
+                f"Model {self.variant.name!r} does not support this kind of edit.", param="model"
+            )
+        images = [task.image for task in tasks if task.image is not None]
+        if first.strength is None or len(images) != len(tasks):
+            raise ValueError("edits and variations need an image and a strength")
+        arguments["image"] = [Image.fromarray(image) for image in images]
+        arguments["strength"] = first.strength
+        if first.mask is not None:
+            arguments["mask_image"] = [Image.fromarray(task.mask[:, :, 0]) for task in tasks]  # type: ignore[index]
+            arguments.update(height=first.height, width=first.width)
+        return pipeline(**arguments)
+
+    @staticmethod
+    def _step_callback(tasks: Sequence[ImageTask], hooks: DenoisingHooks) -> StepCallback:
+        def on_step_end(pipeline: Any, step: int, timestep: Any, outputs: dict[str, Any]) -> dict[str, Any]:
+            rows = hooks.after_step(step, pipeline.num_timesteps)
+            if rows:
+                vae = pipeline.vae
+                latents = outputs["latents"][rows].to(vae.dtype) / vae.config.scaling_factor
+                decoded = vae.decode(latents, return_dict=False)[0]
+                previews = pipeline.image_processor.postprocess(decoded, output_type="np")
+                for row, preview in zip(rows, previews, strict=True):
+                    hooks.preview(row, keep_unmasked(tasks[row], to_uint8(preview)))
+            return outputs
+
+        return on_step_end

@@ -7,7 +7,11 @@ Quick start for a new family (one file, one line here)::
         def load(self) -> str:
             self.net = build_or_load(self.weights_source())    # weights, once per replica
             return "device=cpu dtype=float32"                   # said once in the log
-        def generate(self, tasks):                              # tasks share one ShapeBucket
+        def generate(self, tasks, hooks):                       # tasks share one ShapeBucket
+            for step in range(steps):
+                ...                                             # one denoising step
+                for row in hooks.after_step(step, steps):       # may raise PassCancelled
+                    hooks.preview(row, uint8_hwc_preview(row))  # streaming previews
             return [uint8_hwc_array_for(task) for task in tasks]
 
     # below: FAMILIES["my-family"] = "deployments.models.my_family:MyFamily"
@@ -33,6 +37,29 @@ FAMILIES: dict[str, str] = {
 }
 
 
+class PassCancelled(Exception):
+    """Raised between denoising steps when no task of the forward pass is wanted any more."""
+
+
+class DenoisingHooks:
+    """What a family calls between denoising steps; the model replica implements it.
+
+    This base asks for nothing, so a family can be run alone (``family.generate(tasks)``).
+    A family that never calls the hooks still works: it sends no previews and is cancelled
+    only between forward passes.
+    """
+
+    def after_step(self, step: int, total_steps: int) -> list[int]:
+        """Called after step ``step`` (0-based) of ``total_steps``: the rows that want a preview now.
+
+        Raises PassCancelled when every task of the pass has been cancelled.
+        """
+        return []
+
+    def preview(self, row: int, pixels: np.ndarray) -> None:
+        """Hand over row ``row``'s preview: uint8 (H, W, 3), the current latents decoded."""
+
+
 class ImageFamily:
     """A model family: loads a variant's weights once and turns batches of image tasks into pixels."""
 
@@ -48,8 +75,11 @@ class ImageFamily:
         """Load the weights; return one line saying the device, dtype and attention backend chosen."""
         raise NotImplementedError
 
-    def generate(self, tasks: Sequence[ImageTask]) -> list[np.ndarray]:
-        """One contiguous uint8 (H, W, 3) array per task; every task shares one shape bucket."""
+    def generate(self, tasks: Sequence[ImageTask], hooks: DenoisingHooks | None = None) -> list[np.ndarray]:
+        """One contiguous uint8 (H, W, 3) array per task; every task shares one shape bucket.
+
+        Edits and variations carry ``task.image`` (and for inpainting ``task.mask``) and ``strength``.
+        """
         raise NotImplementedError
 
 

@@ -11,9 +11,10 @@ import pytest
 import ray
 from openai import OpenAI
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from serve_app.app import build_app
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, LimitsConfig
 from tests.conftest import free_port, make_test_config
 
 AWS_TEST_ENVIRONMENT = {
@@ -21,6 +22,9 @@ AWS_TEST_ENVIRONMENT = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+# Small upload limits, so the oversize uploads the tests send stay small.
+TEST_LIMITS = LimitsConfig(max_upload_bytes=256 * 1024, max_total_upload_bytes=1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class RunningService:
 @pytest.fixture(scope="package")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     storage_dir = tmp_path_factory.mktemp("store")
-    config = make_test_config(storage_dir)
+    config = make_test_config(storage_dir, limits=TEST_LIMITS)
     port = free_port()
     # Replicas inherit the environment Ray starts with: moto's test credentials go in first.
     patch = pytest.MonkeyPatch()
@@ -60,3 +64,9 @@ def http(service: RunningService) -> Iterator[httpx.Client]:
 @pytest.fixture
 def openai_client(service: RunningService) -> OpenAI:
     return OpenAI(base_url=f"{service.base_url}/v1", api_key="sk-test", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def model_replica(service: RunningService) -> DeploymentHandle:
+    """The embedded default's ModelReplica, to read its scheduling state (``stats``)."""
+    return serve.get_deployment_handle("ModelReplica-tiny-sd", app_name="imagegen")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from deployments.images import encode_image, to_uint8
 from serve_app.errors import (
     APIError,
+    ClientErrorLogFilter,
     InvalidRequestError,
     NotFoundError,
     as_api_error,
@@ -87,3 +89,13 @@ def test_png_is_lossless() -> None:
     pixels = to_uint8(np.random.default_rng(2).random((16, 16, 3)))
     decoded = np.asarray(Image.open(io.BytesIO(encode_image(pixels, "png", None))))
     assert np.array_equal(decoded, pixels)
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [(InvalidRequestError("bad upload"), False), (APIError("crash"), True), (RuntimeError("crash"), True)],
+)
+def test_only_client_errors_are_kept_out_of_the_error_log(error: Exception, logged: bool) -> None:
+    record = logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None, None)
+    record.exc_info = (type(error), error, None)
+    assert ClientErrorLogFilter().filter(record) is logged

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from ray.serve import batching as serve_batching
 
-from deployments.contracts import ImageTask
-from deployments.model_replica import ModelReplica
+from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage
+from deployments.model_replica import ModelReplica, ReplicaStats, preview_steps
 from serve_app.config import AppConfig
 from tests.conftest import make_test_config
 
 ReplicaClass = ModelReplica.func_or_class  # type: ignore[attr-defined]
 
 
-def make_task(index: int, width: int = 64, steps: int = 2) -> ImageTask:
-    return ImageTask(
+def make_task(index: int, width: int = 64, steps: int = 2, **changes: object) -> ImageTask:
+    task = ImageTask(
         request_id=f"req-{index}",
         index=0,
         tenant="local",
@@ -34,6 +35,17 @@ def make_task(index: int, width: int = 64, steps: int = 2) -> ImageTask:
         guidance_scale=5.0,
         seed=index,
     )
+    return dataclasses.replace(task, **changes)  # type: ignore[arg-type]
+
+
+def make_edit(index: int, masked: bool, strength: float = 0.75, **changes: object) -> ImageTask:
+    """An edit of a fixed random 64x64 image; the mask repaints the centre square."""
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = None
+    if masked:
+        mask = np.zeros((64, 64, 1), dtype=np.uint8)
+        mask[16:48, 16:48] = 255
+    return make_task(index, kind="edit", image=image, mask=mask, strength=strength, steps=4, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +113,107 @@ def test_same_seed_same_pixels(replica: object, loop: asyncio.AbstractEventLoop)
     (b,) = loop.run_until_complete(replica.generate([dataclasses.replace(task, request_id="other")]))  # type: ignore[attr-defined]
     assert first == [1]
     assert np.array_equal(a.pixels, b.pixels)
+
+
+async def collect(replica: object, tasks: list[ImageTask]) -> list[ModelEvent]:
+    return [event async for event in replica.generate_stream(tasks)]  # type: ignore[attr-defined]
+
+
+async def wait_for_stats(
+    replica: object, condition: Callable[[ReplicaStats], bool], timeout_s: float = 120.0
+) -> ReplicaStats:
+    """Poll the replica's state until ``condition`` holds (a deadline, not a guess at timing)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats: ReplicaStats = await replica.stats()  # type: ignore[attr-defined]
+        if condition(stats) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("total", "count", "expected"),
+    [(4, 2, {0, 2}), (4, 3, {0, 1, 2}), (50, 3, {11, 24, 37}), (2, 3, {0}), (1, 2, set()), (8, 0, set())],
+)
+def test_preview_steps_are_spread_and_never_the_last(total: int, count: int, expected: set[int]) -> None:
+    assert preview_steps(total, count) == expected
+
+
+def test_stream_sends_previews_then_the_image(replica: object, loop: asyncio.AbstractEventLoop) -> None:
+    events = loop.run_until_complete(collect(replica, [make_task(20, steps=4, partial_images=2)]))
+    assert [type(event) for event in events] == [PartialImage, PartialImage, GeneratedImage]
+    previews = [event for event in events if isinstance(event, PartialImage)]
+    assert [preview.partial_image_index for preview in previews] == [0, 1]
+    for preview in previews:
+        assert preview.pixels.dtype == np.uint8 and preview.pixels.shape == (64, 64, 3)
+    assert not np.array_equal(previews[0].pixels, events[-1].pixels)  # type: ignore[union-attr]
+
+
+def test_streaming_and_plain_tasks_share_one_batch(replica: object, loop: asyncio.AbstractEventLoop) -> None:
+    async def both() -> tuple[list[ModelEvent], list[GeneratedImage]]:
+        streamed = collect(replica, [make_task(30, steps=4, partial_images=1)])
+        plain = replica.generate([make_task(31, steps=4)])  # type: ignore[attr-defined]
+        return await asyncio.gather(streamed, plain)
+
+    events, (image,) = loop.run_until_complete(both())
+    assert [type(event) for event in events] == [PartialImage, GeneratedImage]
+    assert image.batch_size == 2 and events[-1].batch_size == 2  # type: ignore[union-attr]
+
+
+def test_closing_a_stream_stops_its_pass_and_frees_the_slot(
+    replica: object, loop: asyncio.AbstractEventLoop
+) -> None:
+    async def disconnect() -> tuple[ReplicaStats, ReplicaStats]:
+        before: ReplicaStats = await replica.stats()  # type: ignore[attr-defined]
+        stream = replica.generate_stream([make_task(40, steps=50, partial_images=3)])  # type: ignore[attr-defined]
+        assert isinstance(await anext(stream), PartialImage)
+        assert (await replica.stats()).running == 1  # type: ignore[attr-defined]
+        await stream.aclose()  # what a client disconnect does to the call
+        after = await wait_for_stats(replica, lambda stats: stats.running == 0 and stats.in_flight == 0)
+        return before, after
+
+    before, after = loop.run_until_complete(disconnect())
+    assert (after.running, after.in_flight) == (0, 0)
+    assert after.cancelled == before.cancelled + 1
+    assert after.stopped_passes == before.stopped_passes + 1  # stopped between steps, not run to the end
+    sizes = loop.run_until_complete(generate_concurrently(replica, [make_task(41)]))
+    assert sizes == [1]
+
+
+def test_inpainting_keeps_every_pixel_outside_the_mask(
+    replica: object, loop: asyncio.AbstractEventLoop
+) -> None:
+    task = make_edit(50, masked=True)
+    (image,) = loop.run_until_complete(replica.generate([task]))  # type: ignore[attr-defined]
+    assert task.mask is not None and task.image is not None
+    keep = task.mask[:, :, 0] < 128
+    assert np.array_equal(image.pixels[keep], task.image[keep])
+    assert not np.array_equal(image.pixels[~keep], task.image[~keep])
+
+
+def test_edits_are_reproducible_and_split_by_pipeline_and_strength(
+    replica: object, loop: asyncio.AbstractEventLoop
+) -> None:
+    tasks = [
+        make_edit(60, masked=False),
+        make_edit(61, masked=False),
+        make_edit(62, masked=True),
+        make_edit(63, masked=False, strength=0.5),
+    ]
+    sizes = loop.run_until_complete(generate_concurrently(replica, tasks))
+    assert sizes == [2, 2, 1, 1]
+    (again,) = loop.run_until_complete(replica.generate([tasks[0]]))  # type: ignore[attr-defined]
+    (first,) = loop.run_until_complete(replica.generate([tasks[0]]))  # type: ignore[attr-defined]
+    assert np.array_equal(again.pixels, first.pixels)
+
+
+def test_a_failing_pass_fails_only_its_own_callers(replica: object, loop: asyncio.AbstractEventLoop) -> None:
+    broken = make_task(70, kind="edit", strength=0.5)  # an edit without an image
+
+    async def run() -> list[object]:
+        calls = [replica.generate([broken]), replica.generate([make_task(71)])]  # type: ignore[attr-defined]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    failed, succeeded = loop.run_until_complete(run())
+    assert isinstance(failed, ValueError)
+    assert isinstance(succeeded, list) and succeeded[0].pixels.shape == (64, 64, 3)

@@ -9,8 +9,8 @@ from deployments.contracts import group_by_bucket
 from deployments.preprocess import expand_request, normalize_prompt
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequestError
-from serve_app.planning import plan_generation
-from serve_app.protocol import ImageGenerationRequest
+from serve_app.planning import EDIT_STRENGTH, VARIATION_STRENGTH, plan_edit, plan_generation, plan_variation
+from serve_app.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest
 
 
 def plan(config: AppConfig, **fields: object):  # type: ignore[no-untyped-def]
@@ -59,7 +59,8 @@ def test_random_seed_when_none_given(config: AppConfig) -> None:
         ({"prompt": " \n "}, "prompt"),
         ({"prompt": "x" * 32001}, "prompt"),
         ({"seed": 2**32 - 1, "n": 2}, "seed"),
-        ({"stream": True}, "stream"),
+        ({"stream": True, "n": 2}, "n"),
+        ({"stream": True, "response_format": "url"}, "response_format"),
     ],
 )
 def test_invalid_for_variant(config: AppConfig, fields: dict[str, object], param: str) -> None:
@@ -103,3 +104,51 @@ def test_buckets_split_on_every_shape_field(config: AppConfig) -> None:
     tasks = [task for request in variants for task in expand_request(request)]
     groups = group_by_bucket(tasks + expand_request(base))
     assert list(groups.values()) == [[0, 4], [1], [2], [3]]
+
+
+def test_partial_images_count_only_when_streaming(config: AppConfig) -> None:
+    assert plan(config, stream=True, partial_images=2)[0].partial_images == 2
+    assert plan(config, partial_images=2)[0].partial_images == 0
+
+
+def plan_an_edit(config: AppConfig, images: list[bytes], mask: bytes | None = None, **fields: object):  # type: ignore[no-untyped-def]
+    request = ImageEditRequest.model_validate({"prompt": "make it blue", **fields})
+    return plan_edit(
+        request, images, mask, config.variants[0], config.limits, request_id="req-1", tenant="acme"
+    )
+
+
+def test_edit_carries_uploads_and_default_strength(config: AppConfig) -> None:
+    image_request, _ = plan_an_edit(config, [b"one", b"two"], b"mask", stream=True, partial_images=1)
+    assert image_request.kind == "edit"
+    assert (image_request.images, image_request.mask) == ((b"one", b"two"), b"mask")
+    assert image_request.strength == EDIT_STRENGTH and image_request.partial_images == 1
+
+
+@pytest.mark.parametrize(
+    ("images", "fields", "param"),
+    [
+        ([], {}, "image"),
+        ([b"x"] * 17, {}, "image"),
+        ([b"x"], {"strength": 0.1, "quality": "low"}, "strength"),  # 2 steps x 0.1 leaves none
+        ([b"x"], {"prompt": " "}, "prompt"),
+        ([b"x"], {"size": "256x256"}, "size"),
+    ],
+)
+def test_invalid_edits(config: AppConfig, images: list[bytes], fields: dict[str, object], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        plan_an_edit(config, images, **fields)
+    assert raised.value.param == param
+
+
+def test_variation_has_no_prompt_and_needs_one_image(config: AppConfig) -> None:
+    request = ImageVariationRequest(n=2, seed=5)
+    variant, limits = config.variants[0], config.limits
+    image_request, options = plan_variation(request, [b"x"], variant, limits, request_id="r", tenant="t")
+    assert (image_request.kind, image_request.prompt) == ("variation", "")
+    assert (image_request.n, image_request.seed) == (2, 5)
+    assert image_request.strength == VARIATION_STRENGTH and options.output_format == "png"
+    for images in ([], [b"x", b"y"]):
+        with pytest.raises(InvalidRequestError) as raised:
+            plan_variation(request, images, variant, limits, request_id="r", tenant="t")
+        assert raised.value.param == "image"

@@ -1,0 +1,203 @@
+"""Multipart form bodies (as the OpenAI SDKs send images) read under limits counted as bytes arrive.
+
+``Content-Length`` is only a hint: a body that declares too much is refused at once, and every
+body is counted while it streams in, so an oversized upload is refused (413) as soon as it
+crosses a limit, never after it has been buffered whole. Files are kept as bytes: the service
+hands them to preprocess once, where they are decoded safely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from serve_app.config import LimitsConfig
+from serve_app.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, field_error
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+MAX_FORM_PARTS = 64
+"""Parts one form may have: every field OpenAI defines, 16 images and a mask fit many times over."""
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_file_bytes: int
+    max_total_bytes: int
+    max_field_bytes: int
+    max_files: int
+    max_parts: int = MAX_FORM_PARTS
+
+    @classmethod
+    def from_config(cls, limits: LimitsConfig) -> UploadLimits:
+        return cls(
+            max_file_bytes=limits.max_upload_bytes,
+            max_total_bytes=limits.max_total_upload_bytes,
+            max_field_bytes=limits.max_request_bytes,
+            max_files=limits.max_input_images + 1,  # the images and a mask
+        )
+
+
+@dataclass
+class UploadedForm:
+    """A form's text fields (each given once) and its files by field name, in the order sent."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def files_of(self, *names: str) -> list[bytes]:
+        """The files sent under any of ``names`` (``image`` and ``image[]`` are one field to OpenAI)."""
+        for name in names:
+            if name in self.fields:
+                raise InvalidRequestError(f"'{name}' must be a file upload.", param=name)
+        return [data for name in names for data in self.files.get(name, [])]
+
+    def only_files(self, *names: str) -> None:
+        unknown = sorted(set(self.files) - set(names))
+        if unknown:
+            raise InvalidRequestError(f"Unrecognized file field: {unknown[0]}", param=unknown[0])
+
+
+class _FormCollector:
+    """python-multipart callbacks that keep each part within its limit while it is parsed."""
+
+    def __init__(self, limits: UploadLimits) -> None:
+        self.limits = limits
+        self.form = UploadedForm()
+        self.complete = False
+        self.parts = 0
+        self.file_count = 0
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._name = ""
+        self._is_file = False
+        self._data = bytearray()
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+            "on_end": self._on_end,
+        }
+
+    def _on_part_begin(self) -> None:
+        self._disposition = b""
+        self._data = bytearray()
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _on_headers_finished(self) -> None:
+        self.parts += 1
+        if self.parts > self.limits.max_parts:
+            raise InvalidRequestError(f"Too many form fields: at most {self.limits.max_parts}.")
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise InvalidRequestError("A form part has no name.", code="invalid_multipart")
+        self._name = options[b"name"].decode("utf-8", "replace")
+        self._is_file = b"filename" in options
+        if self._is_file:
+            self.file_count += 1
+            if self.file_count > self.limits.max_files:
+                raise InvalidRequestError(
+                    f"Too many files: at most {self.limits.max_files - 1} images and a mask.",
+                    param=self._name,
+                    code="too_many_images",
+                )
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        limit = self.limits.max_file_bytes if self._is_file else self.limits.max_field_bytes
+        if len(self._data) + (end - start) > limit:
+            what = "file" if self._is_file else "field"
+            raise PayloadTooLargeError(
+                f"The {what} '{self._name}' is larger than {limit} bytes.", param=self._name
+            )
+        self._data += data[start:end]
+
+    def _on_part_end(self) -> None:
+        if self._is_file:
+            self.form.files.setdefault(self._name, []).append(bytes(self._data))
+            return
+        if self._name in self.form.fields:
+            raise InvalidRequestError(f"The field '{self._name}' is given twice.", param=self._name)
+        try:
+            self.form.fields[self._name] = self._data.decode("utf-8")
+        except UnicodeDecodeError as undecodable:
+            raise InvalidRequestError(
+                f"The field '{self._name}' is not UTF-8 text.", param=self._name
+            ) from undecodable
+
+    def _on_end(self) -> None:
+        self.complete = True
+
+
+async def read_form(request: Request, limits: UploadLimits) -> UploadedForm:
+    """Parse a ``multipart/form-data`` body: 415 for other bodies, 413 past a limit, 400 if malformed."""
+    media_type, parameters = parse_options_header(request.headers.get("content-type", ""))
+    if media_type != b"multipart/form-data":
+        raise UnsupportedMediaTypeError(
+            f"Unsupported Content-Type {request.headers.get('content-type')!r}; "
+            "send multipart/form-data, as the OpenAI SDKs do."
+        )
+    boundary = parameters.get(b"boundary")
+    if not boundary:
+        raise InvalidRequestError("The multipart body has no boundary.", code="invalid_multipart")
+    declared = request.headers.get("content-length", "")
+    if declared.isdecimal() and int(declared) > limits.max_total_bytes:
+        raise _too_large(limits)
+    collector = _FormCollector(limits)
+    parser = MultipartParser(boundary, collector.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limits.max_total_bytes:
+                raise _too_large(limits)
+            parser.write(chunk)
+    except MultipartParseError as malformed:
+        raise InvalidRequestError("The multipart body is malformed.", code="invalid_multipart") from malformed
+    if not collector.complete:
+        raise InvalidRequestError(
+            "The multipart body ended before its closing boundary.", code="invalid_multipart"
+        )
+    return collector.form
+
+
+def _too_large(limits: UploadLimits) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The request body is larger than {limits.max_total_bytes} bytes.")
+
+
+def parse_fields(model: type[ModelT], fields: dict[str, str]) -> ModelT:
+    """A form's text fields validated by ``model``; errors name the field as JSON bodies do."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as invalid:
+        raise field_error(invalid.errors()[0]) from None
+
+
+def form_openapi(model: type[BaseModel], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An OpenAPI ``requestBody`` for a multipart form: ``model``'s text fields plus the file fields."""
+    schema = model.model_json_schema()
+    schema["properties"].update(files)
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
