@@ -30,6 +30,7 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.config import AppConfig, SchedulerConfig, TierConfig
 from serve_app.jobs import sign_webhook
+from tests.images import hole_mask, noise_png
 from tests.integration.conftest import RunningService
 
 APP_NAME = "imagegen-tiers"
@@ -322,3 +323,24 @@ def test_scheduler_killed_recovers_queued_jobs(tiers: TierService) -> None:
         finished = [wait_for_job(frank, job["id"]) for job in jobs]
     assert all(job["status"] == "succeeded" for job in finished)
     assert len(tiers.stored_images("frank")) == 8  # 4 + 4 x 1, none stored twice
+
+
+def test_edit_as_async_job_keeps_uploads_out_of_the_record(tiers: TierService) -> None:
+    files = [
+        ("image", ("in.png", noise_png(64, 64), "image/png")),
+        ("mask", ("m.png", hole_mask(64, 64), "image/png")),
+    ]
+    with tiers.client("acme") as acme:
+        response = acme.post(
+            "/v1/images/edits",
+            data={"prompt": "an async edit", "size": "64x64"},
+            files=files,
+            headers={"prefer": "respond-async"},
+        )
+        assert response.status_code == 202, response.text
+        done = wait_for_job(acme, response.json()["id"])
+    (item,) = done["result"]["data"]
+    assert Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size == (64, 64)
+    record = json.loads((tiers.storage_dir / "jobs" / "records" / f"{done['id']}.json").read_text())
+    assert len(record["request"]["input_keys"]) == 1 and record["request"]["mask_key"]
+    assert "images" not in record["request"]
