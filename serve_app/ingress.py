@@ -3,7 +3,9 @@
 # No `from __future__ import annotations` here: Serve re-creates the routes in its proxy and
 # FastAPI must see real types, not strings, to build the request models there.
 import asyncio
+import functools
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Request, Response
@@ -89,6 +91,21 @@ class Ingress:
     def principal(self, authorization: str | None) -> Principal:
         return self.service.authenticate(authorization)
 
+    async def run(
+        self,
+        operation: Callable[[Principal, str, Delivery], Awaitable[Outcome]],
+        request: Request,
+        authorization: str | None,
+        prefer: str | None,
+        idempotency_key: str | None,
+    ) -> Response:
+        """Authenticate, run one image operation, and answer: JSON, 202, a stream, or an error."""
+        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
+        try:
+            return respond(await operation(self.principal(authorization), current_request_id(), delivery))
+        except Exception as exc:  # every failure leaves as the OpenAI error shape
+            return error_response(as_api_error(exc))
+
     @api.post(
         "/v1/images/generations",
         response_model=ImagesResponse,
@@ -104,12 +121,8 @@ class Ingress:
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> Response:
-        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
-        try:
-            principal = self.principal(authorization)
-            return respond(await self.service.generate(body, principal, current_request_id(), delivery))
-        except Exception as exc:  # every failure leaves as the OpenAI error shape
-            return error_response(as_api_error(exc))
+        run = functools.partial(self.service.generate, body)
+        return await self.run(run, request, authorization, prefer, idempotency_key)
 
     @api.post(
         "/v1/images/edits",
@@ -126,12 +139,8 @@ class Ingress:
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> Response:
-        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
-        try:
-            principal = self.principal(authorization)
-            return respond(await self.service.edit(request, principal, current_request_id(), delivery))
-        except Exception as exc:
-            return error_response(as_api_error(exc))
+        run = functools.partial(self.service.edit, request)
+        return await self.run(run, request, authorization, prefer, idempotency_key)
 
     @api.post(
         "/v1/images/variations",
@@ -148,12 +157,8 @@ class Ingress:
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> Response:
-        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
-        try:
-            principal = self.principal(authorization)
-            return respond(await self.service.variation(request, principal, current_request_id(), delivery))
-        except Exception as exc:
-            return error_response(as_api_error(exc))
+        run = functools.partial(self.service.variation, request)
+        return await self.run(run, request, authorization, prefer, idempotency_key)
 
     @api.get(
         "/v1/images/jobs/{job_id}", response_model=JobResponse, responses=ERROR_RESPONSES, summary="A job"
