@@ -44,7 +44,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService
     for name, value in AWS_TEST_ENVIRONMENT.items():
         patch.setenv(name, value)
     # Logical CPUs: room for a second app (the S3 tests) beside the default one on two cores.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=256 * 1024**2,
+        log_to_driver=False,  # replica logs stay in /tmp/ray/session_latest/logs
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name="imagegen", route_prefix="/")
