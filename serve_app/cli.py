@@ -1,4 +1,5 @@
-"""The ``imagegen`` command: ``imagegen serve`` runs the service on a local Ray instance."""
+"""The ``imagegen`` command: ``imagegen serve`` runs the service on a local Ray instance;
+``imagegen bench`` runs the benchmarks (benchmarks/run.py)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    from benchmarks.run import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagegen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,11 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default="local", help="Ray address: 'local' starts a private instance, 'auto' joins one"
     )
     serve_parser.set_defaults(handler=serve_command)
+    bench_parser = commands.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmark against peers, or load a running server (options: imagegen bench --help)",
+    )
+    bench_parser.set_defaults(handler=bench_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `bench` takes its own options (benchmarks/run.py); every other command takes only its own.
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.handler(args))
 
 
