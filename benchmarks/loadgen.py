@@ -140,28 +140,34 @@ async def send(
     scenario: str,
     origin: float,
     scheduled_s: float | None,
+    deadline: float | None = None,
 ) -> RequestRecord:
-    """Send one request and record it; never raises for an HTTP or transport failure."""
+    """Send one request and record it; never raises for an HTTP or transport failure.
+
+    A request still unanswered at ``deadline`` (event-loop time) is abandoned with status 0.
+    """
     start = time.perf_counter()
     status, received, first_partial, error = 0, 0, None, None
     headers: httpx.Headers = httpx.Headers()
     try:
-        response = await client.send(build_http_request(client, spec), stream=True)
-        try:
-            status, headers = response.status_code, response.headers
-            if spec.stream and status == 200:
-                async for line in response.aiter_lines():
-                    received += len(line) + 1
-                    if first_partial is None and PARTIAL_IMAGE_EVENT in line[:200]:
-                        first_partial = time.perf_counter() - start
-            else:
-                async for chunk in response.aiter_bytes():
-                    received += len(chunk)
-        finally:
-            await response.aclose()
+        async with asyncio.timeout_at(deadline):
+            response = await client.send(build_http_request(client, spec), stream=True)
+            try:
+                status, headers = response.status_code, response.headers
+                if spec.stream and status == 200:
+                    async for line in response.aiter_lines():
+                        received += len(line) + 1
+                        if first_partial is None and PARTIAL_IMAGE_EVENT in line[:200]:
+                            first_partial = time.perf_counter() - start
+                else:
+                    async for chunk in response.aiter_bytes():
+                        received += len(chunk)
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        status, error = 0, "no answer before the scenario's deadline"
     except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"[:200]
-        status = 0
+        status, error = 0, f"{type(exc).__name__}: {exc}"[:200]
     end = time.perf_counter()
     timings = parse_server_timing(headers.get("server-timing"))
     return RequestRecord(
@@ -208,20 +214,34 @@ async def run_open_loop(
     system: str,
     scenario: str,
     timeout_s: float = 60.0,
+    drain_s: float | None = None,
     progress: ProgressFactory = tqdm_progress,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[RequestRecord]:
-    """Fire each request at its offset, without waiting for earlier ones; wait for all to end."""
+    """Fire each request at its offset, without waiting for earlier ones; wait for all to end.
+
+    With ``drain_s``, requests unanswered ``drain_s`` after the last arrival fail with status 0,
+    which bounds the time an overloaded server can take.
+    """
     async with http_client(base_url, timeout_s, transport) as client:
         with progress(len(arrivals), f"{system} {scenario}") as bar:
 
             async def fire(spec: RequestSpec, offset: float) -> RequestRecord:
                 record = await send(
-                    client, spec, system=system, scenario=scenario, origin=origin, scheduled_s=offset
+                    client,
+                    spec,
+                    system=system,
+                    scenario=scenario,
+                    origin=origin,
+                    scheduled_s=offset,
+                    deadline=deadline,
                 )
                 bar.update(1)
                 return record
 
+            last_offset = max((offset for offset, _ in arrivals), default=0.0)
+            loop_now = asyncio.get_running_loop().time()
+            deadline = None if drain_s is None else loop_now + last_offset + drain_s
             origin = time.perf_counter()
             in_flight = []
             for offset, spec in arrivals:
@@ -242,12 +262,14 @@ async def run_closed_loop(
     duration_s: float,
     max_requests: int | None = None,
     timeout_s: float = 60.0,
+    drain_s: float | None = None,
     progress: ProgressFactory = tqdm_progress,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[RequestRecord]:
     """``clients`` concurrent loops, each sending its next request when its last one is answered.
 
-    Stops sending after ``duration_s`` or ``max_requests``, whichever comes first.
+    Stops sending after ``duration_s`` or ``max_requests``, whichever comes first; with
+    ``drain_s``, requests unanswered ``drain_s`` after that fail with status 0.
     """
     supply: Iterator[RequestSpec] = iter(requests)
     if max_requests is not None:
@@ -255,17 +277,25 @@ async def run_closed_loop(
     records: list[RequestRecord] = []
     async with http_client(base_url, timeout_s, transport) as client:
         with progress(max_requests, f"{system} {scenario}") as bar:
+            loop_now = asyncio.get_running_loop().time()
+            deadline = None if drain_s is None else loop_now + duration_s + drain_s
             origin = time.perf_counter()
-            deadline = origin + duration_s
+            stop_sending = origin + duration_s
 
             async def client_loop() -> None:
-                while time.perf_counter() < deadline:
+                while time.perf_counter() < stop_sending:
                     spec = next(supply, None)
                     if spec is None:
                         return
                     records.append(
                         await send(
-                            client, spec, system=system, scenario=scenario, origin=origin, scheduled_s=None
+                            client,
+                            spec,
+                            system=system,
+                            scenario=scenario,
+                            origin=origin,
+                            scheduled_s=None,
+                            deadline=deadline,
                         )
                     )
                     bar.update(1)

@@ -269,6 +269,7 @@ def plot_latency_cdf(
     path: Path, rows: Sequence[dict[str, Any]], records: Sequence[RequestRecord], labels: dict[str, str]
 ) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     open_rates = sorted(
         {
@@ -289,14 +290,16 @@ def plot_latency_cdf(
                 r.latency_s * 1000 for r in records if r.system == system and r.scenario == scenario and r.ok
             )
             if latencies:
-                fractions = [(i + 1) / len(latencies) for i in range(len(latencies))]
-                axis.step(latencies, fractions, where="post", label=labels.get(system, system))
+                fractions = [i / len(latencies) for i in range(len(latencies) + 1)]
+                xs = [latencies[0], *latencies]
+                axis.step(xs, fractions, where="post", label=labels.get(system, system))
         bare = _find(rows, "bare", "batch-1")
         if bare and bare["p50_ms"]:
             axis.axvline(bare["p50_ms"], color="grey", linestyle=":", label="bare call, batch 1 (p50)")
         axis.set(
             title=title, xlabel="latency (ms)", ylabel="fraction of requests", xscale="log", ylim=(0, 1.02)
         )
+        axis.xaxis.set_major_formatter(ScalarFormatter())
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
@@ -341,6 +344,7 @@ def plot_latency_vs_load(
     path: Path, rows: Sequence[dict[str, Any]], labels: dict[str, str], slo_ms: float
 ) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for system in dict.fromkeys(row["system"] for row in rows):
@@ -363,6 +367,7 @@ def plot_latency_vs_load(
             )
     axis.axhline(slo_ms, color="red", linewidth=0.8, linestyle=":", label="SLO")
     axis.set(xlabel="offered load (requests/s)", ylabel="latency (ms)", yscale="log")
+    axis.yaxis.set_major_formatter(ScalarFormatter())
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of arrivals and request mixes")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed")
     run.add_argument("--max-requests", type=int, help="at most this many requests per scenario")
+    run.add_argument(
+        "--drain", type=float, help="seconds a scenario waits for answers after sending (default: --duration)"
+    )
     compare = parser.add_argument_group("the comparison (without --url)")
     compare.add_argument("--clients", help="closed-loop client counts (default 1,8)")
     compare.add_argument("--saturation-clients", type=int, help="clients that saturate a server (default 16)")
@@ -146,6 +149,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.drain is None:
+        args.drain = args.duration
     if args.out is None:  # only the full comparison writes the committed report
         args.out = (
             RESULTS_DIR / (args.name if args.url else "quick") if args.url or args.quick else RESULTS_DIR
@@ -228,7 +233,7 @@ async def benchmark_server(
     collector: Collector,
 ) -> float | None:
     """Every scenario against one running server; returns the reference rate for the open loops."""
-    common = {"system": name, "timeout_s": args.timeout}
+    common = {"system": name, "timeout_s": args.timeout, "drain_s": args.drain}
     client_counts = sorted({*_ints(args.clients), args.saturation_clients})
     warm = max(client_counts)
     await run_closed_loop(
@@ -254,14 +259,11 @@ async def benchmark_server(
         collector.add(scenario, records)
     capacity = saturated_throughput(collector.rows, name)
     reference_rps = reference_rps or capacity
-    rates = (
-        [
-            (f"open-{fraction * reference_rps:.2f}rps", fraction * reference_rps)
-            for fraction in _floats(args.load_fractions)
+    rates: list[tuple[str, float]] = []
+    if reference_rps:
+        rates += [
+            (f"open-{f * reference_rps:.2f}rps", f * reference_rps) for f in _floats(args.load_fractions)
         ]
-        if reference_rps
-        else []
-    )
     if capacity:
         rates.append((f"open-{args.capacity_fraction:g}cap", args.capacity_fraction * capacity))
     for index, (scenario_name, rate) in enumerate(rates):
@@ -397,6 +399,7 @@ def load_one_server(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
                     duration_s=args.duration,
                     max_requests=args.max_requests,
                     timeout_s=args.timeout,
+                    drain_s=args.drain,
                 )
             )
             collector.add(scenario, records)
@@ -408,7 +411,12 @@ def load_one_server(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
         arrivals = open_arrivals(args, rates, mix, args.seed)
         records = asyncio.run(
             run_open_loop(
-                args.url, arrivals, system=args.name, scenario=scenario.name, timeout_s=args.timeout
+                args.url,
+                arrivals,
+                system=args.name,
+                scenario=scenario.name,
+                timeout_s=args.timeout,
+                drain_s=args.drain,
             )
         )
         collector.add(scenario, records)

@@ -112,3 +112,21 @@ def test_every_endpoint_has_a_request_shape(endpoint: str) -> None:
             return build_http_request(client, spec(0, endpoint=endpoint))
 
     assert asyncio.run(build()).url.path == f"/v1/images/{endpoint}"
+
+
+def test_requests_unanswered_at_the_deadline_fail_with_status_zero() -> None:
+    async def never_answer(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    records = asyncio.run(
+        run_open_loop(
+            "http://bench",
+            [(0.0, spec(0))],
+            system="fake",
+            scenario="open",
+            drain_s=0.05,
+            transport=httpx.MockTransport(never_answer),
+        )
+    )
+    assert records[0].status == 0 and records[0].error == "no answer before the scenario's deadline"
