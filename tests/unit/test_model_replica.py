@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -101,3 +102,38 @@ def test_same_seed_same_pixels(replica: object, loop: asyncio.AbstractEventLoop)
     (b,) = loop.run_until_complete(replica.generate([dataclasses.replace(task, request_id="other")]))  # type: ignore[attr-defined]
     assert first == [1]
     assert np.array_equal(a.pixels, b.pixels)
+
+
+def test_tasks_arriving_behind_a_busy_model_leave_in_one_batch(
+    replica: object, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    family = replica.family  # type: ignore[attr-defined]
+    entered, release = threading.Event(), threading.Event()
+    forward = family.generate
+
+    def held_forward(tasks: list[ImageTask]) -> list[np.ndarray]:
+        entered.set()
+        release.wait()
+        return forward(tasks)
+
+    monkeypatch.setattr(family, "generate", held_forward)
+    # No batch wait: without the gate each arrival would become its own batch behind the busy model.
+    replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.0})  # type: ignore[attr-defined]
+
+    async def arrive_while_busy() -> list[int]:
+        first = asyncio.ensure_future(generate_concurrently(replica, [make_task(0)]))
+        await asyncio.to_thread(entered.wait)
+        later = []
+        for index in range(1, 4):
+            later.append(asyncio.ensure_future(generate_concurrently(replica, [make_task(index)])))
+            for _ in range(5):  # let this arrival reach the replica before the next one
+                await asyncio.sleep(0)
+        release.set()
+        await first
+        return [size for sizes in await asyncio.gather(*later) for size in sizes]
+
+    try:
+        assert loop.run_until_complete(arrive_while_busy()) == [3, 3, 3]
+    finally:
+        release.set()
+        replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.01})  # type: ignore[attr-defined]
