@@ -107,16 +107,21 @@ def _find(rows: Sequence[dict[str, Any]], system: str, scenario: str) -> dict[st
     return next((row for row in rows if row["system"] == system and row["scenario"] == scenario), None)
 
 
-def saturated_throughput(rows: Sequence[dict[str, Any]], system: str) -> float | None:
-    """A system's capacity: its best throughput in a closed loop (or in-process)."""
-    values = [row["throughput_img_s"] for row in rows if row["system"] == system and row["mode"] != "open"]
+def saturated_throughput(rows: Sequence[dict[str, Any]], system: str, prefix: str = "") -> float | None:
+    """A system's capacity: its best throughput in a closed loop (or in-process), over the scenarios
+    whose names start with ``prefix``."""
+    values = [
+        row["throughput_img_s"]
+        for row in rows
+        if row["system"] == system and row["mode"] != "open" and row["scenario"].startswith(prefix)
+    ]
     return max(values) if values else None
 
 
 def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[TargetResult]:
     """Issue 3's targets for imagegen-serve, from summary rows (pure)."""
     ours = saturated_throughput(rows, TARGET_SYSTEM)
-    bare_best = saturated_throughput(rows, "bare")
+    bare_best = saturated_throughput(rows, "bare", "batch-")
     results = []
     ratio = ours / bare_best if ours is not None and bare_best else None
     results.append(
@@ -162,16 +167,25 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[TargetResult]:
 
 def concurrency_table(rows: Sequence[dict[str, Any]], systems: Sequence[str]) -> list[list[str]]:
     """Images/s per system at 1 and 8 clients and saturated (the bare pipeline: batch 1 and 8)."""
-    table = []
+    lines = []
     for system in systems:
-        one = _find(rows, system, "batch-1" if system == "bare" else "closed-1")
-        eight = _find(rows, system, "batch-8" if system == "bare" else "closed-8")
+        if system == "bare":
+            lines.append(("bare", "batch-1", "batch-8", saturated_throughput(rows, "bare", "batch-")))
+            if _find(rows, "bare", "1-thread-batch-1"):
+                best = saturated_throughput(rows, "bare", "1-thread-")
+                lines.append(("bare, 1 thread", "1-thread-batch-1", "1-thread-batch-8", best))
+        else:
+            lines.append((system, "closed-1", "closed-8", saturated_throughput(rows, system)))
+    table = []
+    for label, one_name, eight_name, saturated in lines:
+        one = _find(rows, label.split(",")[0], one_name)
+        eight = _find(rows, label.split(",")[0], eight_name)
         table.append(
             [
-                system,
+                label,
                 _fmt(one["throughput_img_s"] if one else None, 2),
                 _fmt(eight["throughput_img_s"] if eight else None, 2),
-                _fmt(saturated_throughput(rows, system), 2),
+                _fmt(saturated, 2),
             ]
         )
     return table
@@ -327,7 +341,7 @@ def plot_throughput_vs_load(path: Path, rows: Sequence[dict[str, Any]], labels: 
     bare_one = _find(rows, "bare", "batch-1")
     references = [
         ("bare pipeline, batch 1", bare_one["throughput_img_s"] if bare_one else None, ":"),
-        ("bare pipeline, best batch", saturated_throughput(rows, "bare"), "--"),
+        ("bare pipeline, best batch", saturated_throughput(rows, "bare", "batch-"), "--"),
     ]
     for label, value, style in references:
         if value:

@@ -64,6 +64,7 @@ QUICK = {
     "saturation_clients": 8,
     "load_fractions": "0.5",
     "bare_batch_sizes": "1,2",
+    "bare_one_thread": False,
 }
 FULL = {
     "duration": 10.0,
@@ -72,6 +73,7 @@ FULL = {
     "saturation_clients": 16,
     "load_fractions": "0.3,0.6,0.9,1.2",
     "bare_batch_sizes": "1,2,4,8,16",
+    "bare_one_thread": True,
 }
 
 
@@ -349,9 +351,18 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
         scenarios, records = measure_bare_pipeline(
             _ints(args.bare_batch_sizes), args.duration / 2, size=next(iter(mix.sizes))
         )
+        if args.bare_one_thread:
+            # A Ray worker with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS).
+            one_thread = measure_bare_pipeline(
+                [1, max(_ints(args.bare_batch_sizes))],
+                args.duration / 2,
+                size=next(iter(mix.sizes)),
+                threads=1,
+            )
+            scenarios, records = scenarios + one_thread[0], records + one_thread[1]
         for scenario in scenarios:
             collector.add(scenario, [r for r in records if r.scenario == scenario.name])
-    reference_rps = saturated_throughput(collector.rows, "bare")
+    reference_rps = saturated_throughput(collector.rows, "bare", "batch-")
     from benchmarks.systems import running_server, server_systems
 
     port = free_port()

@@ -137,13 +137,27 @@ def _default_steps_and_guidance() -> tuple[int, float]:
 
 
 def measure_bare_pipeline(
-    batch_sizes: Sequence[int], duration_s: float, size: str, min_calls: int = 3
+    batch_sizes: Sequence[int], duration_s: float, size: str, min_calls: int = 3, threads: int | None = None
 ) -> tuple[list[Scenario], list[RequestRecord]]:
     """Call the embedded default's pipeline in this process, through the family code the replica runs.
 
     Each call is one record of ``n = batch size`` images; ``duration_s`` per batch size, at least
-    ``min_calls`` calls each, after one warm-up call.
+    ``min_calls`` calls each, after one warm-up call. With ``threads``, torch runs on that many
+    threads (scenarios ``<threads>-thread-batch-<n>``), as in a Ray worker given that many CPUs.
     """
+    import torch
+
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
+    try:
+        return _measure_bare_pipeline(batch_sizes, duration_s, size, min_calls, threads)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _measure_bare_pipeline(
+    batch_sizes: Sequence[int], duration_s: float, size: str, min_calls: int, threads: int | None
+) -> tuple[list[Scenario], list[RequestRecord]]:
     from deployments.contracts import ImageTask
     from deployments.models.registry import load_family
     from serve_app.config import load_config
@@ -174,7 +188,8 @@ def measure_bare_pipeline(
 
     scenarios, records = [], []
     for batch in batch_sizes:
-        scenario = Scenario("bare", f"batch-{batch}", "in-process", clients=batch)
+        prefix = f"{threads}-thread-" if threads else ""
+        scenario = Scenario("bare", f"{prefix}batch-{batch}", "in-process", clients=batch)
         family.generate(tasks(batch, -1))
         origin = time.perf_counter()
         call = 0

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from benchmarks.loadgen import RequestRecord
-from benchmarks.report import evaluate_targets, saturated_throughput
+from benchmarks.report import concurrency_table, evaluate_targets, saturated_throughput
 from benchmarks.stats import (
     Scenario,
     batch_size_counts,
@@ -121,3 +121,20 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
 def test_targets_without_the_systems_they_need_are_unknown() -> None:
     results = evaluate_targets([row("imagegen", "closed-1", "closed", 4.0, p50=200.0)])
     assert all(target.met is None for target in results)
+
+
+def test_concurrency_table_reads_bare_batches_as_clients() -> None:
+    rows = [
+        row("bare", "batch-1", "in-process", 5.0),
+        row("bare", "batch-8", "in-process", 8.0),
+        row("bare", "1-thread-batch-1", "in-process", 4.5),
+        row("bare", "1-thread-batch-8", "in-process", 6.5),
+        row("imagegen", "closed-1", "closed", 4.0),
+        row("imagegen", "closed-8", "closed", 6.0),
+        row("imagegen", "closed-16", "closed", 6.2),
+    ]
+    assert concurrency_table(rows, ["bare", "imagegen"]) == [
+        ["bare", "5.00", "8.00", "8.00"],
+        ["bare, 1 thread", "4.50", "6.50", "6.50"],
+        ["imagegen", "4.00", "6.00", "6.20"],
+    ]
