@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--bare-batch-sizes", help="batch sizes for the in-process pipeline (default 1,2,4,8,16)"
     )
+    compare.add_argument(
+        "--bare-one-thread",
+        action=argparse.BooleanOptionalAction,
+        help="also time the pipeline on one torch thread, as a 1-CPU Ray worker runs it (default: on)",
+    )
     target = parser.add_argument_group("one running server (--url)")
     target.add_argument("--url", help="load this server instead of starting the peers")
     target.add_argument("--name", default="target", help="its name in the report")
