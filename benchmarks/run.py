@@ -48,6 +48,7 @@ from benchmarks.workload import (
     iter_requests,
     parse_weighted,
 )
+from serve_app.config import load_config
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SYSTEM_ORDER = ("bare", "naive", "litserve", "imagegen")
@@ -242,16 +243,19 @@ async def benchmark_server(
     """Every scenario against one running server; returns the reference rate for the open loops."""
     common = {"system": name, "timeout_s": args.timeout, "drain_s": args.drain}
     client_counts = sorted({*_ints(args.clients), args.saturation_clients})
-    warm = max(client_counts)
-    await run_closed_loop(
-        base_url,
-        iter_requests(mix, random.Random(-1)),
-        scenario="warm-up",
-        clients=warm,
-        duration_s=args.timeout,
-        max_requests=2 * warm,
-        **common,
-    )
+    # The first forward pass at each batch size sets up kernels for its shapes (up to seconds on a
+    # CPU): bursts of 1..max_batch_size requests pay for that before anything is measured.
+    max_batch = load_config().variants[0].batching.max_batch_size
+    for burst in [*range(1, max_batch + 1), max(client_counts)]:
+        await run_closed_loop(
+            base_url,
+            iter_requests(mix, random.Random(-burst)),
+            scenario="warm-up",
+            clients=burst,
+            duration_s=args.timeout,
+            max_requests=burst,
+            **common,
+        )
     for clients in client_counts:
         scenario = Scenario(name, f"closed-{clients}", "closed", clients=clients)
         records = await run_closed_loop(
@@ -359,7 +363,7 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
         if args.bare_one_thread:
             # A Ray worker with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS).
             one_thread = measure_bare_pipeline(
-                [1, max(_ints(args.bare_batch_sizes))],
+                [1, load_config().variants[0].batching.max_batch_size],
                 args.duration / 2,
                 size=next(iter(mix.sizes)),
                 threads=1,
