@@ -354,20 +354,16 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
     mix = request_mix(args)
     started = time.perf_counter()
     if "bare" in systems:
-        from benchmarks.systems import measure_bare_pipeline
+        from benchmarks.systems import BarePipeline
 
         print("bare pipeline, in-process", flush=True)
-        scenarios, records = measure_bare_pipeline(
-            _ints(args.bare_batch_sizes), args.duration / 2, size=next(iter(mix.sizes))
-        )
+        bare = BarePipeline()
+        size = next(iter(mix.sizes))
+        scenarios, records = bare.measure(_ints(args.bare_batch_sizes), args.duration / 2, size)
         if args.bare_one_thread:
             # A Ray worker with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS).
-            one_thread = measure_bare_pipeline(
-                [1, load_config().variants[0].batching.max_batch_size],
-                args.duration / 2,
-                size=next(iter(mix.sizes)),
-                threads=1,
-            )
+            batch = load_config().variants[0].batching.max_batch_size
+            one_thread = bare.measure([1, batch], args.duration / 2, size, threads=1)
             scenarios, records = scenarios + one_thread[0], records + one_thread[1]
         for scenario in scenarios:
             collector.add(scenario, [r for r in records if r.scenario == scenario.name])

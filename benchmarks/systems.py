@@ -20,6 +20,7 @@ from pathlib import Path
 from benchmarks.loadgen import RequestRecord
 from benchmarks.stats import Scenario
 from benchmarks.workload import PROMPTS
+from deployments.contracts import ImageTask
 
 STARTUP_TIMEOUT_S = 240
 SHUTDOWN_TIMEOUT_S = 60
@@ -136,72 +137,62 @@ def _default_steps_and_guidance() -> tuple[int, float]:
     return variant.steps.medium, variant.guidance_scale
 
 
-def measure_bare_pipeline(
-    batch_sizes: Sequence[int], duration_s: float, size: str, min_calls: int = 3, threads: int | None = None
-) -> tuple[list[Scenario], list[RequestRecord]]:
-    """Call the embedded default's pipeline in this process, through the family code the replica runs.
+class BarePipeline:
+    """The embedded default's pipeline in this process, called through the family code the replica runs."""
 
-    Each call is one record of ``n = batch size`` images; ``duration_s`` per batch size, at least
-    ``min_calls`` calls each, after one warm-up call. With ``threads``, torch runs on that many
-    threads (scenarios ``<threads>-thread-batch-<n>``), as in a Ray worker given that many CPUs.
-    """
-    import torch
+    def __init__(self) -> None:
+        from deployments.models.registry import load_family
+        from serve_app.config import load_config
 
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads)
-    try:
-        return _measure_bare_pipeline(batch_sizes, duration_s, size, min_calls, threads)
-    finally:
-        torch.set_num_threads(default_threads)
+        config = load_config()
+        self.variant = config.variants[0]
+        self.family, _ = load_family(self.variant, config.cache_dir)
 
+    def measure(
+        self,
+        batch_sizes: Sequence[int],
+        duration_s: float,
+        size: str,
+        min_calls: int = 3,
+        threads: int | None = None,
+    ) -> tuple[list[Scenario], list[RequestRecord]]:
+        """Time forward passes: ``duration_s`` per batch size, at least ``min_calls`` each, after one
+        warm-up call. Each call is one record of ``n = batch size`` images.
 
-def _measure_bare_pipeline(
-    batch_sizes: Sequence[int], duration_s: float, size: str, min_calls: int, threads: int | None
-) -> tuple[list[Scenario], list[RequestRecord]]:
-    from deployments.contracts import ImageTask
-    from deployments.models.registry import load_family
-    from serve_app.config import load_config
+        With ``threads``, torch runs on that many threads (scenarios ``<threads>-thread-batch-<n>``),
+        as in a Ray worker that Ray gave that many CPUs.
+        """
+        import torch
 
-    config = load_config()
-    variant = config.variants[0]
-    family, _ = load_family(variant, config.cache_dir)
-    width, height = (int(side) for side in size.split("x"))
+        default_threads = torch.get_num_threads()
+        torch.set_num_threads(threads or default_threads)
+        try:
+            prefix = f"{threads}-thread-" if threads else ""
+            scenarios, records = [], []
+            for batch in batch_sizes:
+                scenario = Scenario("bare", f"{prefix}batch-{batch}", "in-process", clients=batch)
+                scenarios.append(scenario)
+                records += self._time_calls(scenario.name, batch, duration_s, size, min_calls)
+            return scenarios, records
+        finally:
+            torch.set_num_threads(default_threads)
 
-    def tasks(batch: int, call: int) -> list[ImageTask]:
-        return [
-            ImageTask(
-                request_id=f"bare-{call}",
-                index=index,
-                tenant="bench",
-                variant=variant.name,
-                kind="generate",
-                prompt=PROMPTS[(call + index) % len(PROMPTS)],
-                negative_prompt=None,
-                width=width,
-                height=height,
-                steps=variant.steps.medium,
-                guidance_scale=variant.guidance_scale,
-                seed=(call + 1) * 1000 + index,
-            )
-            for index in range(batch)
-        ]
-
-    scenarios, records = [], []
-    for batch in batch_sizes:
-        prefix = f"{threads}-thread-" if threads else ""
-        scenario = Scenario("bare", f"{prefix}batch-{batch}", "in-process", clients=batch)
-        family.generate(tasks(batch, -1))
+    def _time_calls(
+        self, scenario: str, batch: int, duration_s: float, size: str, min_calls: int
+    ) -> list[RequestRecord]:
+        self.family.generate(self._tasks(batch, size, -1))
+        records: list[RequestRecord] = []
         origin = time.perf_counter()
-        call = 0
-        while call < min_calls or time.perf_counter() - origin < duration_s:
+        while len(records) < min_calls or time.perf_counter() - origin < duration_s:
+            tasks = self._tasks(batch, size, len(records))
             start = time.perf_counter()
-            family.generate(tasks(batch, call))
+            self.family.generate(tasks)
             end = time.perf_counter()
             records.append(
                 RequestRecord(
                     system="bare",
-                    scenario=scenario.name,
-                    index=call,
+                    scenario=scenario,
+                    index=len(records),
                     endpoint="in-process",
                     size=size,
                     n=batch,
@@ -215,6 +206,24 @@ def _measure_bare_pipeline(
                     batch_sizes=[batch] * batch,
                 )
             )
-            call += 1
-        scenarios.append(scenario)
-    return scenarios, records
+        return records
+
+    def _tasks(self, batch: int, size: str, call: int) -> list[ImageTask]:
+        width, height = (int(side) for side in size.split("x"))
+        return [
+            ImageTask(
+                request_id=f"bare-{call}",
+                index=index,
+                tenant="bench",
+                variant=self.variant.name,
+                kind="generate",
+                prompt=PROMPTS[(call + index) % len(PROMPTS)],
+                negative_prompt=None,
+                width=width,
+                height=height,
+                steps=self.variant.steps.medium,
+                guidance_scale=self.variant.guidance_scale,
+                seed=(call + 1) * 1000 + index,
+            )
+            for index in range(batch)
+        ]
