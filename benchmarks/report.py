@@ -283,22 +283,20 @@ def plot_latency_cdf(
     path: Path, rows: Sequence[dict[str, Any]], records: Sequence[RequestRecord], labels: dict[str, str]
 ) -> None:
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    open_rates = sorted(
-        {
-            row["offered_rps"]
-            for row in rows
-            if row["scenario"].startswith("open-") and not row["scenario"].endswith("cap")
-        }
-    )
-    loaded = open_rates[len(open_rates) // 2] if open_rates else None
-    panels = [("closed-1", "1 client")]
-    if loaded is not None:
-        loaded_name = next(row["scenario"] for row in rows if row["offered_rps"] == loaded)
-        panels.append((loaded_name, f"open loop, {loaded:.1f} req/s"))
+    sweep = {
+        row["scenario"]: row["offered_rps"]
+        for row in rows
+        if row["mode"] == "open" and not _is_capacity_run(row)
+    }
+    by_rate = sorted(sweep, key=lambda name: sweep[name])
+    panels = [("closed-1", "1 client", "linear")]
+    if by_rate:
+        loaded = by_rate[len(by_rate) // 2]
+        panels.append((loaded, f"open loop, {sweep[loaded]:.1f} requests/s", "log"))
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for axis, (scenario, title) in zip(axes[0], panels, strict=True):
+    for axis, (scenario, title, scale) in zip(axes[0], panels, strict=True):
         for system in dict.fromkeys(row["system"] for row in rows):
             latencies = sorted(
                 r.latency_s * 1000 for r in records if r.system == system and r.scenario == scenario and r.ok
@@ -311,9 +309,11 @@ def plot_latency_cdf(
         if bare and bare["p50_ms"]:
             axis.axvline(bare["p50_ms"], color="grey", linestyle=":", label="bare call, batch 1 (p50)")
         axis.set(
-            title=title, xlabel="latency (ms)", ylabel="fraction of requests", xscale="log", ylim=(0, 1.02)
+            title=title, xlabel="latency (ms)", ylabel="fraction of requests", xscale=scale, ylim=(0, 1.02)
         )
-        axis.xaxis.set_major_formatter(ScalarFormatter())
+        if scale == "log":
+            axis.xaxis.set_major_formatter(ScalarFormatter())
+            axis.xaxis.set_minor_formatter(NullFormatter())
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
@@ -321,8 +321,27 @@ def plot_latency_cdf(
     plt.close(figure)
 
 
+def _is_capacity_run(row: dict[str, Any]) -> bool:
+    return str(row["scenario"]).endswith("cap")
+
+
 def _open_points(rows: Sequence[dict[str, Any]], system: str) -> list[dict[str, Any]]:
-    return sorted(_rows(rows, system, "open"), key=lambda row: row["offered_rps"])
+    """The open loops at rates common to every system, by rate."""
+    sweep = [row for row in _rows(rows, system, "open") if not _is_capacity_run(row)]
+    return sorted(sweep, key=lambda row: row["offered_rps"])
+
+
+def _capacity_point(rows: Sequence[dict[str, Any]], system: str) -> dict[str, Any] | None:
+    """The open loop at a share of the system's own capacity (a different rate for each system)."""
+    return next((row for row in _rows(rows, system, "open") if _is_capacity_run(row)), None)
+
+
+def _capacity_label(rows: Sequence[dict[str, Any]]) -> str | None:
+    row = next((row for row in rows if row["mode"] == "open" and _is_capacity_run(row)), None)
+    if row is None:
+        return None
+    share = str(row["scenario"]).removeprefix("open-").removesuffix("cap")
+    return f"each at {float(share):.0%} of its own capacity"
 
 
 def plot_throughput_vs_load(path: Path, rows: Sequence[dict[str, Any]], labels: dict[str, str]) -> None:
@@ -336,8 +355,15 @@ def plot_throughput_vs_load(path: Path, rows: Sequence[dict[str, Any]], labels: 
             offered = [row["offered_rps"] for row in points]
             highest = max(highest, *offered)
             served = [row["throughput_img_s"] for row in points]
-            axis.plot(offered, served, marker="o", label=labels.get(system, system))
+            (line,) = axis.plot(offered, served, marker="o", label=labels.get(system, system))
+            cap = _capacity_point(rows, system)
+            if cap:
+                axis.plot(
+                    cap["offered_rps"], cap["throughput_img_s"], "*", markersize=11, color=line.get_color()
+                )
     axis.plot([0, highest], [0, highest], color="grey", linewidth=0.8, label="served = offered")
+    if _capacity_label(rows):
+        axis.plot([], [], "*", color="grey", markersize=11, label=_capacity_label(rows))
     bare_one = _find(rows, "bare", "batch-1")
     references = [
         ("bare pipeline, batch 1", bare_one["throughput_img_s"] if bare_one else None, ":"),
@@ -358,7 +384,7 @@ def plot_latency_vs_load(
     path: Path, rows: Sequence[dict[str, Any]], labels: dict[str, str], slo_ms: float
 ) -> None:
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for system in dict.fromkeys(row["system"] for row in rows):
@@ -379,9 +405,15 @@ def plot_latency_vs_load(
                 color=line.get_color(),
                 label="p99",
             )
+            cap = _capacity_point(rows, system)
+            if cap and cap["p99_ms"] is not None:
+                axis.plot(cap["offered_rps"], cap["p99_ms"], "*", markersize=11, color=line.get_color())
+    if _capacity_label(rows):
+        axis.plot([], [], "*", color="grey", markersize=11, label=f"p99, {_capacity_label(rows)}")
     axis.axhline(slo_ms, color="red", linewidth=0.8, linestyle=":", label="SLO")
     axis.set(xlabel="offered load (requests/s)", ylabel="latency (ms)", yscale="log")
     axis.yaxis.set_major_formatter(ScalarFormatter())
+    axis.yaxis.set_minor_formatter(NullFormatter())
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
