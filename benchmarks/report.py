@@ -291,11 +291,13 @@ def plot_latency_cdf(
         if row["mode"] == "open" and not _is_capacity_run(row)
     }
     by_rate = sorted(sweep, key=lambda name: sweep[name])
-    panels = [("closed-1", "1 client", "linear")]
+    panels = (
+        [("closed-1", "1 client", "linear")] if any(row["scenario"] == "closed-1" for row in rows) else []
+    )
     if by_rate:
         loaded = by_rate[len(by_rate) // 2]
         panels.append((loaded, f"open loop, {sweep[loaded]:.1f} requests/s", "log"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
     for axis, (scenario, title, scale) in zip(axes[0], panels, strict=True):
         for system in dict.fromkeys(row["system"] for row in rows):
             latencies = sorted(
@@ -315,7 +317,8 @@ def plot_latency_cdf(
             axis.xaxis.set_major_formatter(ScalarFormatter())
             axis.xaxis.set_minor_formatter(NullFormatter())
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
