@@ -158,6 +158,8 @@ class ModelReplica:
         self.family, description = load_family(variant, cache_dir)
         self.metrics = stage_metrics()
         self.batching = variant.batching
+        self._model_free = asyncio.Event()
+        self._model_free.set()
         self._apply_batching(variant.batching)
         self._in_flight = 0
         self._running = 0
@@ -213,6 +215,10 @@ class ModelReplica:
         failure: Exception | None = None
         self._track_in_flight(+1)
         try:
+            # Serve forms the next batch as soon as a task arrives, even while a forward pass runs,
+            # so tasks arriving behind a busy model would leave in many small batches. Held here,
+            # they join the queue together when the model frees up and leave in one full batch.
+            await self._model_free.wait()
             async with aclosing(self._run_batch(queued)) as events:
                 async for event in events:
                     if isinstance(event, Exception):
@@ -253,12 +259,16 @@ class ModelReplica:
                     row_events.append(None)
             return row_events
 
-        for positions in group_by_bucket(tasks).values():
-            live = [position for position in positions if not queued[position].cancelled]
-            if live:
-                async for row, event in self._run_pass([queued[position] for position in live]):
-                    yield share({live[row]: event})
-                yield share({}, finishing=set(live))
+        self._model_free.clear()
+        try:
+            for positions in group_by_bucket(tasks).values():
+                live = [position for position in positions if not queued[position].cancelled]
+                if live:
+                    async for row, event in self._run_pass([queued[position] for position in live]):
+                        yield share({live[row]: event})
+                    yield share({}, finishing=set(live))
+        finally:
+            self._model_free.set()
 
     async def _run_pass(
         self, group: list[QueuedTask]

@@ -1,5 +1,5 @@
 """The ``imagegen`` command: ``serve`` runs the service on a local Ray instance; ``report`` reads
-the generation log."""
+the generation log; ``bench`` runs the benchmarks (benchmarks/run.py)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    from benchmarks.run import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagegen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,11 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("--since", help="only the last 90s, 15m, 1h, 2d, ... (default: everything)")
     report_parser.add_argument("--plot", help="also write a PNG of latency by stage here")
     report_parser.set_defaults(handler=report_command)
+    bench_parser = commands.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmark against peers, or load a running server (options: imagegen bench --help)",
+    )
+    bench_parser.set_defaults(handler=bench_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `bench` takes its own options (benchmarks/run.py); every other command takes only its own.
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.handler(args))
 
 

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -75,6 +83,11 @@ class VariantConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = Field(False, description="torch.compile the denoiser (GPU only).")
+    cpu_threads: PositiveInt | Literal["all"] | None = Field(
+        None,
+        description="Torch threads for a forward pass on a CPU: a number, 'all' for every core the replica "
+        "may run on, or unset for Ray's choice (the replica's whole num_cpus, so 1 for num_cpus: 1).",
+    )
     sizes: list[str] = Field(min_length=1, description="Allowed sizes as 'WxH'; the first is the default.")
     steps: QualitySteps = QualitySteps()
     max_steps: int = Field(50, ge=1, le=500, description="Upper bound for `num_inference_steps`.")

@@ -13,8 +13,9 @@ runs in float32. Seeds drive CPU generators, so one seed gives the same latents 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +36,13 @@ def choose_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("variant asks for device 'cuda' but no CUDA device is visible")
     return requested
+
+
+def cpu_thread_count(requested: int | Literal["all"]) -> int:
+    """``"all"``: every core this process may run on (Ray itself gives a worker floor(num_cpus))."""
+    if requested != "all":
+        return requested
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def choose_dtype(requested: str, device: str) -> torch.dtype:
@@ -67,6 +75,8 @@ class DiffusionFamily(ImageFamily):
         pipeline = DiffusionPipeline.from_pretrained(self.weights_source(), dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
+        if device == "cpu" and self.variant.cpu_threads is not None:
+            torch.set_num_threads(cpu_thread_count(self.variant.cpu_threads))
         attention = "sdpa"
         if device == "cuda":
             denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
@@ -85,6 +95,7 @@ class DiffusionFamily(ImageFamily):
             f"variant {self.variant.name}: {type(pipeline).__name__} on {device}, "
             f"dtype={str(dtype).removeprefix('torch.')}, attention={attention}, "
             f"compile={self.variant.compile and device == 'cuda'}, edits={'+'.join(edits) or 'none'}"
+            + (f", threads={torch.get_num_threads()}" if device == "cpu" else "")
         )
 
     @staticmethod

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import load_config, parse_size
+from serve_app.config import VariantConfig, load_config, parse_size
 
 
 def test_default_config_loads() -> None:
@@ -69,3 +70,22 @@ def test_parse_size() -> None:
     assert parse_size("640x480") == (640, 480)
     with pytest.raises(ValueError, match="size"):
         parse_size("640 x 480")
+
+
+@pytest.mark.parametrize(
+    ("cpu_threads", "valid"), [(None, True), (2, True), ("all", True), (0, False), ("many", False)]
+)
+def test_cpu_threads_is_a_count_or_all(cpu_threads: object, valid: bool) -> None:
+    variant = {**load_config().variants[0].model_dump(), "cpu_threads": cpu_threads}
+    if valid:
+        assert VariantConfig(**variant).cpu_threads == cpu_threads
+    else:
+        with pytest.raises(ValidationError, match="cpu_threads"):
+            VariantConfig(**variant)
+
+
+def test_all_cpu_threads_means_every_core_this_process_may_use() -> None:
+    from deployments.models.diffusion import cpu_thread_count
+
+    assert cpu_thread_count(3) == 3
+    assert 1 <= cpu_thread_count("all") <= (os.cpu_count() or 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -217,3 +218,38 @@ def test_a_failing_pass_fails_only_its_own_callers(replica: object, loop: asynci
     failed, succeeded = loop.run_until_complete(run())
     assert isinstance(failed, ValueError)
     assert isinstance(succeeded, list) and succeeded[0].pixels.shape == (64, 64, 3)
+
+
+def test_tasks_arriving_behind_a_busy_model_leave_in_one_batch(
+    replica: object, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    family = replica.family  # type: ignore[attr-defined]
+    entered, release = threading.Event(), threading.Event()
+    forward = family.generate
+
+    def held_forward(tasks: list[ImageTask], hooks: object = None) -> list[np.ndarray]:
+        entered.set()
+        release.wait()
+        return forward(tasks, hooks)
+
+    monkeypatch.setattr(family, "generate", held_forward)
+    # No batch wait: without the gate each arrival would become its own batch behind the busy model.
+    replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.0})  # type: ignore[attr-defined]
+
+    async def arrive_while_busy() -> list[int]:
+        first = asyncio.ensure_future(generate_concurrently(replica, [make_task(0)]))
+        await asyncio.to_thread(entered.wait)
+        later = []
+        for index in range(1, 4):
+            later.append(asyncio.ensure_future(generate_concurrently(replica, [make_task(index)])))
+            for _ in range(5):  # let this arrival reach the replica before the next one
+                await asyncio.sleep(0)
+        release.set()
+        await first
+        return [size for sizes in await asyncio.gather(*later) for size in sizes]
+
+    try:
+        assert loop.run_until_complete(arrive_while_busy()) == [3, 3, 3]
+    finally:
+        release.set()
+        replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.01})  # type: ignore[attr-defined]

@@ -1,0 +1,473 @@
+"""`make bench` / `imagegen bench`: imagegen-serve and its peers on the same model under the same load.
+
+Without ``--url`` it compares, one system at a time on this machine:
+
+1. the bare pipeline, called in this process at several batch sizes (the limit);
+2. a naive FastAPI + diffusers server (one request at a time);
+3. LitServe with its dynamic batching;
+4. imagegen-serve (``imagegen serve``).
+
+Each server gets the same scenarios: closed loops at 1, 8 and a saturating number of clients
+(its capacity is its best closed-loop throughput), open loops (Poisson by default) at the same
+absolute rates for every system (fractions of the bare pipeline's best images/s), and an open
+loop at 80% of its own capacity. With ``--url`` it loads one running server instead, with any
+schedule and request mix. Either way it writes Parquet, a Markdown report and PNG plots.
+
+    python -m benchmarks.run                 # the full comparison (< 10 minutes on 2 cores)
+    python -m benchmarks.run --quick         # the same harness in well under a minute
+    python -m benchmarks.run --url http://127.0.0.1:8000 --schedule ramp:1,10 --duration 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop
+from benchmarks.report import RunInfo, saturated_throughput, write_report
+from benchmarks.stats import Scenario, summarize
+from benchmarks.workload import (
+    RateSchedule,
+    RequestMix,
+    Tier,
+    arrival_offsets,
+    build_requests,
+    iter_requests,
+    parse_weighted,
+)
+from serve_app.config import load_config
+
+RESULTS_DIR = Path(__file__).parent / "results"
+SYSTEM_ORDER = ("bare", "naive", "litserve", "imagegen")
+LABELS = {
+    "bare": "bare pipeline (in-process)",
+    "naive": "naive FastAPI",
+    "litserve": "LitServe (batching)",
+    "imagegen": "imagegen-serve",
+}
+QUICK = {
+    "duration": 1.5,
+    "systems": "bare,imagegen",
+    "clients": "1,8",
+    "saturation_clients": 8,
+    "load_fractions": "0.5",
+    "bare_batch_sizes": "1,2",
+    "bare_one_thread": False,
+}
+FULL = {
+    "duration": 10.0,
+    "systems": ",".join(SYSTEM_ORDER),
+    "clients": "1,8",
+    "saturation_clients": 16,
+    "load_fractions": "0.3,0.6,0.9,1.2",
+    "bare_batch_sizes": "1,2,4,8,16",
+    "bare_one_thread": True,
+}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagegen bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run = parser.add_argument_group("the run")
+    run.add_argument(
+        "--quick", action="store_true", help="short scenarios, bare pipeline and imagegen-serve only"
+    )
+    run.add_argument(
+        "--out", type=Path, help=f"report directory (default {RESULTS_DIR}, or its quick/ with --quick)"
+    )
+    run.add_argument("--duration", type=float, help="seconds per scenario (default 10; 1.5 with --quick)")
+    run.add_argument("--systems", help=f"comma-separated, from {','.join(SYSTEM_ORDER)}")
+    run.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO for goodput (default 1000)")
+    run.add_argument("--seed", type=int, default=0, help="seed of arrivals and request mixes")
+    run.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed")
+    run.add_argument("--max-requests", type=int, help="at most this many requests per scenario")
+    run.add_argument(
+        "--drain", type=float, help="seconds a scenario waits for answers after sending (default: --duration)"
+    )
+    compare = parser.add_argument_group("the comparison (without --url)")
+    compare.add_argument("--clients", help="closed-loop client counts (default 1,8)")
+    compare.add_argument("--saturation-clients", type=int, help="clients that saturate a server (default 16)")
+    compare.add_argument(
+        "--load-fractions", help="open-loop rates as fractions of the bare pipeline's best images/s"
+    )
+    compare.add_argument(
+        "--capacity-fraction", type=float, default=0.8, help="open loop at this share of own capacity"
+    )
+    compare.add_argument(
+        "--bare-batch-sizes", help="batch sizes for the in-process pipeline (default 1,2,4,8,16)"
+    )
+    compare.add_argument(
+        "--bare-one-thread",
+        action=argparse.BooleanOptionalAction,
+        help="also time the pipeline on one torch thread, as a 1-CPU Ray worker runs it (default: on)",
+    )
+    target = parser.add_argument_group("one running server (--url)")
+    target.add_argument("--url", help="load this server instead of starting the peers")
+    target.add_argument("--name", default="target", help="its name in the report")
+    target.add_argument("--mode", choices=("open", "closed"), default="open")
+    target.add_argument("--rate", type=float, default=2.0, help="open loop: requests/s")
+    target.add_argument(
+        "--schedule", help="open loop: 'step:R1,R2,...' (equal segments) or 'ramp:START,END' (requests/s)"
+    )
+    mix = parser.add_argument_group("requests and arrivals")
+    mix.add_argument("--size", default="64x64", help="sizes with weights, e.g. '64x64:3,128x128:1'")
+    mix.add_argument("--endpoint", default="generations", help="e.g. 'generations:4,edits:1'")
+    mix.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="TIER=KEY[:WEIGHT]",
+        help="a tier's key (repeatable)",
+    )
+    mix.add_argument("--stream-fraction", type=float, default=0.0, help="share of requests with stream=true")
+    mix.add_argument("--n", type=int, default=1, help="images per request")
+    mix.add_argument("--model", help="the request's model (default: the server's default)")
+    mix.add_argument("--arrival", choices=("poisson", "gamma", "uniform"), default="poisson")
+    mix.add_argument("--burstiness", type=float, default=2.0, help="gamma: coefficient of variation of gaps")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.drain is None:
+        args.drain = args.duration
+    if args.out is None:  # only the full comparison writes the committed report
+        args.out = (
+            RESULTS_DIR / (args.name if args.url else "quick") if args.url or args.quick else RESULTS_DIR
+        )
+    return args
+
+
+def request_mix(args: argparse.Namespace) -> RequestMix:
+    tiers = tuple(Tier.parse(spec) for spec in args.api_key) or (Tier("default", "sk-bench"),)
+    return RequestMix(
+        sizes=parse_weighted(args.size),
+        endpoints=parse_weighted(args.endpoint),
+        tiers=tiers,
+        stream_fraction=args.stream_fraction,
+        images_per_request=args.n,
+        model=args.model,
+    )
+
+
+def burstiness(args: argparse.Namespace) -> float:
+    return {"poisson": 1.0, "uniform": 0.0}.get(args.arrival, args.burstiness)
+
+
+def schedule(args: argparse.Namespace) -> RateSchedule:
+    if not args.schedule:
+        return RateSchedule.fixed(args.rate)
+    kind, _, values = args.schedule.partition(":")
+    rates = _floats(values)
+    if kind == "step" and rates:
+        return RateSchedule.step(rates, args.duration / len(rates))
+    if kind == "ramp" and len(rates) == 2:
+        return RateSchedule.ramp(rates[0], rates[1], args.duration)
+    raise SystemExit(f"--schedule: expected 'step:1,2,4' or 'ramp:1,8', got {args.schedule!r}")
+
+
+def open_arrivals(
+    args: argparse.Namespace, rates: RateSchedule, mix: RequestMix, seed: int
+) -> list[tuple[float, Any]]:
+    """The same (offset, request) list for every system given the same seed."""
+    offsets = arrival_offsets(
+        rates,
+        args.duration,
+        burstiness=burstiness(args),
+        rng=random.Random(seed),
+        max_requests=args.max_requests,
+    )
+    return list(zip(offsets, build_requests(mix, len(offsets), random.Random(seed + 1)), strict=True))
+
+
+class Collector:
+    """Summary rows and records of a run, in the order scenarios ran."""
+
+    def __init__(self, slo_s: float) -> None:
+        self.slo_s = slo_s
+        self.rows: list[dict[str, Any]] = []
+        self.records: list[RequestRecord] = []
+
+    def add(self, scenario: Scenario, records: list[RequestRecord]) -> dict[str, Any]:
+        row = summarize(scenario, records, self.slo_s)
+        self.rows.append(row)
+        self.records.extend(records)
+        print(
+            f"  {scenario.system:9} {scenario.name:14} ok {row['ok']:4}/{row['requests']:<4} "
+            f"p50 {_ms(row['p50_ms'])} p99 {_ms(row['p99_ms'])} {row['throughput_img_s']:6.2f} img/s",
+            flush=True,
+        )
+        return row
+
+
+def _ms(value: float | None) -> str:
+    return "     -" if value is None else f"{value:6.0f}"
+
+
+async def benchmark_server(
+    args: argparse.Namespace,
+    name: str,
+    base_url: str,
+    mix: RequestMix,
+    reference_rps: float | None,
+    collector: Collector,
+) -> float | None:
+    """Every scenario against one running server; returns the reference rate for the open loops."""
+    common = {"system": name, "timeout_s": args.timeout, "drain_s": args.drain}
+    client_counts = sorted({*_ints(args.clients), args.saturation_clients})
+    # The first forward pass at each batch size sets up kernels for its shapes (up to seconds on a
+    # CPU): bursts of 1..max_batch_size requests pay for that before anything is measured.
+    max_batch = load_config().variants[0].batching.max_batch_size
+    for burst in [*range(1, max_batch + 1), max(client_counts)]:
+        await run_closed_loop(
+            base_url,
+            iter_requests(mix, random.Random(-burst)),
+            scenario="warm-up",
+            clients=burst,
+            duration_s=args.timeout,
+            max_requests=burst,
+            **common,
+        )
+
+    async def settle() -> None:
+        # An overloaded server may still be working through requests the client gave up on; one
+        # answered request (queued behind them) says it is idle again before the next scenario.
+        await run_closed_loop(
+            base_url,
+            iter_requests(mix, random.Random(-1)),
+            scenario="settle",
+            clients=1,
+            duration_s=args.timeout,
+            max_requests=1,
+            system=name,
+            timeout_s=args.timeout * 4,
+        )
+
+    for clients in client_counts:
+        scenario = Scenario(name, f"closed-{clients}", "closed", clients=clients)
+        records = await run_closed_loop(
+            base_url,
+            iter_requests(mix, random.Random(args.seed + clients)),
+            scenario=scenario.name,
+            clients=clients,
+            duration_s=args.duration,
+            max_requests=args.max_requests,
+            **common,
+        )
+        collector.add(scenario, records)
+    capacity = saturated_throughput(collector.rows, name)
+    reference_rps = reference_rps or capacity
+    # Own-capacity load first, then the common rates from light to overload, so that any backlog
+    # an overload leaves behind can only follow heavier load.
+    rates: list[tuple[str, float, int]] = []
+    if capacity:
+        rates.append((f"open-{args.capacity_fraction:g}cap", args.capacity_fraction * capacity, 0))
+    if reference_rps:
+        fractions = sorted(_floats(args.load_fractions))
+        rates += [
+            (f"open-{f * reference_rps:.2f}rps", f * reference_rps, i + 1) for i, f in enumerate(fractions)
+        ]
+    for scenario_name, rate, seed_offset in rates:
+        await settle()
+        scenario = Scenario(name, scenario_name, "open", offered_rps=rate)
+        arrivals = open_arrivals(args, RateSchedule.fixed(rate), mix, args.seed + 1000 * seed_offset)
+        records = await run_open_loop(base_url, arrivals, scenario=scenario.name, **common)
+        collector.add(scenario, records)
+    return reference_rps
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    import torch
+
+    device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB RAM, {device}; "
+        f"{platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=RESULTS_DIR.parent,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=RESULTS_DIR.parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def run_info(args: argparse.Namespace, argv: Sequence[str], title: str) -> RunInfo:
+    return RunInfo(
+        title=title,
+        machine=machine_description(),
+        started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=git_commit(),
+        command=" ".join(["python -m benchmarks.run", *argv]),
+        duration_s=args.duration,
+        slo_ms=args.slo_ms,
+        load_before=os.getloadavg(),
+        labels=dict(LABELS),
+    )
+
+
+def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
+    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = set(systems) - set(SYSTEM_ORDER)
+    if unknown:
+        raise SystemExit(f"--systems: unknown {sorted(unknown)}; known: {','.join(SYSTEM_ORDER)}")
+    info = run_info(args, argv, "imagegen-serve and peers on the embedded default (tiny-sd)")
+    collector = Collector(args.slo_ms / 1000)
+    mix = request_mix(args)
+    started = time.perf_counter()
+    if "bare" in systems:
+        from benchmarks.systems import BarePipeline
+
+        print("bare pipeline, in-process", flush=True)
+        bare = BarePipeline()
+        size = next(iter(mix.sizes))
+        scenarios, records = bare.measure(_ints(args.bare_batch_sizes), args.duration / 2, size)
+        if args.bare_one_thread:
+            # A Ray worker with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS).
+            batch = load_config().variants[0].batching.max_batch_size
+            one_thread = bare.measure([1, batch], args.duration / 2, size, threads=1)
+            scenarios, records = scenarios + one_thread[0], records + one_thread[1]
+        for scenario in scenarios:
+            collector.add(scenario, [r for r in records if r.scenario == scenario.name])
+    reference_rps = saturated_throughput(collector.rows, "bare", "batch-")
+    from benchmarks.systems import running_server, server_systems
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as storage:
+        servers = server_systems(port, Path(storage))
+        for name in (name for name in SYSTEM_ORDER if name in systems and name != "bare"):
+            print(f"{LABELS[name]}: starting", flush=True)
+            try:
+                with running_server(servers[name], port) as server:
+                    info.startup_s[name] = server.startup_s
+                    reference_rps = asyncio.run(
+                        benchmark_server(args, name, server.base_url, mix, reference_rps, collector)
+                    )
+            except RuntimeError as failure:
+                info.notes.append(f"{name} was skipped: {str(failure).splitlines()[0]}")
+                print(failure, file=sys.stderr, flush=True)
+    if reference_rps:
+        info.notes.append(
+            f"open loops at the same rates for every system: fractions {args.load_fractions} of "
+            f"{reference_rps:.2f} images/s (the bare pipeline's best); 'open-{args.capacity_fraction:g}cap' "
+            "is each server at that share of its own capacity"
+        )
+    info.wall_s = time.perf_counter() - started
+    info.load_after = os.getloadavg()
+    write_report(args.out, info, collector.rows, collector.records)
+    return info
+
+
+def load_one_server(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
+    info = run_info(args, argv, f"Load test of {args.url}")
+    info.labels[args.name] = args.name
+    collector = Collector(args.slo_ms / 1000)
+    mix = request_mix(args)
+    started = time.perf_counter()
+    if args.mode == "closed":
+        for clients in _ints(args.clients):
+            scenario = Scenario(args.name, f"closed-{clients}", "closed", clients=clients)
+            records = asyncio.run(
+                run_closed_loop(
+                    args.url,
+                    iter_requests(mix, random.Random(args.seed)),
+                    system=args.name,
+                    scenario=scenario.name,
+                    clients=clients,
+                    duration_s=args.duration,
+                    max_requests=args.max_requests,
+                    timeout_s=args.timeout,
+                    drain_s=args.drain,
+                )
+            )
+            collector.add(scenario, records)
+    else:
+        rates = schedule(args)
+        label = args.schedule or f"{args.rate:g}rps"
+        mean_rate = rates.expected_count(args.duration) / args.duration
+        scenario = Scenario(args.name, f"open-{args.arrival}-{label}", "open", offered_rps=mean_rate)
+        arrivals = open_arrivals(args, rates, mix, args.seed)
+        records = asyncio.run(
+            run_open_loop(
+                args.url,
+                arrivals,
+                system=args.name,
+                scenario=scenario.name,
+                timeout_s=args.timeout,
+                drain_s=args.drain,
+            )
+        )
+        collector.add(scenario, records)
+    info.wall_s = time.perf_counter() - started
+    info.load_after = os.getloadavg()
+    write_report(args.out, info, collector.rows, collector.records)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    info = load_one_server(args, argv) if args.url else compare(args, argv)
+    print(f"report: {args.out / 'report.md'} ({info.wall_s:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The systems under test: the bare pipeline in this process, and servers started as subprocesses.
+
+Each server runs alone (this is a 2-core machine) and is stopped before the next one starts.
+A server is ready when it prints its ready line; nothing here sleeps to wait for one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.loadgen import RequestRecord
+from benchmarks.stats import Scenario
+from benchmarks.workload import PROMPTS
+from deployments.contracts import ImageTask
+
+STARTUP_TIMEOUT_S = 240
+SHUTDOWN_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class ServerSystem:
+    """A server to benchmark: how to start it and the line it prints once it is serving."""
+
+    name: str
+    label: str
+    command: list[str]
+    ready_line: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
+    """The peers and imagegen-serve, each on ``port`` when it runs (one at a time)."""
+    python = sys.executable
+    weights = str(bare_weights_path())
+    steps, guidance = _default_steps_and_guidance()
+    naive_options = ["--weights", weights, "--port", str(port)]
+    naive_options += ["--steps", str(steps), "--guidance-scale", str(guidance)]
+    return {
+        "naive": ServerSystem(
+            name="naive",
+            label="naive FastAPI (1 at a time)",
+            command=[python, "-m", "benchmarks.peers.naive_fastapi", *naive_options],
+            ready_line="Uvicorn running on",
+        ),
+        "litserve": ServerSystem(
+            name="litserve",
+            label="LitServe (batching)",
+            command=[python, "-m", "benchmarks.peers.litserve_server", "--port", str(port)],
+            ready_line="Swagger UI is available",
+        ),
+        "imagegen": ServerSystem(
+            name="imagegen",
+            label="imagegen-serve",
+            command=[str(Path(python).with_name("imagegen")), "serve"],
+            ready_line="imagegen-serve ready",
+            env={"IMAGEGEN_PORT": str(port), "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}"},
+        ),
+    }
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    startup_s: float
+    output: list[str]
+
+
+@contextmanager
+def running_server(system: ServerSystem, port: int) -> Iterator[RunningServer]:
+    """Start ``system``, wait for its ready line, yield its URL; stop it (and its children) after."""
+    env = {**os.environ, **system.env, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    # Its own session, so stopping it reaches the workers it forks (LitServe, Ray) and nothing else.
+    process = subprocess.Popen(
+        system.command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    output: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:  # keeps the pipe empty and signals the ready line (or the end of output)
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if system.ready_line in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        if not ready.wait(STARTUP_TIMEOUT_S) or process.poll() is not None:
+            tail = "".join(output)[-3000:]
+            raise RuntimeError(f"{system.name} did not start within {STARTUP_TIMEOUT_S}s:\n{tail}")
+        yield RunningServer(f"http://127.0.0.1:{port}", time.perf_counter() - started, output)
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind in its own session
+    process.wait()
+
+
+def bare_weights_path() -> Path:
+    """The embedded default's diffusers directory (built on first use), as every system loads it."""
+    from deployments.models.builtin import resolve_weights
+    from serve_app.config import load_config
+
+    config = load_config()
+    return Path(resolve_weights(config.variants[0].weights, config.cache_dir))
+
+
+def _default_steps_and_guidance() -> tuple[int, float]:
+    """What imagegen-serve runs for a request that sets neither (quality 'auto' means medium)."""
+    from serve_app.config import load_config
+
+    variant = load_config().variants[0]
+    return variant.steps.medium, variant.guidance_scale
+
+
+class BarePipeline:
+    """The embedded default's pipeline in this process, called through the family code the replica runs."""
+
+    def __init__(self) -> None:
+        from deployments.models.registry import load_family
+        from serve_app.config import load_config
+
+        config = load_config()
+        self.variant = config.variants[0]
+        self.family, _ = load_family(self.variant, config.cache_dir)
+
+    def measure(
+        self,
+        batch_sizes: Sequence[int],
+        duration_s: float,
+        size: str,
+        min_calls: int = 3,
+        threads: int | None = None,
+    ) -> tuple[list[Scenario], list[RequestRecord]]:
+        """Time forward passes: ``duration_s`` per batch size, at least ``min_calls`` each, after one
+        warm-up call. Each call is one record of ``n = batch size`` images.
+
+        With ``threads``, torch runs on that many threads (scenarios ``<threads>-thread-batch-<n>``),
+        as in a Ray worker that Ray gave that many CPUs.
+        """
+        import torch
+
+        default_threads = torch.get_num_threads()
+        torch.set_num_threads(threads or default_threads)
+        try:
+            prefix = f"{threads}-thread-" if threads else ""
+            scenarios, records = [], []
+            for batch in batch_sizes:
+                scenario = Scenario("bare", f"{prefix}batch-{batch}", "in-process", clients=batch)
+                scenarios.append(scenario)
+                records += self._time_calls(scenario.name, batch, duration_s, size, min_calls)
+            return scenarios, records
+        finally:
+            torch.set_num_threads(default_threads)
+
+    def _time_calls(
+        self, scenario: str, batch: int, duration_s: float, size: str, min_calls: int
+    ) -> list[RequestRecord]:
+        self.family.generate(self._tasks(batch, size, -1))
+        records: list[RequestRecord] = []
+        origin = time.perf_counter()
+        while len(records) < min_calls or time.perf_counter() - origin < duration_s:
+            tasks = self._tasks(batch, size, len(records))
+            start = time.perf_counter()
+            self.family.generate(tasks)
+            end = time.perf_counter()
+            records.append(
+                RequestRecord(
+                    system="bare",
+                    scenario=scenario,
+                    index=len(records),
+                    endpoint="in-process",
+                    size=size,
+                    n=batch,
+                    stream=False,
+                    tier="none",
+                    scheduled_s=None,
+                    start_s=start - origin,
+                    end_s=end - origin,
+                    status=200,
+                    bytes=0,
+                    batch_sizes=[batch] * batch,
+                )
+            )
+        return records
+
+    def _tasks(self, batch: int, size: str, call: int) -> list[ImageTask]:
+        width, height = (int(side) for side in size.split("x"))
+        return [
+            ImageTask(
+                request_id=f"bare-{call}",
+                index=index,
+                tenant="bench",
+                variant=self.variant.name,
+                kind="generate",
+                prompt=PROMPTS[(call + index) % len(PROMPTS)],
+                negative_prompt=None,
+                width=width,
+                height=height,
+                steps=self.variant.steps.medium,
+                guidance_scale=self.variant.guidance_scale,
+                seed=(call + 1) * 1000 + index,
+            )
+            for index in range(batch)
+        ]

@@ -1,0 +1,140 @@
+"""Benchmark statistics and the targets they are judged by: pure functions over hand-made records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from benchmarks.loadgen import RequestRecord
+from benchmarks.report import concurrency_table, evaluate_targets, saturated_throughput
+from benchmarks.stats import (
+    Scenario,
+    batch_size_counts,
+    errors_by_status,
+    goodput,
+    mean_batch_size,
+    percentile,
+    summarize,
+    throughput,
+    window_s,
+)
+
+
+def record(
+    start: float, end: float, status: int = 200, n: int = 1, scheduled: float | None = None, **extra: Any
+) -> RequestRecord:
+    return RequestRecord(
+        system="s", scenario="x", index=0, endpoint="generations", size="64x64", n=n, stream=False,
+        tier="default", scheduled_s=scheduled, start_s=start, end_s=end, status=status, bytes=10, **extra,
+    )  # fmt: skip
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 50) == pytest.approx(2.5)
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
+    assert percentile(list(range(101)), 99) == pytest.approx(99.0)
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile(values, 101)
+
+
+def test_throughput_counts_images_of_successes_over_the_window() -> None:
+    records = [record(0.0, 1.0, n=2), record(1.0, 2.0), record(1.5, 4.0, status=500)]
+    assert window_s(records) == 4.0
+    assert throughput(records) == pytest.approx(3 / 4)
+    assert throughput([]) == 0.0
+
+
+def test_open_loop_latency_counts_from_the_scheduled_arrival() -> None:
+    late = record(start=1.5, end=2.0, scheduled=1.0)
+    assert late.latency_s == pytest.approx(1.0)
+    assert window_s([late]) == pytest.approx(1.0)  # from the first *scheduled* arrival
+
+
+def test_goodput_counts_only_answers_within_the_slo() -> None:
+    records = [record(0.0, 0.5), record(0.0, 1.5), record(0.0, 0.2, status=429), record(1.0, 2.0)]
+    assert goodput(records, slo_s=1.0) == pytest.approx(2 / 2.0)
+    assert goodput(records, slo_s=2.0) == pytest.approx(3 / 2.0)
+
+
+def test_errors_and_batch_sizes() -> None:
+    records = [
+        record(0, 1, batch_sizes=[4, 4]),
+        record(0, 1, batch_sizes=[1]),
+        record(0, 1, status=503, batch_sizes=[8]),
+        record(0, 1, status=0),
+        record(0, 1, status=503),
+    ]
+    assert errors_by_status(records) == {503: 2, 0: 1}
+    assert batch_size_counts(records) == {1: 1, 4: 2}
+    assert mean_batch_size(records) == pytest.approx(3.0)
+    assert mean_batch_size([record(0, 1)]) is None
+
+
+def test_summary_row_has_every_report_column() -> None:
+    records = [record(0.0, 0.1 * (i + 1), batch_sizes=[2]) for i in range(10)] + [record(0, 1, status=429)]
+    row = summarize(Scenario("imagegen", "closed-8", "closed", clients=8), records, slo_s=0.5)
+    assert row["requests"] == 11 and row["ok"] == 10
+    assert row["errors"] == "429:1"
+    assert row["p50_ms"] == pytest.approx(550.0)
+    assert row["p99_ms"] == pytest.approx(991.0)
+    assert row["goodput_img_s"] == pytest.approx(5 / 1.0)
+    assert row["mean_batch_size"] == 2.0
+    assert row["first_partial_p50_ms"] is None
+
+
+def row(
+    system: str, scenario: str, mode: str, img_s: float, p50: float = 0.0, p99: float = 0.0
+) -> dict[str, Any]:
+    return {
+        "system": system, "scenario": scenario, "mode": mode, "throughput_img_s": img_s,
+        "p50_ms": p50, "p99_ms": p99,
+    }  # fmt: skip
+
+
+def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
+    rows = [
+        row("bare", "batch-1", "in-process", 5.0, p50=200.0),
+        row("bare", "batch-8", "in-process", 8.0, p50=1000.0),
+        row("naive", "closed-16", "closed", 5.0),
+        row("litserve", "closed-16", "closed", 7.5),
+        row("imagegen", "closed-1", "closed", 4.5, p50=220.0),
+        row("imagegen", "closed-16", "closed", 7.6),
+        row("imagegen", "open-0.8cap", "open", 6.0, p99=700.0),
+        row("imagegen", "open-9.00rps", "open", 9.0),  # open loops do not define capacity
+    ]
+    assert saturated_throughput(rows, "imagegen") == 7.6
+    results = {target.name: target for target in evaluate_targets(rows)}
+    assert results["saturated throughput / bare pipeline at its best batch"].value == pytest.approx(0.95)
+    assert results["saturated throughput / bare pipeline at its best batch"].met is True
+    assert results["saturated throughput / naive"].met is True
+    assert results["saturated throughput / litserve"].value == pytest.approx(7.6 / 7.5)
+    assert results["p99 at 80% of capacity / unloaded p50"].value == pytest.approx(700 / 220)
+    assert results["p99 at 80% of capacity / unloaded p50"].met is False
+    assert results["p50 added over the bare call at 1 client (ms)"].value == pytest.approx(20.0)
+    assert results["p50 added over the bare call at 1 client (ms)"].met is True
+
+
+def test_targets_without_the_systems_they_need_are_unknown() -> None:
+    results = evaluate_targets([row("imagegen", "closed-1", "closed", 4.0, p50=200.0)])
+    assert all(target.met is None for target in results)
+
+
+def test_concurrency_table_reads_bare_batches_as_clients() -> None:
+    rows = [
+        row("bare", "batch-1", "in-process", 5.0),
+        row("bare", "batch-8", "in-process", 8.0),
+        row("bare", "1-thread-batch-1", "in-process", 4.5),
+        row("bare", "1-thread-batch-8", "in-process", 6.5),
+        row("imagegen", "closed-1", "closed", 4.0),
+        row("imagegen", "closed-8", "closed", 6.0),
+        row("imagegen", "closed-16", "closed", 6.2),
+    ]
+    assert concurrency_table(rows, ["bare", "imagegen"]) == [
+        ["bare", "5.00", "8.00", "8.00"],
+        ["bare, 1 thread", "4.50", "6.50", "6.50"],
+        ["imagegen", "4.00", "6.00", "6.20"],
+    ]
