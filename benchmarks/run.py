@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a tier's key (repeatable)",
     )
     mix.add_argument("--stream-fraction", type=float, default=0.0, help="share of requests with stream=true")
+    mix.add_argument("--partial-images", type=int, default=2, help="partial images a stream asks for (0-3)")
     mix.add_argument("--n", type=int, default=1, help="images per request")
     mix.add_argument("--model", help="the request's model (default: the server's default)")
     mix.add_argument("--arrival", choices=("poisson", "gamma", "uniform"), default="poisson")
@@ -173,6 +174,7 @@ def request_mix(args: argparse.Namespace) -> RequestMix:
         endpoints=parse_weighted(args.endpoint),
         tiers=tiers,
         stream_fraction=args.stream_fraction,
+        partial_images=args.partial_images,
         images_per_request=args.n,
         model=args.model,
     )
