@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop
+from benchmarks.machine import ForeignLoadMeter
 from benchmarks.report import RunInfo, saturated_throughput, write_report
 from benchmarks.stats import Scenario, summarize
 from benchmarks.workload import (
@@ -365,6 +366,13 @@ def run_info(args: argparse.Namespace, argv: Sequence[str], title: str) -> RunIn
     )
 
 
+def note_foreign_load(info: RunInfo, name: str, meter: ForeignLoadMeter) -> None:
+    load = meter.stop()
+    if load is not None:
+        info.foreign_load[name] = load.describe()
+        print(f"  {name}: CPU used outside the benchmark: {load.describe()}", flush=True)
+
+
 def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = set(systems) - set(SYSTEM_ORDER)
@@ -373,12 +381,14 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
     info = run_info(args, argv, "imagegen-serve and peers on the embedded default (tiny-sd)")
     collector = Collector(args.slo_ms / 1000)
     mix = request_mix(args)
+    meter = ForeignLoadMeter()
     started = time.perf_counter()
     if "bare" in systems:
         from benchmarks.systems import BarePipeline
 
         print("bare pipeline, in-process", flush=True)
         bare = BarePipeline()
+        meter.start()
         size = next(iter(mix.sizes))
         scenarios, records = bare.measure(_ints(args.bare_batch_sizes), args.duration / 2, size)
         if args.bare_one_thread:
@@ -386,6 +396,7 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
             batch = load_config().variants[0].batching.max_batch_size
             one_thread = bare.measure([1, batch], args.duration / 2, size, threads=1)
             scenarios, records = scenarios + one_thread[0], records + one_thread[1]
+        note_foreign_load(info, "bare", meter)
         for scenario in scenarios:
             collector.add(scenario, [r for r in records if r.scenario == scenario.name])
     reference_rps = saturated_throughput(collector.rows, "bare", "batch-")
@@ -399,9 +410,11 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
             try:
                 with running_server(servers[name], port) as server:
                     info.startup_s[name] = server.startup_s
+                    meter.start(server.session)
                     reference_rps = asyncio.run(
                         benchmark_server(args, name, server.base_url, mix, reference_rps, collector)
                     )
+                    note_foreign_load(info, name, meter)
             except RuntimeError as failure:
                 info.notes.append(f"{name} was skipped: {str(failure).splitlines()[0]}")
                 print(failure, file=sys.stderr, flush=True)
