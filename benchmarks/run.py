@@ -67,6 +67,7 @@ QUICK = {
     "load_fractions": "0.5",
     "bare_batch_sizes": "1,2",
     "bare_one_thread": False,
+    "drain": 15.0,  # short scenarios, but no request should fail for want of waiting
 }
 FULL = {
     "duration": 10.0,
@@ -247,9 +248,11 @@ async def benchmark_server(
     common = {"system": name, "timeout_s": args.timeout, "drain_s": args.drain}
     client_counts = sorted({*_ints(args.clients), args.saturation_clients})
     # The first forward pass at each batch size sets up kernels for its shapes (up to seconds on a
-    # CPU): bursts of 1..max_batch_size requests pay for that before anything is measured.
+    # CPU): bursts of 1..max_batch_size requests pay for that before anything is measured (--quick,
+    # which measures nothing worth comparing, warms with one burst).
     max_batch = load_config().variants[0].batching.max_batch_size
-    for burst in [*range(1, max_batch + 1), max(client_counts)]:
+    bursts = [max(client_counts)] if args.quick else [*range(1, max_batch + 1), max(client_counts)]
+    for burst in bursts:
         await run_closed_loop(
             base_url,
             iter_requests(mix, random.Random(-burst)),
