@@ -30,7 +30,10 @@ import httpx
 from benchmarks.workload import ENDPOINT_PATHS, RequestSpec
 
 BATCH_SIZE_HEADER = "x-imagegen-batch-size"
-PARTIAL_IMAGE_EVENT = "partial_image"  # OpenAI's SSE event `image_generation.partial_image`
+# OpenAI's stream events: `image_generation.partial_image`, `image_edit.completed`, `error`, ...
+PARTIAL_IMAGE_EVENT = "partial_image"
+COMPLETED_EVENT = ".completed"
+ERROR_EVENT = "event: error"
 ProgressFactory = Callable[[int | None, str], AbstractContextManager[Any]]
 
 
@@ -64,7 +67,8 @@ class RequestRecord:
 
     @property
     def ok(self) -> bool:
-        return self.status == 200
+        """Answered in full: status 200, and a stream that ended with its completed image."""
+        return self.status == 200 and self.error is None
 
     @property
     def images(self) -> int:
@@ -123,6 +127,7 @@ def build_http_request(client: httpx.AsyncClient, spec: RequestSpec) -> httpx.Re
         fields["model"] = spec.model
     if spec.stream:
         fields["stream"] = True
+        fields["partial_images"] = spec.partial_images
     if spec.endpoint == "generations":
         return client.build_request("POST", url, json=fields, headers=headers)
     form = {
@@ -155,10 +160,17 @@ async def send(
             try:
                 status, headers = response.status_code, response.headers
                 if spec.stream and status == 200:
+                    completed = False
                     async for line in response.aiter_lines():
                         received += len(line) + 1
-                        if first_partial is None and PARTIAL_IMAGE_EVENT in line[:200]:
+                        head = line[:200]
+                        if first_partial is None and PARTIAL_IMAGE_EVENT in head:
                             first_partial = time.perf_counter() - start
+                        completed = completed or (head.startswith("event:") and COMPLETED_EVENT in head)
+                        if head.startswith(ERROR_EVENT):
+                            error = "the stream sent an error event"
+                    if error is None and not completed:
+                        error = "the stream ended without a completed image"
                 else:
                     async for chunk in response.aiter_bytes():
                         received += len(chunk)

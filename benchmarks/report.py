@@ -88,6 +88,7 @@ class RunInfo:
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     labels: dict[str, str] = field(default_factory=dict)
     startup_s: dict[str, float] = field(default_factory=dict)
+    foreign_load: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -219,6 +220,11 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
     if info.startup_s:
         startup = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in info.startup_s.items())
         parts.append(f"- Start-up to ready: {startup}")
+    if info.foreign_load:
+        foreign = "; ".join(f"{name}: {load}" for name, load in info.foreign_load.items())
+        parts.append(
+            f"- CPU used outside the benchmark while each system ran (share of all cores): {foreign}"
+        )
     parts += [f"- Note: {note}" for note in info.notes]
     parts += [
         "",

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop
+from benchmarks.machine import ForeignLoadMeter
 from benchmarks.report import RunInfo, saturated_throughput, write_report
 from benchmarks.stats import Scenario, summarize
 from benchmarks.workload import (
@@ -66,6 +67,7 @@ QUICK = {
     "load_fractions": "0.5",
     "bare_batch_sizes": "1,2",
     "bare_one_thread": False,
+    "drain": 15.0,  # short scenarios, but no request should fail for want of waiting
 }
 FULL = {
     "duration": 10.0,
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a tier's key (repeatable)",
     )
     mix.add_argument("--stream-fraction", type=float, default=0.0, help="share of requests with stream=true")
+    mix.add_argument("--partial-images", type=int, default=2, help="partial images a stream asks for (0-3)")
     mix.add_argument("--n", type=int, default=1, help="images per request")
     mix.add_argument("--model", help="the request's model (default: the server's default)")
     mix.add_argument("--arrival", choices=("poisson", "gamma", "uniform"), default="poisson")
@@ -173,6 +176,7 @@ def request_mix(args: argparse.Namespace) -> RequestMix:
         endpoints=parse_weighted(args.endpoint),
         tiers=tiers,
         stream_fraction=args.stream_fraction,
+        partial_images=args.partial_images,
         images_per_request=args.n,
         model=args.model,
     )
@@ -244,9 +248,11 @@ async def benchmark_server(
     common = {"system": name, "timeout_s": args.timeout, "drain_s": args.drain}
     client_counts = sorted({*_ints(args.clients), args.saturation_clients})
     # The first forward pass at each batch size sets up kernels for its shapes (up to seconds on a
-    # CPU): bursts of 1..max_batch_size requests pay for that before anything is measured.
+    # CPU): bursts of 1..max_batch_size requests pay for that before anything is measured (--quick,
+    # which measures nothing worth comparing, warms with one burst).
     max_batch = load_config().variants[0].batching.max_batch_size
-    for burst in [*range(1, max_batch + 1), max(client_counts)]:
+    bursts = [max(client_counts)] if args.quick else [*range(1, max_batch + 1), max(client_counts)]
+    for burst in bursts:
         await run_closed_loop(
             base_url,
             iter_requests(mix, random.Random(-burst)),
@@ -363,6 +369,13 @@ def run_info(args: argparse.Namespace, argv: Sequence[str], title: str) -> RunIn
     )
 
 
+def note_foreign_load(info: RunInfo, name: str, meter: ForeignLoadMeter) -> None:
+    load = meter.stop()
+    if load is not None:
+        info.foreign_load[name] = load.describe()
+        print(f"  {name}: CPU used outside the benchmark: {load.describe()}", flush=True)
+
+
 def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = set(systems) - set(SYSTEM_ORDER)
@@ -371,12 +384,14 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
     info = run_info(args, argv, "imagegen-serve and peers on the embedded default (tiny-sd)")
     collector = Collector(args.slo_ms / 1000)
     mix = request_mix(args)
+    meter = ForeignLoadMeter()
     started = time.perf_counter()
     if "bare" in systems:
         from benchmarks.systems import BarePipeline
 
         print("bare pipeline, in-process", flush=True)
         bare = BarePipeline()
+        meter.start()
         size = next(iter(mix.sizes))
         scenarios, records = bare.measure(_ints(args.bare_batch_sizes), args.duration / 2, size)
         if args.bare_one_thread:
@@ -384,6 +399,7 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
             batch = load_config().variants[0].batching.max_batch_size
             one_thread = bare.measure([1, batch], args.duration / 2, size, threads=1)
             scenarios, records = scenarios + one_thread[0], records + one_thread[1]
+        note_foreign_load(info, "bare", meter)
         for scenario in scenarios:
             collector.add(scenario, [r for r in records if r.scenario == scenario.name])
     reference_rps = saturated_throughput(collector.rows, "bare", "batch-")
@@ -397,9 +413,11 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
             try:
                 with running_server(servers[name], port) as server:
                     info.startup_s[name] = server.startup_s
+                    meter.start(server.session)
                     reference_rps = asyncio.run(
                         benchmark_server(args, name, server.base_url, mix, reference_rps, collector)
                     )
+                    note_foreign_load(info, name, meter)
             except RuntimeError as failure:
                 info.notes.append(f"{name} was skipped: {str(failure).splitlines()[0]}")
                 print(failure, file=sys.stderr, flush=True)

@@ -72,6 +72,7 @@ class RunningServer:
     base_url: str
     startup_s: float
     output: list[str]
+    session: int  # the server's process session: it and every process it started
 
 
 @contextmanager
@@ -105,7 +106,7 @@ def running_server(system: ServerSystem, port: int) -> Iterator[RunningServer]:
         if not ready.wait(STARTUP_TIMEOUT_S) or process.poll() is not None:
             tail = "".join(output)[-3000:]
             raise RuntimeError(f"{system.name} did not start within {STARTUP_TIMEOUT_S}s:\n{tail}")
-        yield RunningServer(f"http://127.0.0.1:{port}", time.perf_counter() - started, output)
+        yield RunningServer(f"http://127.0.0.1:{port}", time.perf_counter() - started, output, process.pid)
     finally:
         _stop(process)
 

@@ -176,6 +176,7 @@ class RequestMix:
     endpoints: dict[str, float]
     tiers: tuple[Tier, ...] = (Tier("default", "sk-bench"),)
     stream_fraction: float = 0.0
+    partial_images: int = 2
     images_per_request: int = 1
     model: str | None = None
 
@@ -200,6 +201,7 @@ class RequestSpec:
     api_key: str
     prompt: str
     model: str | None = None
+    partial_images: int = 0  # sent with streams
 
 
 def _choose(weights: dict[str, float], rng: random.Random) -> str:
@@ -223,6 +225,7 @@ def iter_requests(mix: RequestMix, rng: random.Random) -> Iterator[RequestSpec]:
             api_key=tier.api_key,
             prompt=rng.choice(PROMPTS),
             model=mix.model,
+            partial_images=mix.partial_images,
         )
 
 

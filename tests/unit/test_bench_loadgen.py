@@ -130,3 +130,33 @@ def test_requests_unanswered_at_the_deadline_fail_with_status_zero() -> None:
         )
     )
     assert records[0].status == 0 and records[0].error == "no answer before the scenario's deadline"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ('event: error\ndata: {"error": {"message": "boom"}}\n\n', "the stream sent an error event"),
+        (
+            SSE_BODY.split("event: image_generation.completed")[0],
+            "the stream ended without a completed image",
+        ),
+    ],
+)
+def test_broken_streams_are_failures(body: str, error: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    records = asyncio.run(
+        run_open_loop(
+            "http://bench",
+            [(0.0, spec(0, stream=True))],
+            system="fake",
+            scenario="open",
+            transport=httpx.MockTransport(handle),
+        )
+    )
+    assert records[0].status == 200 and records[0].error == error and not records[0].ok
+    assert json.loads(seen[0].content)["partial_images"] == 0
