@@ -182,6 +182,14 @@ class TierConfig(StrictModel):
         0.0, ge=0, description="Extra delay while the backlog is over `defer_at_backlog` (deferral at peak)."
     )
     max_wait_s: float = Field(300.0, gt=0, description="Deadline: work predicted to wait longer is shed.")
+    contended_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Most of a variant's slots this tier may hold while another tier uses the variant "
+        "(has work queued or running, or arrived within `contention_window_s`): the rest is a latency "
+        "reserve, so the other tier's work joins a short forward pass instead of queueing behind full ones.",
+    )
     sheddable: bool = Field(
         False, description="Shed at `shed_at_backlog` or on a missed deadline, not only at the hard limit."
     )
@@ -197,6 +205,11 @@ class SchedulerConfig(StrictModel):
     )
     slots_per_replica: int | None = Field(
         None, ge=1, description="Images in flight per model replica; default twice its max_batch_size."
+    )
+    contention_window_s: float = Field(
+        10.0,
+        ge=0,
+        description="How long after another tier's last arrival a `contended_share` still applies.",
     )
     job_attempts: int = Field(4, ge=1, le=20, description="Tries per job when a replica dies under it.")
     lease_s: float = Field(900.0, gt=0, description="A slot not released within this is reclaimed.")
@@ -230,6 +243,7 @@ def default_tiers() -> dict[str, TierConfig]:
             queue_delay_s=10.0,
             deferred_delay_s=60.0,
             max_wait_s=120.0,
+            contended_share=0.0625,
             sheddable=True,
         ),
     }

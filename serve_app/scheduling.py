@@ -12,7 +12,11 @@ The rules, in the order they apply to new work:
    when deferred). Paid work arriving later goes first, but free work ages: once its virtual
    start time has passed it is served before newer paid work, so it never starves.
 4. Slots: a variant runs at most ``capacity`` images at once; the head of its queue gets a slot
-   as soon as enough are free.
+   as soon as enough are free. While another tier uses the variant, a tier holds at most its
+   ``contended_share`` of the slots (at least one image), and its queued work waits without
+   blocking other tiers: the rest is a latency reserve. Images of in-flight work share forward
+   passes, so free work filling every slot would make each paid image wait for a full pass and
+   then run in one; with free work held to a share, paid work joins short passes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -170,7 +174,15 @@ class VariantQueue:
     capacity: int
     heap: list[tuple[float, int, str]] = field(default_factory=list)
     in_use: int = 0
+    in_use_by_tier: Counter[str] = field(default_factory=Counter)
+    last_arrival: dict[str, float] = field(default_factory=dict)  # per tier
     completions: deque[tuple[float, int]] = field(default_factory=deque)  # (time, images)
+
+
+def tier_slot_limit(tier: TierConfig, capacity: int, contended: bool) -> int:
+    """Slots a tier may hold: every one, or its contended share (at least one) while another tier
+    uses the variant."""
+    return max(1, math.floor(tier.contended_share * capacity)) if contended else capacity
 
 
 class SchedulerCore:
@@ -222,6 +234,7 @@ class SchedulerCore:
             excess = max(backlog + ticket.images - drain_to, 1)
             retry_after = max(1.0, excess / self.images_per_s(ticket.variant, now))
             return Admission("shed", reason, retry_after_s=retry_after)
+        queue.last_arrival[ticket.tier] = now
         ticket.enqueued_at = now
         ticket.deferred = verdict == "defer"
         ticket.order_key = now + tier.queue_delay_s + (tier.deferred_delay_s if ticket.deferred else 0.0)
@@ -258,10 +271,28 @@ class SchedulerCore:
             if other.variant == ticket.variant and other.order_key < ticket.order_key
         )
 
+    def contended(self, variant: str, tier: str, now: float) -> bool:
+        """Whether another tier uses ``variant``: work queued or running, or a recent arrival."""
+        queue = self.variants[variant]
+        window = self.config.contention_window_s
+        return any(
+            queue.in_use_by_tier[other] > 0
+            or self.backlog(variant, other) > 0
+            or now - queue.last_arrival.get(other, -math.inf) <= window
+            for other in self.tiers
+            if other != tier
+        )
+
     def grant(self, now: float) -> list[Ticket]:
-        """Tickets that get their slots now, in order. The head of a queue is never skipped."""
+        """Tickets that get their slots now, in order. The head of a queue waits only for slots;
+        work of a tier at its contended share is passed over until its tier holds less."""
         granted = []
-        for queue in self.variants.values():
+        for name, queue in self.variants.items():
+            limits = {
+                tier: tier_slot_limit(config, queue.capacity, self.contended(name, tier, now))
+                for tier, config in self.tiers.items()
+            }
+            passed_over = []
             while queue.heap:
                 _, _, ticket_id = queue.heap[0]
                 ticket = self.queued.get(ticket_id)
@@ -270,12 +301,19 @@ class SchedulerCore:
                     continue
                 if queue.in_use and queue.in_use + ticket.images > queue.capacity:
                     break
+                held = queue.in_use_by_tier[ticket.tier]
+                if held and held + ticket.images > limits[ticket.tier]:
+                    passed_over.append(heapq.heappop(queue.heap))
+                    continue
                 heapq.heappop(queue.heap)
                 del self.queued[ticket_id]
                 queue.in_use += ticket.images
+                queue.in_use_by_tier[ticket.tier] += ticket.images
                 ticket.granted_at = now
                 self.running[ticket_id] = ticket
                 granted.append(ticket)
+            for entry in passed_over:
+                heapq.heappush(queue.heap, entry)
         return granted
 
     def release(self, ticket_id: str, now: float, completed_images: int) -> bool:
@@ -285,6 +323,7 @@ class SchedulerCore:
             return False
         queue = self.variants[ticket.variant]
         queue.in_use -= ticket.images
+        queue.in_use_by_tier[ticket.tier] -= ticket.images
         if completed_images:
             queue.completions.append((now, completed_images))
         return True

@@ -100,6 +100,46 @@ def test_slots_bound_work_in_flight_and_the_head_is_never_skipped() -> None:
     assert scheduler.snapshot()["v"]["in_flight"] == 3
 
 
+def test_free_work_alone_may_use_every_slot() -> None:
+    scheduler = core(capacity=8)
+    for index in range(8):
+        scheduler.admit(ticket(f"free-{index}", tier="free"), now=float(index))
+        assert [t.id for t in scheduler.grant(float(index))] == [f"free-{index}"]
+    assert scheduler.snapshot()["v"]["in_flight"] == 8
+
+
+def sharing_core(capacity: int = 16) -> SchedulerCore:
+    """Free may hold 2 of 16 slots while paid uses the variant."""
+    tiers = {**TIERS, "free": TIERS["free"].model_copy(update={"contended_share": 0.125})}
+    return SchedulerCore(tiers, CONFIG, {"v": capacity})
+
+
+def test_while_paid_uses_the_variant_free_holds_its_share_and_queued_free_lets_paid_pass() -> None:
+    scheduler = sharing_core()
+    for index in range(3):
+        scheduler.admit(ticket(f"free-{index}", tier="free"), now=0.0)
+    scheduler.admit(ticket("paid-0"), now=0.0)
+    assert [t.id for t in scheduler.grant(0.0)] == ["paid-0", "free-0", "free-1"]
+    scheduler.release("paid-0", 30.0, 1)
+    scheduler.admit(ticket("paid-1"), now=30.0)  # free-2 (virtual start 10) heads the queue...
+    assert scheduler.queue_position("free-2") == 0
+    assert [t.id for t in scheduler.grant(30.0)] == ["paid-1"]  # ...but its tier is at its share
+    scheduler.release("free-0", 31.0, 1)
+    assert [t.id for t in scheduler.grant(31.0)] == ["free-2"]  # below its share again
+
+
+def test_the_contended_share_lapses_once_other_tiers_have_been_idle_for_the_window() -> None:
+    scheduler = sharing_core()
+    scheduler.admit(ticket("paid"), now=0.0)
+    for index in range(4):
+        scheduler.admit(ticket(f"free-{index}", tier="free"), now=0.0)
+    assert len(scheduler.grant(0.0)) == 3  # paid + 2 free
+    scheduler.release("paid", 1.0, 1)
+    window = CONFIG.contention_window_s
+    assert scheduler.grant(window) == []  # paid arrived (at 0) within the window
+    assert [t.id for t in scheduler.grant(window + 0.1)] == ["free-2", "free-3"]
+
+
 def test_oversized_requests_still_run_alone() -> None:
     scheduler = core(capacity=2)
     scheduler.admit(ticket("big", images=10), now=0.0)
