@@ -173,7 +173,7 @@ def render(meta: dict[str, Any], rows: Sequence[dict[str, Any]], records: Sequen
             "",
             "Latency counts from each request's scheduled arrival to the last byte of its answer; "
             "percentiles are over answered requests. `429` is work shed at admission (with `retry-after` "
-            "and `x-should-retry`), never work the service had accepted. ",
+            "and `x-should-retry`), never work the service had accepted.",
             "",
             "![paid and free latency through the spike](overload.png)",
             "",

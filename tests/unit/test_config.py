@@ -89,3 +89,10 @@ def test_all_cpu_threads_means_every_core_this_process_may_use() -> None:
 
     assert cpu_thread_count(3) == 3
     assert 1 <= cpu_thread_count("all") <= (os.cpu_count() or 1)
+
+
+def test_benchmark_configs_load() -> None:
+    configs = sorted((Path(__file__).parents[2] / "benchmarks" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert load_config(path).variants
