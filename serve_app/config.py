@@ -184,11 +184,13 @@ class TierConfig(StrictModel):
     max_wait_s: float = Field(300.0, gt=0, description="Deadline: work predicted to wait longer is shed.")
     contended_share: float = Field(
         1.0,
-        gt=0,
+        ge=0,
         le=1,
         description="Most of a variant's slots this tier may hold while another tier uses the variant "
         "(has work queued or running, or arrived within `contention_window_s`): the rest is a latency "
-        "reserve, so the other tier's work joins a short forward pass instead of queueing behind full ones.",
+        "reserve, so the other tier's work joins short forward passes instead of queueing behind full "
+        "ones. Below one slot, the tier runs one image at a time in the other tiers' gaps only (or once "
+        "its work has aged).",
     )
     sheddable: bool = Field(
         False, description="Shed at `shed_at_backlog` or on a missed deadline, not only at the hard limit."
@@ -243,7 +245,7 @@ def default_tiers() -> dict[str, TierConfig]:
             queue_delay_s=10.0,
             deferred_delay_s=60.0,
             max_wait_s=120.0,
-            contended_share=0.0625,
+            contended_share=0.0,
             sheddable=True,
         ),
     }

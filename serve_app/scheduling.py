@@ -13,10 +13,11 @@ The rules, in the order they apply to new work:
    start time has passed it is served before newer paid work, so it never starves.
 4. Slots: a variant runs at most ``capacity`` images at once; the head of its queue gets a slot
    as soon as enough are free. While another tier uses the variant, a tier holds at most its
-   ``contended_share`` of the slots (at least one image), and its queued work waits without
-   blocking other tiers: the rest is a latency reserve. Images of in-flight work share forward
-   passes, so free work filling every slot would make each paid image wait for a full pass and
-   then run in one; with free work held to a share, paid work joins short passes.
+   ``contended_share`` of the slots, and its queued work waits without blocking other tiers: the
+   rest is a latency reserve. Images of in-flight work share forward passes, so free work
+   filling every slot would make each paid image wait for a full pass and then run in one. A
+   share below one slot (free's default) keeps free work out of paid passes altogether: it runs
+   one image at a time in the gaps between paid work, or once it has aged (`tier_slot_limit`).
 """
 
 from __future__ import annotations
@@ -179,10 +180,24 @@ class VariantQueue:
     completions: deque[tuple[float, int]] = field(default_factory=deque)  # (time, images)
 
 
-def tier_slot_limit(tier: TierConfig, capacity: int, contended: bool) -> int:
-    """Slots a tier may hold: every one, or its contended share (at least one) while another tier
-    uses the variant."""
-    return max(1, math.floor(tier.contended_share * capacity)) if contended else capacity
+Contention = Literal["none", "recent", "busy"]
+
+
+def tier_slot_limit(tier: TierConfig, capacity: int, contention: Contention, aged: bool) -> int:
+    """Slots a tier may hold given what the other tiers do on the variant.
+
+    - ``none`` (no other tier has arrived within the window): every slot.
+    - otherwise its contended share of the slots, when that is at least one;
+    - a share below one slot means "only in the others' gaps": one image while no other tier has
+      work queued or running (``recent``), none while one does (``busy``) unless this work has
+      aged past its virtual start time, so it never starves.
+    """
+    if contention == "none":
+        return capacity
+    share = math.floor(tier.contended_share * capacity)
+    if share:
+        return share
+    return 1 if contention == "recent" or aged else 0
 
 
 class SchedulerCore:
@@ -271,27 +286,24 @@ class SchedulerCore:
             if other.variant == ticket.variant and other.order_key < ticket.order_key
         )
 
-    def contended(self, variant: str, tier: str, now: float) -> bool:
-        """Whether another tier uses ``variant``: work queued or running, or a recent arrival."""
-        queue = self.variants[variant]
+    def contention(self, variant: str, tier: str, now: float, busy: set[str]) -> Contention:
+        """What the other tiers do on ``variant``; ``busy`` are the tiers with work queued or running."""
+        others = [other for other in self.tiers if other != tier]
+        if any(other in busy for other in others):
+            return "busy"
+        last_arrival = self.variants[variant].last_arrival
         window = self.config.contention_window_s
-        return any(
-            queue.in_use_by_tier[other] > 0
-            or self.backlog(variant, other) > 0
-            or now - queue.last_arrival.get(other, -math.inf) <= window
-            for other in self.tiers
-            if other != tier
-        )
+        recent = any(now - last_arrival.get(other, -math.inf) <= window for other in others)
+        return "recent" if recent else "none"
 
     def grant(self, now: float) -> list[Ticket]:
         """Tickets that get their slots now, in order. The head of a queue waits only for slots;
-        work of a tier at its contended share is passed over until its tier holds less."""
+        work of a tier at its slot limit (`tier_slot_limit`) is passed over until it holds less."""
         granted = []
         for name, queue in self.variants.items():
-            limits = {
-                tier: tier_slot_limit(config, queue.capacity, self.contended(name, tier, now))
-                for tier, config in self.tiers.items()
-            }
+            busy = {tier for tier, held in queue.in_use_by_tier.items() if held > 0}
+            busy |= {ticket.tier for ticket in self.queued.values() if ticket.variant == name}
+            contention = {tier: self.contention(name, tier, now, busy) for tier in self.tiers}
             passed_over = []
             while queue.heap:
                 _, _, ticket_id = queue.heap[0]
@@ -302,7 +314,10 @@ class SchedulerCore:
                 if queue.in_use and queue.in_use + ticket.images > queue.capacity:
                     break
                 held = queue.in_use_by_tier[ticket.tier]
-                if held and held + ticket.images > limits[ticket.tier]:
+                limit = tier_slot_limit(
+                    self.tiers[ticket.tier], queue.capacity, contention[ticket.tier], ticket.order_key <= now
+                )
+                if held + ticket.images > limit and (held or not limit):
                     passed_over.append(heapq.heappop(queue.heap))
                     continue
                 heapq.heappop(queue.heap)

@@ -140,6 +140,21 @@ def test_the_contended_share_lapses_once_other_tiers_have_been_idle_for_the_wind
     assert [t.id for t in scheduler.grant(window + 0.1)] == ["free-2", "free-3"]
 
 
+def test_free_runs_only_in_the_gaps_of_paid_work_unless_it_has_aged() -> None:
+    scheduler = core(capacity=16)  # free's default share (0) is below one slot
+    scheduler.admit(ticket("paid-0"), now=0.0)
+    for index in range(3):
+        scheduler.admit(ticket(f"free-{index}", tier="free"), now=0.0)  # virtual start 10
+    assert [t.id for t in scheduler.grant(0.0)] == ["paid-0"]  # free waits while paid runs
+    scheduler.release("paid-0", 1.0, 1)
+    assert [t.id for t in scheduler.grant(1.0)] == ["free-0"]  # a gap: one free image at a time
+    scheduler.admit(ticket("paid-1"), now=2.0)
+    assert [t.id for t in scheduler.grant(2.0)] == ["paid-1"]
+    scheduler.release("free-0", 3.0, 1)
+    assert scheduler.grant(3.0) == []  # paid-1 still runs
+    assert [t.id for t in scheduler.grant(10.0)] == ["free-1"]  # aged: runs beside paid work
+
+
 def test_oversized_requests_still_run_alone() -> None:
     scheduler = core(capacity=2)
     scheduler.admit(ticket("big", images=10), now=0.0)
