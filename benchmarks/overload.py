@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop
 from benchmarks.report import REQUEST_SCHEMA, markdown_table
 from benchmarks.run import RESULTS_DIR, free_port, git_commit, machine_description
-from benchmarks.stats import Scenario, percentile, summarize
+from benchmarks.stats import Scenario, percentile, summarize, throughput
 from benchmarks.systems import ServerSystem, running_server, server_systems
 from benchmarks.workload import RateSchedule, RequestMix, RequestSpec, Tier, arrival_offsets, iter_requests
 
@@ -59,15 +59,18 @@ def keys_yaml(free: Sequence[Tier]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generations(tier: Tier) -> RequestMix:
+    """What every request here is: one 64x64 image from /v1/images/generations."""
+    return RequestMix(sizes={"64x64": 1.0}, endpoints={"generations": 1.0}, tiers=(tier,))
+
+
 def tier_arrivals(
     tier: Tier, rate: float, duration_s: float, seed: int, keys: Sequence[Tier] = ()
 ) -> list[tuple[float, RequestSpec]]:
     """Poisson arrivals of one tier; with ``keys``, each request carries one of them at random."""
     rng = random.Random(seed)
     offsets = arrival_offsets(RateSchedule.fixed(rate), duration_s, burstiness=1.0, rng=rng)
-    specs = iter_requests(
-        RequestMix(sizes={"64x64": 1.0}, endpoints={"generations": 1.0}, tiers=(tier,)), rng
-    )
+    specs = iter_requests(generations(tier), rng)
     arrivals = []
     for offset, spec in zip(offsets, specs, strict=False):
         key = rng.choice(keys).api_key if keys else spec.api_key
@@ -237,7 +240,7 @@ async def scenarios(
     args: argparse.Namespace, base_url: str, free: Sequence[Tier]
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[RequestRecord]]:
     common = {"system": SYSTEM, "timeout_s": args.timeout, "drain_s": args.timeout}
-    paid_mix = RequestMix(sizes={"64x64": 1.0}, endpoints={"generations": 1.0}, tiers=(PAID,))
+    paid_mix = generations(PAID)
     for burst in args.warmup_bursts:  # each new batch size sets up its CPU kernels once
         await run_closed_loop(
             base_url,
@@ -256,9 +259,7 @@ async def scenarios(
         duration_s=args.capacity_duration,
         **common,
     )
-    capacity = summarize(Scenario(SYSTEM, "capacity", "closed", clients=16), capacity_records, 1.0)[
-        "throughput_img_s"
-    ]
+    capacity = throughput(capacity_records)
     paid_rps = args.paid_share * capacity
     free_rps = (args.overload - args.paid_share) * capacity
     paid = tier_arrivals(PAID, paid_rps, args.duration, args.seed + 1)
