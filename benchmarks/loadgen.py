@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, suppress
@@ -27,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.workload import ENDPOINT_PATHS, RequestSpec
+from benchmarks.workload import ENDPOINT_PATHS, RequestMix, RequestSpec, iter_requests
 
 BATCH_SIZE_HEADER = "x-imagegen-batch-size"
 # OpenAI's stream events: `image_generation.partial_image`, `image_edit.completed`, `error`, ...
@@ -314,3 +315,22 @@ async def run_closed_loop(
 
             await asyncio.gather(*(client_loop() for _ in range(clients)))
     return sorted(records, key=lambda record: record.index)
+
+
+async def warm_up(
+    base_url: str, mix: RequestMix, bursts: Sequence[int], *, system: str, timeout_s: float, **options: Any
+) -> None:
+    """Bursts of concurrent requests, not recorded: a CPU forward pass at a batch size it has not
+    seen before sets up its kernels first, which costs up to seconds."""
+    for burst in bursts:
+        await run_closed_loop(
+            base_url,
+            iter_requests(mix, random.Random(-burst)),
+            system=system,
+            scenario="warm-up",
+            clients=burst,
+            duration_s=timeout_s,
+            max_requests=burst,
+            timeout_s=timeout_s,
+            **options,
+        )

@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop
+from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, warm_up
 from benchmarks.report import REQUEST_SCHEMA, markdown_table
 from benchmarks.run import RESULTS_DIR, free_port, git_commit, machine_description
 from benchmarks.stats import Scenario, percentile, summarize, throughput
@@ -69,7 +69,8 @@ def tier_arrivals(
 ) -> list[tuple[float, RequestSpec]]:
     """Poisson arrivals of one tier; with ``keys``, each request carries one of them at random."""
     rng = random.Random(seed)
-    offsets = arrival_offsets(RateSchedule.fixed(rate), duration_s, burstiness=1.0, rng=rng)
+    # At least one request, as in benchmarks.run: a slow machine's --quick run may draw none.
+    offsets = arrival_offsets(RateSchedule.fixed(rate), duration_s, burstiness=1.0, rng=rng) or [0.0]
     specs = iter_requests(generations(tier), rng)
     arrivals = []
     for offset, spec in zip(offsets, specs, strict=False):
@@ -241,16 +242,7 @@ async def scenarios(
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[RequestRecord]]:
     common = {"system": SYSTEM, "timeout_s": args.timeout, "drain_s": args.timeout}
     paid_mix = generations(PAID)
-    for burst in args.warmup_bursts:  # each new batch size sets up its CPU kernels once
-        await run_closed_loop(
-            base_url,
-            iter_requests(paid_mix, random.Random(-burst)),
-            scenario="warm-up",
-            clients=burst,
-            duration_s=args.timeout,
-            max_requests=burst,
-            **common,
-        )
+    await warm_up(base_url, paid_mix, args.warmup_bursts, **common)
     capacity_records = await run_closed_loop(
         base_url,
         iter_requests(paid_mix, random.Random(args.seed)),

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop
+from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, warm_up
 from benchmarks.machine import ForeignLoadMeter
 from benchmarks.report import RunInfo, saturated_throughput, write_report
 from benchmarks.stats import Scenario, summarize
@@ -201,14 +201,18 @@ def schedule(args: argparse.Namespace) -> RateSchedule:
 def open_arrivals(
     args: argparse.Namespace, rates: RateSchedule, mix: RequestMix, seed: int
 ) -> list[tuple[float, Any]]:
-    """The same (offset, request) list for every system given the same seed."""
+    """The same (offset, request) list for every system given the same seed.
+
+    A scenario sends at least one request: a low rate over a short run (a slow machine's capacity
+    under --quick) may otherwise draw no arrival at all and measure nothing.
+    """
     offsets = arrival_offsets(
         rates,
         args.duration,
         burstiness=burstiness(args),
         rng=random.Random(seed),
         max_requests=args.max_requests,
-    )
+    ) or [0.0]
     return list(zip(offsets, build_requests(mix, len(offsets), random.Random(seed + 1)), strict=True))
 
 
@@ -252,16 +256,7 @@ async def benchmark_server(
     # which measures nothing worth comparing, warms with one burst).
     max_batch = load_config().variants[0].batching.max_batch_size
     bursts = [max(client_counts)] if args.quick else [*range(1, max_batch + 1), max(client_counts)]
-    for burst in bursts:
-        await run_closed_loop(
-            base_url,
-            iter_requests(mix, random.Random(-burst)),
-            scenario="warm-up",
-            clients=burst,
-            duration_s=args.timeout,
-            max_requests=burst,
-            **common,
-        )
+    await warm_up(base_url, mix, bursts, **common)
 
     async def settle() -> None:
         # An overloaded server may still be working through requests the client gave up on; one

@@ -36,9 +36,7 @@ def test_quick_benchmark_writes_every_report_file(tmp_path: Path) -> None:
     scenarios = {(row["system"], row["scenario"]) for row in rows}
     assert {("bare", "batch-1"), ("imagegen", "closed-1"), ("imagegen", "closed-8")} <= scenarios
     assert any(row["system"] == "imagegen" and row["mode"] == "open" for row in rows)
-    # Open-loop rates follow measured capacity, so a short quick scenario may draw no arrival.
-    assert all(row["requests"] > 0 for row in rows if row["mode"] != "open"), rows
-    assert any(row["requests"] > 0 for row in rows if row["mode"] == "open"), rows
+    assert all(row["requests"] > 0 for row in rows), rows  # even an open loop at a low rate
     served = [r for r in requests.to_pylist() if r["system"] == "imagegen" and r["status"] == 200]
     assert served and all(r["bytes"] > 0 and r["batch_sizes"] for r in served)
 
