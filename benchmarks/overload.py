@@ -39,7 +39,7 @@ from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, wa
 from benchmarks.report import REQUEST_SCHEMA, markdown_table
 from benchmarks.run import RESULTS_DIR, free_port, git_commit, machine_description
 from benchmarks.stats import Scenario, percentile, summarize, throughput
-from benchmarks.systems import ServerSystem, running_server, server_systems
+from benchmarks.systems import running_server, server_systems
 from benchmarks.workload import RateSchedule, RequestMix, RequestSpec, Tier, arrival_offsets, iter_requests
 
 PAID = Tier("paid", "sk-bench-paid")
@@ -65,18 +65,17 @@ def generations(tier: Tier) -> RequestMix:
 
 
 def tier_arrivals(
-    tier: Tier, rate: float, duration_s: float, seed: int, keys: Sequence[Tier] = ()
+    tiers: Sequence[Tier], rate: float, duration_s: float, seed: int
 ) -> list[tuple[float, RequestSpec]]:
-    """Poisson arrivals of one tier; with ``keys``, each request carries one of them at random."""
+    """Poisson arrivals of one tier, each request with the key of one of ``tiers`` (its tenants)."""
     rng = random.Random(seed)
     # At least one request, as in benchmarks.run: a slow machine's --quick run may draw none.
     offsets = arrival_offsets(RateSchedule.fixed(rate), duration_s, burstiness=1.0, rng=rng) or [0.0]
-    specs = iter_requests(generations(tier), rng)
-    arrivals = []
-    for offset, spec in zip(offsets, specs, strict=False):
-        key = rng.choice(keys).api_key if keys else spec.api_key
-        arrivals.append((offset, dataclasses.replace(spec, api_key=key)))
-    return arrivals
+    specs = iter_requests(generations(tiers[0]), rng)
+    return [
+        (offset, dataclasses.replace(spec, api_key=rng.choice(tiers).api_key))
+        for offset, spec in zip(offsets, specs, strict=False)
+    ]
 
 
 def merge(*streams: Sequence[tuple[float, RequestSpec]]) -> list[tuple[float, RequestSpec]]:
@@ -254,8 +253,8 @@ async def scenarios(
     capacity = throughput(capacity_records)
     paid_rps = args.paid_share * capacity
     free_rps = (args.overload - args.paid_share) * capacity
-    paid = tier_arrivals(PAID, paid_rps, args.duration, args.seed + 1)
-    spike = merge(paid, tier_arrivals(Tier("free", ""), free_rps, args.duration, args.seed + 2, keys=free))
+    paid = tier_arrivals([PAID], paid_rps, args.duration, args.seed + 1)
+    spike = merge(paid, tier_arrivals(free, free_rps, args.duration, args.seed + 2))
     rows: list[dict[str, Any]] = []
     records: list[RequestRecord] = []
     for name, arrivals, offered in (
@@ -320,12 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys_file = Path(workdir) / "keys.yaml"
         keys_file.write_text(keys_yaml(free))
         imagegen = server_systems(port, Path(workdir) / "store")[SYSTEM]
-        system = ServerSystem(
-            imagegen.name,
-            imagegen.label,
-            imagegen.command,
-            imagegen.ready_line,
-            env={**imagegen.env, "IMAGEGEN_AUTH__KEYS_FILE": str(keys_file)},
+        system = dataclasses.replace(
+            imagegen, env={**imagegen.env, "IMAGEGEN_AUTH__KEYS_FILE": str(keys_file)}
         )
         print("imagegen-serve with a keys file: starting", flush=True)
         with running_server(system, port) as server:
