@@ -15,6 +15,8 @@ import numpy as np
 
 TaskKind = Literal["generate", "edit", "variation"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+Background = Literal["auto", "opaque", "transparent"]
+ModerationLevel = Literal["auto", "low"]
 TaskKey = tuple[str, int]
 """(request id, image index): one image task, across stages."""
 MASK_EDIT_THRESHOLD = 128
@@ -62,6 +64,16 @@ class ImageRequest:
     input_keys: tuple[str, ...] = ()
     """A job's uploads, stashed in the object store instead of ``images`` (preprocess reads them)."""
     mask_key: str | None = None
+    safety_identifier: str | None = None
+    """The end user: the request's ``safety_identifier``, else its ``user`` (for the log and limits)."""
+    moderation: ModerationLevel = "auto"
+    moderation_checks: tuple[str, ...] = ()
+    """The moderation checks this request runs (by name), chosen by its tier and variant."""
+
+    @property
+    def input_images(self) -> int:
+        """How many images the client uploaded (held as bytes, or stashed under ``input_keys``)."""
+        return len(self.images) or len(self.input_keys)
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,8 @@ class ImageTask:
     """The starting image of an edit or variation: uint8 (height, width, 3)."""
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     """Where to edit: uint8 (height, width, 1), >= MASK_EDIT_THRESHOLD repaints (from the mask's alpha)."""
+    moderation: ModerationLevel = "auto"
+    moderation_checks: tuple[str, ...] = ()
 
     @property
     def key(self) -> TaskKey:
@@ -136,6 +150,7 @@ class EncodeOptions:
     output_format: OutputFormat = "png"
     compression: int | None = None
     response_format: Literal["url", "b64_json"] = "b64_json"
+    background: Background = "auto"
     job_id: str | None = None  # set for jobs: their objects get stable keys, so a retry never duplicates
     job_created_at: float | None = None  # the job's creation time (UNIX seconds) dates its keys
 

@@ -44,6 +44,11 @@ class StageMetrics:
             description="Image tasks whose caller went away before the image was done.",
             tag_keys=("variant",),
         )
+        self.moderation_blocked = metrics.Counter(
+            "imagegen_moderation_blocked_total",
+            description="Requests a moderation check blocked, by stage (input, output) and check.",
+            tag_keys=("stage", "check"),  # type: ignore[arg-type]  # Ray annotates tuple[str]
+        )
 
         self.log_rows_dropped = metrics.Counter(
             "imagegen_log_rows_dropped_total",
@@ -52,6 +57,9 @@ class StageMetrics:
 
     def count_dropped_log_rows(self, count: int) -> None:
         self.log_rows_dropped.inc(count)
+
+    def count_moderation_block(self, stage: str, check: str) -> None:
+        self.moderation_blocked.inc(tags={"stage": stage, "check": check})
 
     def observe_stage(self, stage: str, variant: str, seconds: float) -> None:
         self.stage_latency.observe(seconds, tags={"stage": stage, "variant": variant})

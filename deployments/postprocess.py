@@ -13,6 +13,7 @@ import datetime as dt
 import time
 from collections.abc import AsyncGenerator
 
+import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -27,6 +28,7 @@ from deployments.contracts import (
 )
 from deployments.images import encode_image
 from deployments.metrics import stage_metrics
+from deployments.moderation import ModerationConfig, Moderator
 from deployments.storage import ObjectStore, build_object_key
 from serve_app.config import StorageConfig
 from serve_app.errors import quiet_client_errors
@@ -73,16 +75,30 @@ def encode_partial(partial: PartialImage, options: EncodeOptions) -> EncodedPart
 
 @serve.deployment
 class Postprocess:
-    def __init__(self, storage: StorageConfig, models: dict[str, DeploymentHandle] | None = None) -> None:
+    def __init__(
+        self,
+        storage: StorageConfig,
+        models: dict[str, DeploymentHandle] | None = None,
+        moderation: ModerationConfig | None = None,
+    ) -> None:
         self.store = ObjectStore(storage)
         self.metrics = stage_metrics()
         self.models = models or {}
+        self.moderator = Moderator(moderation or ModerationConfig(), self.metrics.count_moderation_block)
         quiet_client_errors()  # a stream's bad input surfaces here too
 
     async def ready(self) -> bool:
         return True
 
+    async def screen(self, task: ImageTask, pixels: np.ndarray) -> None:
+        """Output moderation of one image (a preview or the image) before it leaves this stage."""
+        await self.moderator.screen(
+            task.request_id, task.moderation_checks, "output", task.moderation, task.prompt, (pixels,)
+        )
+
     async def finish(self, images: list[GeneratedImage], options: EncodeOptions) -> list[StoredImage]:
+        # Every image is screened before any is stored: a blocked request leaves nothing behind.
+        await asyncio.gather(*(self.screen(image.task, image.pixels) for image in images))
         stored = await asyncio.gather(
             *(asyncio.to_thread(deliver, image, options, self.store) for image in images)
         )
@@ -104,6 +120,7 @@ class Postprocess:
         finished = False
         try:
             async for event in events:
+                await self.screen(event.task, event.pixels)
                 if isinstance(event, PartialImage):
                     yield await asyncio.to_thread(encode_partial, event, options)
                 else:

@@ -15,6 +15,7 @@ from ray import serve
 from deployments.contracts import MASK_EDIT_THRESHOLD, ImageRequest, ImageTask
 from deployments.decoding import mask_from_alpha, open_upload, to_rgb_array
 from deployments.metrics import stage_metrics
+from deployments.moderation import ModerationConfig, Moderator
 from deployments.storage import ObjectStore
 from serve_app.config import LimitsConfig, StorageConfig
 from serve_app.errors import InvalidRequestError, quiet_client_errors
@@ -99,6 +100,8 @@ def expand_request(
             partial_images=request.partial_images,
             image=image,
             mask=mask,
+            moderation=request.moderation,
+            moderation_checks=request.moderation_checks,
         )
         for index in range(request.n)
     ]
@@ -106,10 +109,13 @@ def expand_request(
 
 @serve.deployment
 class Preprocess:
-    def __init__(self, limits: LimitsConfig, storage: StorageConfig) -> None:
+    def __init__(
+        self, limits: LimitsConfig, storage: StorageConfig, moderation: ModerationConfig | None = None
+    ) -> None:
         self.limits = limits
         self.store = ObjectStore(storage)
         self.metrics = stage_metrics()
+        self.moderator = Moderator(moderation or ModerationConfig(), self.metrics.count_moderation_block)
         quiet_client_errors()
 
     def load_stashed_uploads(self, request: ImageRequest) -> ImageRequest:
@@ -129,6 +135,15 @@ class Preprocess:
         if request.images:  # decoding is CPU work: keep the replica's loop free
             image, mask = await asyncio.to_thread(prepare_inputs, request, self.limits.max_image_pixels)
         tasks = expand_request(request, image, mask)
+        # Input moderation: the normalized prompt and the starting image the model would see.
+        await self.moderator.screen(
+            request.request_id,
+            request.moderation_checks,
+            "input",
+            request.moderation,
+            tasks[0].prompt,
+            () if image is None else (image,),
+        )
         elapsed = time.perf_counter() - start
         self.metrics.observe_stage("preprocess", request.variant, elapsed)
         return [dataclasses.replace(task, preprocess_s=elapsed) for task in tasks]

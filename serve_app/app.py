@@ -50,12 +50,12 @@ def build_app(config: AppConfig) -> Application:
     preprocess = (
         _deployment(Preprocess)
         .options(**_deployment_options(stages.preprocess))
-        .bind(config.limits, config.storage)
+        .bind(config.limits, config.storage, config.moderation)
     )
     postprocess = (  # streams from the models for stream=true requests
         _deployment(Postprocess)
         .options(**_deployment_options(stages.postprocess))
-        .bind(config.storage, models)
+        .bind(config.storage, models, config.moderation)
     )
     # One scheduler replica: it is the single owner of queue order and job state.
     scheduler_options = {**_deployment_options(config.scheduler.resources), "num_replicas": 1}

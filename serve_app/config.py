@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from deployments.moderation import ModerationConfig
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG_PATH = CONFIG_DIR / "default.yaml"
 SIZE_PATTERN = re.compile(r"^(\d{2,5})x(\d{2,5})$")
@@ -65,11 +67,27 @@ class ResourcesConfig(StrictModel):
 
 
 class QualitySteps(StrictModel):
-    """Denoising steps for each OpenAI ``quality`` value (``auto`` means ``medium``)."""
+    """Denoising steps for each OpenAI ``quality`` value (``auto`` and ``standard`` mean ``medium``,
+    ``hd`` means ``high``). ``xhigh`` and ``max`` are offered only by variants that set them."""
 
     low: int = Field(2, ge=1, le=200)
     medium: int = Field(4, ge=1, le=200)
     high: int = Field(8, ge=1, le=200)
+    xhigh: int | None = Field(None, ge=1, le=200, description="Unset: the variant refuses quality 'xhigh'.")
+    max: int | None = Field(None, ge=1, le=200, description="Unset: the variant refuses quality 'max'.")
+
+    @model_validator(mode="after")
+    def _steps_ascend(self) -> QualitySteps:
+        if self.max is not None and self.xhigh is None:
+            raise ValueError("steps: set xhigh too when setting max")
+        offered = [s for s in (self.low, self.medium, self.high, self.xhigh, self.max) if s is not None]
+        if offered != sorted(offered):
+            raise ValueError(f"steps must not decrease from low to max, got {self.model_dump()}")
+        return self
+
+    def offered(self) -> dict[str, int]:
+        """The qualities this variant offers and their steps."""
+        return {quality: steps for quality, steps in self.model_dump().items() if steps is not None}
 
 
 class VariantConfig(StrictModel):
@@ -107,7 +125,7 @@ class VariantConfig(StrictModel):
 
     @model_validator(mode="after")
     def _steps_within_max(self) -> VariantConfig:
-        if max(self.steps.low, self.steps.medium, self.steps.high) > self.max_steps:
+        if max(self.steps.offered().values()) > self.max_steps:
             raise ValueError("steps per quality must not exceed max_steps")
         return self
 
@@ -291,6 +309,9 @@ class AppConfig(BaseSettings):
     auth: AuthConfig = AuthConfig()
     tiers: dict[str, TierConfig] = Field(default_factory=default_tiers)
     scheduler: SchedulerConfig = SchedulerConfig()
+    moderation: ModerationConfig = Field(
+        ModerationConfig(), description="Moderation checks per tier and variant; none by default."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -318,6 +339,18 @@ class AppConfig(BaseSettings):
             raise ValueError(f"default_model {self.default_model!r} is not one of {names}")
         if "paid" not in self.tiers:
             raise ValueError("tiers must include 'paid' (the tier of the open local mode)")
+        return self
+
+    @model_validator(mode="after")
+    def _moderation_names_known(self) -> AppConfig:
+        moderation = self.moderation
+        if undefined := moderation.undefined_checks():
+            raise ValueError(f"moderation: checks {undefined} are used but not defined under checks")
+        if unknown := sorted(set(moderation.tiers) - set(self.tiers)):
+            raise ValueError(f"moderation.tiers: unknown tiers {unknown}; tiers are {sorted(self.tiers)}")
+        variants = {variant.name for variant in self.variants}
+        if unknown := sorted(set(moderation.variants) - variants):
+            raise ValueError(f"moderation.variants: unknown variants {unknown}; known: {sorted(variants)}")
         return self
 
     def variant(self, name: str | None) -> VariantConfig | None:

@@ -11,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.protocol import ErrorInfo, ErrorResponse
+from deployments.moderation import ModerationBlocked, ModerationUnavailable
+from serve_app.protocol import ErrorInfo, ErrorResponse, ModerationDetails
 
 logger = logging.getLogger("imagegen.errors")
 
@@ -41,6 +42,10 @@ class APIError(Exception):
         # Keyword-only arguments need this to survive pickling between Ray processes.
         return (_rebuild_api_error, (type(self), self.message, self.param, self.code, self.headers))
 
+    def info(self) -> ErrorInfo:
+        """The ``error`` object of OpenAI's error body."""
+        return ErrorInfo(message=self.message, type=self.error_type, param=self.param, code=self.code)
+
 
 def _rebuild_api_error(
     cls: type[APIError], message: str, param: str | None, code: str | None, headers: dict[str, str]
@@ -51,6 +56,31 @@ def _rebuild_api_error(
 class InvalidRequestError(APIError):
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class ModerationBlockedError(APIError):
+    """OpenAI's ``moderation_blocked``: a moderation check flagged the prompt, an upload or an image."""
+
+    status_code = 400
+    error_type = "image_generation_user_error"
+    default_code = "moderation_blocked"
+
+    def __init__(self, blocked: ModerationBlocked) -> None:
+        super().__init__(
+            "Your request was rejected by the safety system. If you believe this is an error, contact "
+            f"the service operator and include the request ID {blocked.request_id}. "
+            f"safety_violations=[{', '.join(blocked.categories)}]."
+        )
+        self.blocked = blocked
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.blocked,))
+
+    def info(self) -> ErrorInfo:
+        details = ModerationDetails(
+            moderation_stage=self.blocked.stage, categories=list(self.blocked.categories)
+        )
+        return super().info().model_copy(update={"moderation_details": details})
 
 
 class AuthenticationError(APIError):
@@ -148,6 +178,15 @@ def as_api_error(exc: BaseException) -> APIError:
     from ray import exceptions as ray_exceptions
     from ray.serve import exceptions as serve_exceptions
 
+    if isinstance(exc, ModerationBlocked):
+        return ModerationBlockedError(exc)
+    if isinstance(exc, ModerationUnavailable):
+        logger.error("moderation unavailable: %s", exc)
+        return ServiceUnavailableError(
+            "Moderation is unavailable, so the request was not run; retry shortly.",
+            code="moderation_unavailable",
+            headers={"retry-after": "1"},
+        )
     if isinstance(exc, serve_exceptions.BackPressureError):
         return ServiceUnavailableError(
             "The service is at capacity; retry shortly.", code="overloaded", headers={"retry-after": "1"}
@@ -161,9 +200,7 @@ def as_api_error(exc: BaseException) -> APIError:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    body = ErrorResponse(
-        error=ErrorInfo(message=error.message, type=error.error_type, param=error.param, code=error.code)
-    )
+    body = ErrorResponse(error=error.info())
     return JSONResponse(body.model_dump(), status_code=error.status_code, headers=error.headers)
 
 

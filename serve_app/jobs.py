@@ -68,6 +68,7 @@ class JobRecord(BaseModel):
     def image_request(self) -> ImageRequest:
         fields = dict(self.request)
         fields["input_keys"] = tuple(fields.get("input_keys", ()))
+        fields["moderation_checks"] = tuple(fields.get("moderation_checks", ()))
         fields["images"] = ()  # uploads live in the store under input_keys, never in the record
         return ImageRequest(**fields)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from typing import Literal, cast
+from typing import cast
 
-from deployments.contracts import EncodeOptions, ImageRequest, TaskKind
+from deployments.contracts import EncodeOptions, ImageRequest, OutputFormat, TaskKind
 from serve_app.config import LimitsConfig, VariantConfig, parse_size
 from serve_app.errors import InvalidRequestError
 from serve_app.protocol import (
@@ -18,10 +18,18 @@ from serve_app.protocol import (
     ImageGenerationRequest,
     ImageOutputFields,
     ImageVariationRequest,
+    ResolvedQuality,
 )
 
-ResolvedQuality = Literal["low", "medium", "high"]
 QUALITY_ALIASES: dict[str, ResolvedQuality] = {"auto": "medium", "standard": "medium", "hd": "high"}
+ENCODED_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
+UNSUPPORTED_FIELDS = {
+    "complexity": "its computation is set by `quality` (denoising steps)",
+    "frame_count": "it makes still images, not GIF animations",
+    "frame_duration_ms": "it makes still images, not GIF animations",
+    "svg": "it makes raster images, not SVG",
+}
+"""Fields of the OpenAI SDK's request types that no variant honours, and why (named in the 400)."""
 MAX_SEED = 2**32 - 1
 EDIT_STRENGTH = 0.8
 """How much an edit changes by default (diffusers' image-to-image default)."""
@@ -31,6 +39,38 @@ VARIATION_STRENGTH = 0.7
 
 def resolve_quality(quality: str) -> ResolvedQuality:
     return QUALITY_ALIASES.get(quality) or cast(ResolvedQuality, quality)
+
+
+def resolve_steps(quality: str, variant: VariantConfig) -> int:
+    """The variant's denoising steps for ``quality``; a 400 naming ``quality`` where it offers none."""
+    offered = variant.steps.offered()
+    resolved = resolve_quality(quality)
+    if resolved not in offered:
+        raise InvalidRequestError(
+            f"Model {variant.name!r} does not offer quality {quality!r}. Supported: "
+            f"{', '.join(offered)} or 'auto'.",
+            param="quality",
+            code="unsupported_value",
+        )
+    return offered[resolved]
+
+
+def check_supported_fields(request: ImageOutputFields, variant: VariantConfig) -> None:
+    """A 400 naming the first field the SDK may send that ``variant`` cannot honour."""
+    for name, reason in UNSUPPORTED_FIELDS.items():
+        if getattr(request, name) is not None:
+            raise InvalidRequestError(
+                f"{name} is not supported by model {variant.name!r}: {reason}. Omit {name}.",
+                param=name,
+                code="unsupported_parameter",
+            )
+    if request.output_format not in ENCODED_FORMATS:
+        raise InvalidRequestError(
+            f"output_format {request.output_format!r} is not supported by model {variant.name!r}; "
+            f"use {', '.join(ENCODED_FORMATS)}.",
+            param="output_format",
+            code="unsupported_value",
+        )
 
 
 def resolve_size(size: str, variant: VariantConfig) -> tuple[int, int]:
@@ -53,12 +93,14 @@ def plan_generation(
     *,
     request_id: str,
     tenant: str,
+    moderation_checks: tuple[str, ...] = (),
 ) -> tuple[ImageRequest, EncodeOptions]:
     """Validate ``request`` against ``variant`` and fill every default; raises InvalidRequestError."""
     check_prompt(request.prompt, limits)
-    return plan_images(
+    image_request, options = plan_images(
         request, variant, limits, "generate", prompt=request.prompt, request_id=request_id, tenant=tenant
     )
+    return dataclasses.replace(image_request, moderation_checks=moderation_checks), options
 
 
 def plan_edit(
@@ -70,9 +112,17 @@ def plan_edit(
     *,
     request_id: str,
     tenant: str,
+    moderation_checks: tuple[str, ...] = (),
+    markup: bytes | None = None,
 ) -> tuple[ImageRequest, EncodeOptions]:
     """Validate an edit: 1 to ``max_input_images`` images, an optional mask, and the output fields."""
     check_prompt(request.prompt, limits)
+    if markup is not None:
+        raise InvalidRequestError(
+            f"markup is not supported by model {variant.name!r}; send a mask to mark the area to edit.",
+            param="markup",
+            code="unsupported_parameter",
+        )
     if not images:
         raise InvalidRequestError(
             "An image to edit is required: send it as the file field 'image' (or 'image[]').",
@@ -89,7 +139,13 @@ def plan_edit(
         request, variant, limits, "edit", prompt=request.prompt, request_id=request_id, tenant=tenant
     )
     strength = check_strength(request.strength, EDIT_STRENGTH, image_request.steps)
-    image_request = dataclasses.replace(image_request, strength=strength, images=tuple(images), mask=mask)
+    image_request = dataclasses.replace(
+        image_request,
+        strength=strength,
+        images=tuple(images),
+        mask=mask,
+        moderation_checks=moderation_checks,
+    )
     return image_request, options
 
 
@@ -101,6 +157,7 @@ def plan_variation(
     *,
     request_id: str,
     tenant: str,
+    moderation_checks: tuple[str, ...] = (),
 ) -> tuple[ImageRequest, EncodeOptions]:
     """Validate a variation: exactly one image, PNG out, the variant's medium steps."""
     if len(images) != 1:
@@ -114,13 +171,17 @@ def plan_variation(
         n=request.n,
         size=request.size,
         response_format=request.response_format,
+        user=request.user,
         seed=request.seed,
     )
     image_request, options = plan_images(
         output_fields, variant, limits, "variation", request_id=request_id, tenant=tenant, prompt=""
     )
     strength = check_strength(request.strength, VARIATION_STRENGTH, image_request.steps)
-    return dataclasses.replace(image_request, strength=strength, images=tuple(images)), options
+    image_request = dataclasses.replace(
+        image_request, strength=strength, images=tuple(images), moderation_checks=moderation_checks
+    )
+    return image_request, options
 
 
 def check_prompt(prompt: str, limits: LimitsConfig) -> None:
@@ -175,6 +236,7 @@ def plan_images(
         raise InvalidRequestError(
             f"n must be at most {limits.max_images_per_request}.", param="n", code="invalid_value"
         )
+    check_supported_fields(request, variant)
     if request.background == "transparent" and not variant.supports_transparency:
         raise InvalidRequestError(
             f"Model {variant.name!r} does not support transparent backgrounds; use 'opaque' or 'auto'.",
@@ -192,8 +254,8 @@ def plan_images(
             param="num_inference_steps",
         )
     width, height = resolve_size(request.size, variant)
-    quality = resolve_quality(request.quality)
-    steps = request.num_inference_steps or getattr(variant.steps, quality)
+    quality_steps = resolve_steps(request.quality, variant)  # checked even when num_inference_steps wins
+    steps = request.num_inference_steps or quality_steps
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - 10)
     if seed + request.n - 1 > MAX_SEED:
         raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED}.", param="seed")
@@ -213,10 +275,13 @@ def plan_images(
         ),
         seed=seed,
         partial_images=(request.partial_images or 0) if request.stream else 0,
+        safety_identifier=request.end_user,
+        moderation=request.moderation,
     )
     options = EncodeOptions(
-        output_format=request.output_format,
+        output_format=cast(OutputFormat, request.output_format),  # gif and svg are refused above
         compression=request.output_compression,
         response_format=request.response_format,
+        background=request.background,
     )
     return image_request, options

@@ -6,15 +6,31 @@ its description, which is what the OpenAPI page at ``/docs`` shows.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
+from deployments.contracts import ModerationLevel
+
+Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
+ResolvedQuality = Literal["low", "medium", "high", "xhigh", "max"]
+"""A quality as responses report it: ``auto``/``standard`` resolve to medium, ``hd`` to high."""
+RequestedFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
+"""Every ``output_format`` the SDK sends; planning refuses the ones no variant encodes (gif, svg)."""
+NOT_SUPPORTED = "Accepted by the SDK, refused here with a 400 naming this field: no variant supports it."
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """The SDKs type every optional field as nullable: a JSON null means "the default"."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {key: value for key, value in data.items() if value is not None or key not in fields}
+        return data
 
 
 class ImageOutputFields(OpenAIModel):
@@ -24,15 +40,30 @@ class ImageOutputFields(OpenAIModel):
     n: int = Field(1, ge=1, le=10, description="How many images (1-10).")
     size: str = Field("auto", description="'WxH' from the variant's sizes, or 'auto' for its default.")
     quality: Quality = Field(
-        "auto", description="Maps to denoising steps; 'standard'/'hd' alias medium/high."
+        "auto",
+        description="Maps to the variant's denoising steps: low, medium, high, and xhigh/max where the "
+        "variant offers them; 'auto'/'standard' mean medium, 'hd' means high.",
     )
     response_format: Literal["url", "b64_json"] = Field(
         "b64_json", description="Base64 in the body, or a signed URL that expires."
     )
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: RequestedFormat = Field("png", description="png, jpeg or webp (gif and svg are refused).")
     output_compression: int | None = Field(None, ge=0, le=100, description="0-100, for jpeg/webp (and png).")
-    background: Literal["auto", "opaque", "transparent"] = "auto"
-    user: str | None = Field(None, max_length=256, description="End-user id, for abuse monitoring.")
+    background: Literal["auto", "opaque", "transparent"] = Field(
+        "auto", description="'transparent' only on variants that make alpha, with png or webp."
+    )
+    moderation: ModerationLevel = Field(
+        "auto",
+        description="'low' relaxes the moderation checks the operator lets it relax; the others apply "
+        "in full. (An extension on edits.)",
+    )
+    safety_identifier: str | None = Field(
+        None,
+        max_length=256,
+        description="A stable id of your end user (hash it); takes precedence over `user`. Logged, echoed "
+        "in the response, and a rate-limit key where the tier sets one.",
+    )
+    user: str | None = Field(None, max_length=256, description="Deprecated end-user id: `safety_identifier`.")
     stream: bool = Field(
         False, description="Stream server-sent events: partial images, then the image (n must be 1)."
     )
@@ -42,6 +73,10 @@ class ImageOutputFields(OpenAIModel):
         le=3,
         description="Partial images to stream (0-3), taken from intermediate denoising steps.",
     )
+    complexity: Literal["low", "medium", "high"] | None = Field(None, description=NOT_SUPPORTED)
+    frame_count: int | None = Field(None, description=NOT_SUPPORTED + " (GIF output)")
+    frame_duration_ms: int | None = Field(None, description=NOT_SUPPORTED + " (GIF output)")
+    svg: dict[str, Any] | None = Field(None, description=NOT_SUPPORTED + " (SVG output)")
     seed: int | None = Field(
         None, ge=0, le=2**32 - 1, description="Extension: image i uses seed+i; same seed, same bytes."
     )
@@ -58,12 +93,27 @@ class ImageOutputFields(OpenAIModel):
         description="Extension, async jobs only: called with a signed POST when the job ends.",
     )
 
+    @property
+    def end_user(self) -> str | None:
+        """The effective safety identifier: a non-empty ``safety_identifier``, else ``user``."""
+        return self.safety_identifier or self.user or None
+
+
+class ModerationDetails(BaseModel):
+    """Where a ``moderation_blocked`` request was stopped and why, as OpenAI reports it."""
+
+    moderation_stage: Literal["input", "output"]
+    categories: list[str]
+
 
 class ErrorInfo(BaseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
+    moderation_details: ModerationDetails | None = Field(
+        None, exclude_if=lambda details: details is None, description="Only on moderation_blocked."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -74,7 +124,6 @@ class ImageGenerationRequest(ImageOutputFields):
     """Body of ``POST /v1/images/generations``."""
 
     prompt: str = Field(min_length=1, description="What to draw.")
-    moderation: Literal["auto", "low"] = "auto"
     style: Literal["vivid", "natural"] | None = Field(None, description="Accepted for compatibility; unused.")
 
 
@@ -118,13 +167,30 @@ class ImageData(BaseModel):
     seed: int | None = Field(None, description="Extension: the seed this image was made with.")
 
 
+class ImageUsageDetails(BaseModel):
+    image_tokens: int
+    text_tokens: int
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's token usage, estimated: an image token is an 8x8-pixel latent cell, a text token ~4 bytes."""
+
+    input_tokens: int
+    input_tokens_details: ImageUsageDetails
+    output_tokens: int
+    output_tokens_details: ImageUsageDetails
+    total_tokens: int = Field(description="input_tokens + output_tokens.")
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     output_format: Literal["png", "jpeg", "webp"] | None = None
     size: str | None = None
-    quality: Literal["low", "medium", "high"] | None = None
+    quality: ResolvedQuality | None = None
     background: Literal["opaque", "transparent"] | None = None
+    usage: ImageUsage | None = None
+    safety_identifier: str | None = Field(None, description="The effective end-user id, when one was sent.")
 
 
 class JobResponse(BaseModel):
@@ -153,26 +219,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ImageStreamUsageDetails(BaseModel):
-    image_tokens: int
-    text_tokens: int
-
-
-class ImageStreamUsage(BaseModel):
-    """OpenAI's token usage, estimated: an image token is an 8x8-pixel latent cell, a text token ~4 bytes."""
-
-    input_tokens: int
-    input_tokens_details: ImageStreamUsageDetails
-    output_tokens: int
-    total_tokens: int
-
-
 class ImageStreamEventFields(BaseModel):
     b64_json: str
     background: Literal["transparent", "opaque", "auto"]
     created_at: int
     output_format: Literal["png", "jpeg", "webp"]
-    quality: Literal["low", "medium", "high", "auto"]
+    quality: ResolvedQuality
     size: str
 
 
@@ -187,4 +239,5 @@ class ImageCompletedEvent(ImageStreamEventFields):
     """``image_generation.completed`` / ``image_edit.completed``: the image, last event of a stream."""
 
     type: Literal["image_generation.completed", "image_edit.completed"]
-    usage: ImageStreamUsage
+    usage: ImageUsage
+    safety_identifier: str | None = Field(None, exclude_if=lambda value: value is None)

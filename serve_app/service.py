@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fastapi import Request
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
@@ -37,7 +38,7 @@ from serve_app.errors import (
 )
 from serve_app.jobs import JobRecord, body_digest, check_webhook_url, new_job_id
 from serve_app.pipeline import StageHandles
-from serve_app.planning import ResolvedQuality, plan_edit, plan_generation, plan_variation, resolve_quality
+from serve_app.planning import plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import (
     ErrorInfo,
     ImageData,
@@ -48,6 +49,7 @@ from serve_app.protocol import (
     JobResponse,
     ModelCard,
     ModelList,
+    ResolvedQuality,
 )
 from serve_app.scheduler import Grant, JobSubmission, JobView, work_request
 from serve_app.streaming import EventPrefix, StreamDescription, estimate_usage, event_stream
@@ -94,7 +96,6 @@ class ResponseFields:
     prefix: EventPrefix
     quality: ResolvedQuality
     revised_prompt: str | None
-    input_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,11 @@ def upload_digest(fields: dict[str, str], files: list[bytes]) -> str:
     for data in files:
         digest.update(hashlib.sha256(data).digest())
     return digest.hexdigest()
+
+
+def response_background(options: EncodeOptions) -> Literal["transparent", "opaque"]:
+    """The background the images have: transparent only when asked for (and planning allowed it)."""
+    return "transparent" if options.background == "transparent" else "opaque"
 
 
 def wants_async(prefer: str | None) -> bool:
@@ -197,6 +203,7 @@ class ImageService:
             self.config.limits,
             request_id=self.work_id(request_id, delivery),
             tenant=principal.tenant,
+            moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
         )
         fields = ResponseFields("image_generation", resolve_quality(request.quality), request.prompt)
         return await self.deliver(image_request, options, fields, principal, delivery)
@@ -205,9 +212,10 @@ class ImageService:
         self, http_request: Request, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
         form = await read_form(http_request, self.upload_limits)
-        form.only_files("image", "image[]", "mask")
+        form.only_files("image", "image[]", "mask", "markup")
         request = parse_fields(ImageEditRequest, form.fields)
         images, masks = form.files_of("image", "image[]"), form.files_of("mask")
+        markups = form.files_of("markup")
         if len(masks) > 1:
             raise InvalidRequestError("Send at most one mask.", param="mask")
         variant = self.find_variant(request.model)
@@ -225,10 +233,10 @@ class ImageService:
             self.config.limits,
             request_id=self.work_id(request_id, delivery),
             tenant=principal.tenant,
+            moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
+            markup=markups[0] if markups else None,
         )
-        fields = ResponseFields(
-            "image_edit", resolve_quality(request.quality), request.prompt, input_images=1
-        )
+        fields = ResponseFields("image_edit", resolve_quality(request.quality), request.prompt)
         return await self.deliver(image_request, options, fields, principal, delivery)
 
     async def variation(
@@ -247,8 +255,9 @@ class ImageService:
             self.config.limits,
             request_id=self.work_id(request_id, delivery),
             tenant=principal.tenant,
+            moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
         )
-        fields = ResponseFields("image_edit", resolve_quality("auto"), None, input_images=1)
+        fields = ResponseFields("image_edit", resolve_quality("auto"), None)
         return await self.deliver(image_request, options, fields, principal, delivery)
 
     async def deliver(
@@ -292,7 +301,7 @@ class ImageService:
             )
             for item in stored
         ]
-        response = self._images_response(image_request, options.output_format, fields.quality, data)
+        response = self._images_response(image_request, options, fields.quality, data)
         headers = {
             **grant.rate_limit_headers,
             "server-timing": server_timing(stored, grant.waited_s),
@@ -309,11 +318,17 @@ class ImageService:
         the scheduler when the stream ends, fails or the client leaves.
         """
         usage = estimate_usage(
-            image_request.prompt, image_request.width, image_request.height, fields.input_images
+            image_request.prompt, image_request.width, image_request.height, image_request.input_images
         )
         size = f"{image_request.width}x{image_request.height}"
         description = StreamDescription(
-            fields.prefix, size, fields.quality, "opaque", options.output_format, usage
+            fields.prefix,
+            size,
+            fields.quality,
+            response_background(options),
+            options.output_format,
+            usage,
+            image_request.safety_identifier,
         )
         tasks = self.stages.preprocess.prepare.remote(image_request)
         assert isinstance(tasks, DeploymentResponse)  # a unary call
@@ -383,15 +398,19 @@ class ImageService:
 
     @staticmethod
     def _images_response(
-        request: ImageRequest, output_format: str, quality: str, data: list[ImageData]
+        request: ImageRequest, options: EncodeOptions, quality: str, data: list[ImageData]
     ) -> ImagesResponse:
         return ImagesResponse(
             created=int(time.time()),
             data=data,
-            output_format=output_format,
+            output_format=options.output_format,
             size=f"{request.width}x{request.height}",
             quality=quality,
-            background="opaque",
+            background=response_background(options),
+            usage=estimate_usage(
+                request.prompt, request.width, request.height, request.input_images, len(data)
+            ),
+            safety_identifier=request.safety_identifier,
         )
 
     # ---- jobs ----------------------------------------------------------------------------
@@ -447,7 +466,7 @@ class ImageService:
                 )
                 for image, payload in zip(record.images, payloads, strict=True)
             ]
-        return self._images_response(request, options.output_format, record.quality, data)
+        return self._images_response(request, options, record.quality, data)
 
     # ---- storage, URLs and the generation log ----------------------------------------------
 

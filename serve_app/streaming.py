@@ -16,12 +16,12 @@ from typing import Literal
 from deployments.contracts import EncodedPartialImage, StreamEvent
 from serve_app.errors import APIError, as_api_error
 from serve_app.protocol import (
-    ErrorInfo,
     ErrorResponse,
     ImageCompletedEvent,
     ImagePartialImageEvent,
-    ImageStreamUsage,
-    ImageStreamUsageDetails,
+    ImageUsage,
+    ImageUsageDetails,
+    ResolvedQuality,
 )
 
 EventPrefix = Literal["image_generation", "image_edit"]
@@ -45,22 +45,27 @@ class StreamDescription:
 
     prefix: EventPrefix
     size: str
-    quality: Literal["low", "medium", "high", "auto"]
+    quality: ResolvedQuality
     background: Literal["transparent", "opaque", "auto"]
     output_format: Literal["png", "jpeg", "webp"]
-    usage: ImageStreamUsage
+    usage: ImageUsage
+    safety_identifier: str | None = None
 
 
-def estimate_usage(prompt: str, width: int, height: int, input_images: int) -> ImageStreamUsage:
+def estimate_usage(
+    prompt: str, width: int, height: int, input_images: int, output_images: int = 1
+) -> ImageUsage:
     """OpenAI's usage fields, estimated: image tokens are latent cells, text tokens ~4 UTF-8 bytes."""
     cells = (width // LATENT_CELL) * (height // LATENT_CELL)
     text_tokens = math.ceil(len(prompt.encode()) / 4)
-    image_tokens = cells * input_images
-    return ImageStreamUsage(
-        input_tokens=text_tokens + image_tokens,
-        input_tokens_details=ImageStreamUsageDetails(image_tokens=image_tokens, text_tokens=text_tokens),
-        output_tokens=cells,
-        total_tokens=text_tokens + image_tokens + cells,
+    input_image_tokens = cells * input_images
+    output_image_tokens = cells * output_images
+    return ImageUsage(
+        input_tokens=text_tokens + input_image_tokens,
+        input_tokens_details=ImageUsageDetails(image_tokens=input_image_tokens, text_tokens=text_tokens),
+        output_tokens=output_image_tokens,
+        output_tokens_details=ImageUsageDetails(image_tokens=output_image_tokens, text_tokens=0),
+        total_tokens=text_tokens + input_image_tokens + output_image_tokens,
     )
 
 
@@ -91,15 +96,13 @@ def image_event(event: StreamEvent, description: StreamDescription) -> bytes:
             output_format=description.output_format,
             created_at=int(time.time()),
             usage=description.usage,
+            safety_identifier=description.safety_identifier,
         )
     return server_sent_event(model.type, model.model_dump_json())
 
 
 def error_event(error: APIError) -> bytes:
-    body = ErrorResponse(
-        error=ErrorInfo(message=error.message, type=error.error_type, param=error.param, code=error.code)
-    )
-    return server_sent_event("error", body.model_dump_json())
+    return server_sent_event("error", ErrorResponse(error=error.info()).model_dump_json())
 
 
 async def event_stream(

@@ -8,6 +8,7 @@ hands them to preprocess once, where they are decoded safely.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+BRACKETED_NAME = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]+\])+)$")
 MAX_FORM_PARTS = 64
 """Parts one form may have: every field OpenAI defines, 16 images and a mask fit many times over."""
 
@@ -188,10 +190,31 @@ def _too_large(limits: UploadLimits) -> PayloadTooLargeError:
     return PayloadTooLargeError(f"The request body is larger than {limits.max_total_bytes} bytes.")
 
 
+def nest_form_fields(fields: dict[str, str]) -> dict[str, Any]:
+    """Bracketed names as the SDKs send objects in a form (``svg[reasoning][effort]``), as nested dicts."""
+    nested: dict[str, Any] = {}
+    for name, value in fields.items():
+        match = BRACKETED_NAME.match(name)
+        if match is None:
+            nested[name] = value
+            continue
+        keys = [match.group(1), *re.findall(r"\[([^\[\]]+)\]", match.group(2))]
+        target = nested
+        for key in keys[:-1]:
+            child = target.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise InvalidRequestError(
+                    f"The field '{key}' is given both as text and as an object.", param=key
+                )
+            target = child
+        target[keys[-1]] = value
+    return nested
+
+
 def parse_fields(model: type[ModelT], fields: dict[str, str]) -> ModelT:
     """A form's text fields validated by ``model``; errors name the field as JSON bodies do."""
     try:
-        return model.model_validate(fields)
+        return model.model_validate(nest_form_fields(fields))
     except ValidationError as invalid:
         raise field_error(invalid.errors()[0]) from None
 
