@@ -71,6 +71,8 @@ class ReplicaStats:
     """Tasks whose caller went away before their image was done (since start)."""
     stopped_passes: int
     """Forward passes stopped between denoising steps because all their tasks were cancelled."""
+    received: int
+    """Image tasks handed to this replica (since start): none for a request stopped before the model."""
 
 
 def batch_stream(
@@ -171,6 +173,7 @@ class ModelReplica:
         self._running = 0
         self._cancelled = 0
         self._stopped_passes = 0
+        self._received = 0
         quiet_client_errors()
         logger.info(description)
 
@@ -187,7 +190,9 @@ class ModelReplica:
         return True
 
     async def stats(self) -> ReplicaStats:
-        return ReplicaStats(self._in_flight, self._running, self._cancelled, self._stopped_passes)
+        return ReplicaStats(
+            self._in_flight, self._running, self._cancelled, self._stopped_passes, self._received
+        )
 
     async def generate(self, tasks: list[ImageTask]) -> list[GeneratedImage]:
         """Generate every task of one request; each task is batched with whatever else is queued."""
@@ -217,6 +222,7 @@ class ModelReplica:
         Serve's per-task futures are all awaited.
         """
         queued = QueuedTask(task, arrived)
+        self._received += 1
         ended = False  # the image (or an error) was delivered: nothing left to cancel
         failure: Exception | None = None
         self._track_in_flight(+1)

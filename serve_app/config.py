@@ -193,6 +193,12 @@ class TierConfig(StrictModel):
     cost_per_minute: float = Field(
         2_000.0, gt=0, description="Image cost per minute; one 512x512 image at 30 steps costs 1."
     )
+    end_user_requests_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one end user of a tenant (its `safety_identifier`, else `user`) may make per "
+        "minute, beside the tenant's own limits; unset: end users share the tenant's limits.",
+    )
     queue_delay_s: float = Field(
         0.0, ge=0, description="Head start other tiers get: work is ordered by arrival + this delay (ageing)."
     )

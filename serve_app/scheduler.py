@@ -60,6 +60,7 @@ class WorkRequest:
     variant: str
     images: int
     cost: float
+    end_user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class Scheduler:
         """Admit ``work`` and wait for its slots; raises RateLimitError or OverloadedError (429)."""
         await self._recovered.wait()
         now = time.monotonic()
-        decision = self.limiter.check(work.tenant, work.tier, work.cost, now)
+        decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user)
         if not decision.allowed:
             raise rate_limited(decision)
         ticket = Ticket(f"tkt_{uuid.uuid4().hex}", work.tenant, work.tier, work.variant, work.images)
@@ -260,7 +261,7 @@ class Scheduler:
     async def _accept(self, submission: JobSubmission) -> JobView:
         work = submission.work
         now = time.monotonic()
-        decision = self.limiter.check(work.tenant, work.tier, work.cost, now)
+        decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user)
         if not decision.allowed:
             raise rate_limited(decision)
         record = new_record(
@@ -469,4 +470,5 @@ def work_request(request: ImageRequest, tier: str) -> WorkRequest:
         variant=request.variant,
         images=request.n,
         cost=image_cost(request.width, request.height, request.steps, request.n),
+        end_user=request.safety_identifier,
     )

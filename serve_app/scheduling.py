@@ -97,13 +97,18 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """Per-tenant request and cost buckets; a request takes from both or from neither."""
+    """Per-tenant request and cost buckets, and per end user where the tier sets a limit for them;
+    a request takes from every bucket that applies or from none."""
 
     def __init__(self, tiers: dict[str, TierConfig]) -> None:
         self.tiers = tiers
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self._end_user_buckets: dict[tuple[str, str], TokenBucket] = {}
 
-    def check(self, tenant: str, tier: str, cost: float, now: float) -> RateDecision:
+    def check(
+        self, tenant: str, tier: str, cost: float, now: float, end_user: str | None = None
+    ) -> RateDecision:
+        """``end_user`` is the request's safety identifier (or ``user``), keyed within its tenant."""
         config = self.tiers[tier]
         if tenant not in self._buckets:
             self._buckets[tenant] = (
@@ -112,10 +117,18 @@ class RateLimiter:
             )
         requests, tokens = self._buckets[tenant]
         wait_s = max(requests.wait_for(1, now), tokens.wait_for(cost, now))
+        end_user_requests = None
+        if end_user and config.end_user_requests_per_minute is not None:
+            end_user_requests = self._end_user_buckets.setdefault(
+                (tenant, end_user), TokenBucket(config.end_user_requests_per_minute, now)
+            )
+            wait_s = max(wait_s, end_user_requests.wait_for(1, now))
         if wait_s > 0:
             return RateDecision(False, requests.window(), tokens.window(), retry_after_s=wait_s)
         requests.take(1)
         tokens.take(cost)
+        if end_user_requests is not None:
+            end_user_requests.take(1)
         return RateDecision(True, requests.window(), tokens.window())
 
 
