@@ -215,6 +215,11 @@ class SchedulerConfig(StrictModel):
     )
     job_attempts: int = Field(4, ge=1, le=20, description="Tries per job when a replica dies under it.")
     lease_s: float = Field(900.0, gt=0, description="A slot not released within this is reclaimed.")
+    job_store_retry_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long a running job retries a failing object store (with backoff) before it fails.",
+    )
     webhook_attempts: int = Field(4, ge=1, le=20)
     webhook_timeout_s: float = Field(5.0, gt=0)
     webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private addresses.")

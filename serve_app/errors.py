@@ -140,6 +140,11 @@ def unwrap_remote_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def is_storage_failure(error: BaseException) -> bool:
+    """The object store failed (or its circuit is open): worth retrying once the store is back."""
+    return isinstance(unwrap_remote_error(error), StorageUnavailableError)
+
+
 def as_api_error(exc: BaseException) -> APIError:
     """Map any exception to the error the client sees; unknown failures become a logged 500."""
     exc = unwrap_remote_error(exc)

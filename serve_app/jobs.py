@@ -124,9 +124,13 @@ class JobStore:
             record.completed_at = record.updated_at
         self.store.put(f"{RECORDS}/{record.id}.json", record.model_dump_json().encode())
         if record.is_terminal:
-            self.store.delete(f"{ACTIVE}/{record.id}")
+            self.forget_active(record.id)
         else:
             self.store.put(f"{ACTIVE}/{record.id}", b"")
+
+    def forget_active(self, job_id: str) -> None:
+        """Drop a finished job's marker, so a restart does not resume it."""
+        self.store.delete(f"{ACTIVE}/{job_id}")
 
     def load(self, job_id: str) -> JobRecord | None:
         try:

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -34,6 +34,7 @@ from serve_app.errors import (
     NotFoundError,
     StorageUnavailableError,
     as_api_error,
+    is_storage_failure,
 )
 from serve_app.jobs import JobRecord, body_digest, check_webhook_url, new_job_id
 from serve_app.pipeline import StageHandles
@@ -260,12 +261,27 @@ class ImageService:
         delivery: Delivery,
     ) -> Outcome:
         """Run a planned request the way the client asked: as a job, streamed, or now."""
-        if delivery.as_job:
-            return await self._submit_job(image_request, options, fields, principal, delivery)
-        needs_store = options.response_format == "url"
-        if needs_store:
-            self.check_store_available()
-        grant: Grant = await self.scheduler.acquire.remote(work_request(image_request, principal.tier))
+        stores = delivery.as_job or options.response_format == "url"  # a job's images are always stored
+        with self.storage_guard() if stores else contextlib.nullcontext():
+            if delivery.as_job:
+                return await self._submit_job(image_request, options, fields, principal, delivery)
+            return await self._run_now(image_request, options, fields, principal, delivery)
+
+    async def _run_now(
+        self,
+        image_request: ImageRequest,
+        options: EncodeOptions,
+        fields: ResponseFields,
+        principal: Principal,
+        delivery: Delivery,
+    ) -> Completed | Streaming:
+        work = work_request(image_request, principal.tier)
+        try:
+            grant: Grant = await self.scheduler.acquire.remote(work)
+        except asyncio.CancelledError:
+            # The client left: the slots may have been granted as the call was cancelled.
+            self.scheduler.release.remote(work.ticket_id, 0)
+            raise
         if delivery.stream:
             return await self._stream(image_request, options, fields, grant)
         completed = 0
@@ -274,14 +290,10 @@ class ImageService:
             completed = len(stored)
         except Exception as failure:
             error = as_api_error(failure)
-            if isinstance(error, StorageUnavailableError):
-                self.store.breaker.record_failure()
             self.record(image_request, None, error_code=error.code or "server_error")
             raise
         finally:
             self.scheduler.release.remote(grant.ticket_id, completed)
-        if needs_store:
-            self.store.breaker.record_success()
         self.record(image_request, stored)
         data = [
             ImageData(
@@ -343,7 +355,6 @@ class ImageService:
         principal: Principal,
         delivery: Delivery,
     ) -> Outcome:
-        self.check_store_available()  # a job's images (and uploads) are always stored
         submission = JobSubmission(
             work=work_request(image_request, principal.tier),
             request=await asyncio.to_thread(self._stash_uploads, image_request),
@@ -451,14 +462,19 @@ class ImageService:
 
     # ---- storage, URLs and the generation log ----------------------------------------------
 
-    def check_store_available(self) -> None:
-        """Fail fast, before any model work, while uploads are failing.
+    @contextlib.contextmanager
+    def storage_guard(self) -> Iterator[None]:
+        """Fail fast, before any model work, while the store is failing; record how the work ended.
 
-        This breaker mirrors what postprocess reports, so a request whose result could not be
-        stored never takes a batch slot; once it half-opens, one request goes through as the probe.
+        This breaker mirrors what postprocess and the scheduler report, so a request whose result
+        could not be stored never takes a batch slot. Once it half-opens, one request goes
+        through as the probe, and its outcome is recorded whatever ends it: a storage failure
+        opens the circuit again, success closes it, anything else (a 4xx, a disconnect) lets the
+        next request probe.
         """
         try:
-            self.store.breaker.before_call()
+            with self.store.breaker.guarded(is_storage_failure):
+                yield
         except CircuitOpenError as open_circuit:
             raise StorageUnavailableError(
                 "Image storage is unavailable; retry shortly, or ask for response_format=b64_json.",
