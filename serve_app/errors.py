@@ -69,6 +69,12 @@ class NotFoundError(APIError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeoutError(APIError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class PayloadTooLargeError(APIError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -172,7 +178,7 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=error.status_code, headers=error.headers)
 
 
-def _is_json(content_type: str | None) -> bool:
+def is_json(content_type: str | None) -> bool:
     if not content_type:
         return True  # FastAPI parses an untyped body as JSON
     media = content_type.split(";", 1)[0].strip().lower()
@@ -183,7 +189,7 @@ def validation_error(exc: RequestValidationError, content_type: str | None) -> A
     """A 400 naming the offending field, or 415 when the body was not JSON at all."""
     errors = exc.errors()
     body_errors = [error for error in errors if error.get("loc", ("",))[0] == "body"]
-    if body_errors and not _is_json(content_type):
+    if body_errors and not is_json(content_type):
         return UnsupportedMediaTypeError(
             f"Unsupported Content-Type {content_type!r}; send 'application/json'."
         )

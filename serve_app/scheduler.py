@@ -158,6 +158,7 @@ class Scheduler:
         )
         self.metrics = SchedulerMetrics()
         self.waiters: dict[str, asyncio.Future[None]] = {}
+        self.abandoned: dict[str, float] = {}  # tickets released before they were granted, by time
         self.records: dict[str, JobRecord] = {}
         self.finished: dict[str, asyncio.Event] = {}
         self.running_jobs: dict[str, asyncio.Task[None]] = {}
@@ -168,7 +169,7 @@ class Scheduler:
         self._recovered = asyncio.Event()
         self._idempotency_lock = asyncio.Lock()
         self._spawn(self._recover())
-        self._spawn(self._reclaim_expired_leases())
+        self._spawn(self._tidy_periodically())
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -188,6 +189,8 @@ class Scheduler:
     async def acquire(self, work: WorkRequest) -> Grant:
         """Admit ``work`` and wait for its slots; raises RateLimitError or OverloadedError (429)."""
         await self._recovered.wait()
+        if work.ticket_id in self.abandoned:  # its caller left before this call even started
+            raise asyncio.CancelledError()
         now = time.monotonic()
         decision = self.limiter.check(work.tenant, work.tier, work.cost, now)
         if not decision.allowed:
@@ -210,7 +213,14 @@ class Scheduler:
         return Grant(ticket.id, waited, ticket.deferred, decision.headers())
 
     async def release(self, ticket_id: str, completed_images: int) -> None:
-        self.core.release(ticket_id, time.monotonic(), completed_images)
+        """Give a grant back. Safe in any order with its `acquire`, which a leaving caller may
+        release before, while or after it runs: the ticket is then never granted, or freed."""
+        now = time.monotonic()
+        if not self.core.release(ticket_id, now, completed_images):
+            self.core.cancel(ticket_id)
+            if (waiter := self.waiters.pop(ticket_id, None)) is not None:
+                waiter.cancel()
+            self.abandoned[ticket_id] = now
         self._dispatch()
 
     def _admit_or_shed(self, ticket: Ticket, now: float, decision: RateDecision) -> None:
@@ -248,14 +258,35 @@ class Scheduler:
                 depth = self.core.backlog(variant, tier)
                 self.metrics.queue_depth.set(depth, tags={"variant": variant, "tier": tier})
 
-    async def _reclaim_expired_leases(self) -> None:
+    async def _tidy_periodically(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_CHECK_INTERVAL_S)  # a timer: leases expire by age
-            for ticket_id in self.core.expired_leases(time.monotonic()):
-                if ticket_id not in self.running_jobs:
-                    logger.warning("reclaiming slots of %s: lease expired", ticket_id)
-                    self.core.release(ticket_id, time.monotonic(), 0)
-            self._dispatch()
+            await asyncio.sleep(LEASE_CHECK_INTERVAL_S)  # a timer: leases and memory expire by age
+            self._reclaim_expired_leases(time.monotonic())
+            self.forget_finished_jobs(time.time())
+
+    def forget_finished_jobs(self, now: float) -> None:
+        """Drop jobs finished over ``job_memory_s`` ago from memory (the store keeps them)."""
+        cutoff = now - self.config.scheduler.job_memory_s
+        forgotten = {
+            job_id
+            for job_id, record in self.records.items()
+            if record.is_terminal and record.completed_at is not None and record.completed_at <= cutoff
+        }
+        for job_id in forgotten:
+            del self.records[job_id]
+            self.finished.pop(job_id, None)
+        self.idempotency = {
+            key: job_id for key, job_id in self.idempotency.items() if job_id not in forgotten
+        }
+
+    def _reclaim_expired_leases(self, now: float) -> None:
+        for ticket_id in self.core.expired_leases(now):
+            if ticket_id not in self.running_jobs:
+                logger.warning("reclaiming slots of %s: lease expired", ticket_id)
+                self.core.release(ticket_id, now, 0)
+        lease_s = self.config.scheduler.lease_s
+        self.abandoned = {ticket_id: at for ticket_id, at in self.abandoned.items() if now - at < lease_s}
+        self._dispatch()
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -483,10 +514,15 @@ class Scheduler:
             self.finishing.discard(record.id)
         if (event := self.finished.get(record.id)) is not None:
             event.set()
+        request = final.image_request
+        uploads = [*request.input_keys, *([request.mask_key] if request.mask_key else [])]
+        for key in uploads:  # a finished job never runs again: its stashed uploads can go
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.delete, key)
         if self.log.is_due():
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.log.flush)
-        if final.webhook_url and self.config.auth.webhook_secret is not None:  # build_app sets one
+        if final.webhook_url and self.config.auth.webhook_secret is not None:  # checked at submission
             payload = {"id": final.id, "object": "image.job", "status": final.status}
             self._spawn(
                 deliver_webhook(

@@ -36,7 +36,7 @@ from serve_app.errors import (
     as_api_error,
     is_storage_failure,
 )
-from serve_app.jobs import JobRecord, body_digest, check_webhook_url, new_job_id
+from serve_app.jobs import JobRecord, body_digest, check_webhook_url, is_valid_job_id, new_job_id
 from serve_app.pipeline import StageHandles
 from serve_app.planning import ResolvedQuality, plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import (
@@ -52,7 +52,7 @@ from serve_app.protocol import (
 )
 from serve_app.scheduler import Grant, JobSubmission, JobView, work_request
 from serve_app.streaming import EventPrefix, StreamDescription, estimate_usage, event_stream
-from serve_app.uploads import UploadLimits, parse_fields, read_form
+from serve_app.uploads import UploadLimits, parse_fields, read_form, read_json
 
 FILES_ROUTE = "/v1/images/files"
 READY_TIMEOUT_S = 5.0
@@ -131,6 +131,12 @@ def upload_digest(fields: dict[str, str], files: list[bytes]) -> str:
     return digest.hexdigest()
 
 
+def check_job_id(job_id: str) -> None:
+    """Ids we never issued are not looked up in the store."""
+    if not is_valid_job_id(job_id):
+        raise NotFoundError(f"No job with id {job_id!r}.", param="job_id", code="job_not_found")
+
+
 def wants_async(prefer: str | None) -> bool:
     """RFC 7240: ``Prefer: respond-async`` (possibly among other preferences)."""
     return any(part.strip().lower() == "respond-async" for part in (prefer or "").split(","))
@@ -171,10 +177,8 @@ class ImageService:
         """Jobs get their own ids (they outlive the HTTP request); other requests keep Serve's."""
         if delivery.idempotency_key is not None and not 0 < len(delivery.idempotency_key) <= 255:
             raise InvalidRequestError("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key")
-        if delivery.webhook_url is not None:
-            if not wants_async(delivery.prefer):
-                raise InvalidRequestError("webhook_url needs 'Prefer: respond-async'.", param="webhook_url")
-            check_webhook_url(delivery.webhook_url, self.config.scheduler.webhook_allow_private)
+        if delivery.webhook_url is not None and not wants_async(delivery.prefer):
+            raise InvalidRequestError("webhook_url needs 'Prefer: respond-async'.", param="webhook_url")
         if delivery.as_job and delivery.stream:
             raise InvalidRequestError(
                 "stream=true cannot be combined with 'Prefer: respond-async' or an Idempotency-Key.",
@@ -183,8 +187,9 @@ class ImageService:
         return new_job_id() if delivery.as_job else request_id
 
     async def generate(
-        self, request: ImageGenerationRequest, principal: Principal, request_id: str, delivery: Delivery
+        self, http_request: Request, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
+        request = await read_json(http_request, ImageGenerationRequest, self.upload_limits)
         variant = self.find_variant(request.model)
         delivery = dataclasses.replace(
             delivery,
@@ -261,11 +266,24 @@ class ImageService:
         delivery: Delivery,
     ) -> Outcome:
         """Run a planned request the way the client asked: as a job, streamed, or now."""
+        if delivery.webhook_url is not None:
+            await self.check_webhook(delivery.webhook_url)
         stores = delivery.as_job or options.response_format == "url"  # a job's images are always stored
         with self.storage_guard() if stores else contextlib.nullcontext():
             if delivery.as_job:
                 return await self._submit_job(image_request, options, fields, principal, delivery)
             return await self._run_now(image_request, options, fields, principal, delivery)
+
+    async def check_webhook(self, url: str) -> None:
+        """A 400 for a URL we would not call, or when no secret is configured to sign the call with."""
+        # Resolving the host can be slow: in a thread, never on the ingress's event loop.
+        await asyncio.to_thread(check_webhook_url, url, self.config.scheduler.webhook_allow_private)
+        if self.config.auth.webhook_secret is None:
+            raise InvalidRequestError(
+                "Webhooks are not enabled on this server (the operator sets auth.webhook_secret).",
+                param="webhook_url",
+                code="webhooks_disabled",
+            )
 
     async def _run_now(
         self,
@@ -408,9 +426,11 @@ class ImageService:
     # ---- jobs ----------------------------------------------------------------------------
 
     async def get_job(self, principal: Principal, job_id: str, base_url: str) -> JobResponse:
+        check_job_id(job_id)
         return await self.job_response(await self.scheduler.get.remote(principal.tenant, job_id), base_url)
 
     async def cancel_job(self, principal: Principal, job_id: str, base_url: str) -> JobResponse:
+        check_job_id(job_id)
         return await self.job_response(await self.scheduler.cancel.remote(principal.tenant, job_id), base_url)
 
     async def job_response(self, view: JobView, base_url: str) -> JobResponse:

@@ -8,6 +8,7 @@ those are the boundaries these tests are about.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -236,5 +237,51 @@ def test_recovery_leaves_finished_jobs_alone(tmp_path: Path) -> None:
         assert stages.runs == 0
         assert jobs.load(record.id).status == "failed"  # type: ignore[union-attr]
         assert not restarted.store.list_files(ACTIVE)
+
+    asyncio.run(scenario())
+
+
+def test_a_release_before_or_during_acquire_leaves_no_slot_taken(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = scheduler_config(tmp_path)
+        scheduler = start_scheduler(config, FakeStages())
+        await scheduler.ready()
+        # The caller left and released before its acquire even ran.
+        early = submission(config).work
+        await scheduler.release(early.ticket_id, 0)
+        with pytest.raises(asyncio.CancelledError):
+            await scheduler.acquire(early)
+        assert await is_idle(scheduler)
+        # The caller left while its acquire waited behind another grant.
+        holder = await scheduler.acquire(submission(config).work)
+        waiting = submission(config).work
+        acquire = asyncio.ensure_future(scheduler.acquire(waiting))
+        await until(lambda: waiting.ticket_id in scheduler.core.queued)
+        await scheduler.release(waiting.ticket_id, 0)
+        with pytest.raises(asyncio.CancelledError):
+            await acquire
+        await scheduler.release(holder.ticket_id, 1)
+        await until(lambda: is_idle(scheduler))
+
+    asyncio.run(scenario())
+
+
+def test_finished_jobs_leave_memory_and_their_uploads_leave_the_store(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = scheduler_config(tmp_path)
+        scheduler = start_scheduler(config, FakeStages())
+        await scheduler.ready()
+        job = submission(config)
+        upload = f"jobs/uploads/{job.request.request_id}/image-0"
+        scheduler.store.put(upload, b"an uploaded image")
+        request = dataclasses.replace(job.request, input_keys=(upload,))
+        view = await scheduler.submit(dataclasses.replace(job, request=request))
+        done = await asyncio.wait_for(scheduler.wait("local", view.record.id), DEADLINE_S)
+        assert done.record.status == "succeeded"
+        with pytest.raises(FileNotFoundError):
+            scheduler.store.get(upload)
+        scheduler.forget_finished_jobs(now=done.record.completed_at + config.scheduler.job_memory_s)
+        assert scheduler.records == {} and scheduler.finished == {}
+        assert (await scheduler.get("local", view.record.id)).record.status == "succeeded"  # from the store
 
     asyncio.run(scenario())
