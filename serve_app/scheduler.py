@@ -512,13 +512,13 @@ class Scheduler:
             self.records[record.id] = final
         finally:
             self.finishing.discard(record.id)
-        if (event := self.finished.get(record.id)) is not None:
-            event.set()
         request = final.image_request
         uploads = [*request.input_keys, *([request.mask_key] if request.mask_key else [])]
         for key in uploads:  # a finished job never runs again: its stashed uploads can go
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.store.delete, key)
+        if (event := self.finished.get(record.id)) is not None:
+            event.set()
         if self.log.is_due():
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.log.flush)
