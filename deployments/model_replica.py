@@ -171,6 +171,7 @@ class ModelReplica:
         self._apply_batching(variant.batching)
         self._in_flight = 0
         self._running = 0
+        self._pass_started: float | None = None  # monotonic start of the forward pass now running
         self._cancelled = 0
         self._stopped_passes = 0
         self._received = 0
@@ -188,6 +189,17 @@ class ModelReplica:
 
     async def ready(self) -> bool:
         return True
+
+    def check_health(self) -> None:
+        """Serve's periodic check: a forward pass stuck past ``max_pass_s`` makes this replica
+        unhealthy, so Serve replaces it and callers retry elsewhere. (A process that is stopped
+        altogether does not answer at all, which Serve's check timeout catches.)"""
+        started = self._pass_started
+        if started is not None and time.monotonic() - started > self.variant.max_pass_s:
+            raise RuntimeError(
+                f"a forward pass has run {time.monotonic() - started:.0f}s, over max_pass_s "
+                f"({self.variant.max_pass_s:g}s): the model is wedged"
+            )
 
     async def stats(self) -> ReplicaStats:
         return ReplicaStats(
@@ -276,11 +288,32 @@ class ModelReplica:
             for positions in group_by_bucket(tasks).values():
                 live = [position for position in positions if not queued[position].cancelled]
                 if live:
-                    async for row, event in self._run_pass([queued[position] for position in live]):
+                    async for row, event in self._run_isolated([queued[position] for position in live]):
                         yield share({live[row]: event})
                     yield share({}, finishing=set(live))
         finally:
             self._model_free.set()
+
+    async def _run_isolated(
+        self, group: list[QueuedTask]
+    ) -> AsyncGenerator[tuple[int, ModelEvent | Exception], None]:
+        """A forward pass; when one of several images fails it, each half runs again, and so on.
+
+        Only an image that fails alone fails: one bad input (or a pass too big for memory)
+        costs its batch-mates a rerun, not their images. Previews already sent may come again.
+        """
+        failed = False
+        async for row, event in self._run_pass(group):
+            if isinstance(event, Exception) and len(group) > 1:
+                failed = True
+            else:
+                yield row, event
+        if not failed:
+            return
+        half = len(group) // 2
+        for offset, part in ((0, group[:half]), (half, group[half:])):
+            async for row, event in self._run_isolated(part):
+                yield offset + row, event
 
     async def _run_pass(
         self, group: list[QueuedTask]
@@ -296,6 +329,7 @@ class ModelReplica:
         tasks = [item.task for item in group]
         started = time.perf_counter()
         self._running += len(group)
+        self._pass_started = time.monotonic()
         forward = loop.run_in_executor(self._compute, self.family.generate, tasks, hooks)
         forward.add_done_callback(lambda _: previews.put_nowait(None))
         try:
@@ -313,6 +347,7 @@ class ModelReplica:
             hooks.stopped = True  # if this generator is closed early, the thread stops at its next step
             forward.add_done_callback(retrieve_outcome)  # and nobody else will await it then
             self._running -= len(group)
+            self._pass_started = None
         elapsed = time.perf_counter() - started
         self.metrics.observe_batch(self.variant.name, len(group))
         self.metrics.observe_stage("model", self.variant.name, elapsed)

@@ -23,6 +23,9 @@ def _deployment_options(resources: ResourcesConfig) -> dict[str, Any]:
     return {
         "num_replicas": resources.num_replicas,
         "max_ongoing_requests": resources.max_ongoing_requests,
+        "max_queued_requests": resources.max_queued_requests,
+        "health_check_period_s": resources.health_check_period_s,
+        "health_check_timeout_s": resources.health_check_timeout_s,
         "ray_actor_options": resources.ray_actor_options(),
     }
 

@@ -8,6 +8,7 @@ Every model forbids unknown keys, so a typo in a YAML file fails when it is read
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -61,6 +62,13 @@ class ResourcesConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per replica (fractions allowed).")
     num_replicas: int = Field(1, ge=1, description="Replicas when autoscaling is off.")
     max_ongoing_requests: int = Field(64, ge=1, description="Concurrent calls one replica accepts.")
+    max_queued_requests: int = Field(
+        1000, ge=1, description="Calls a caller queues for this deployment beyond those; more get 503."
+    )
+    health_check_period_s: float = Field(10.0, gt=0, description="How often Serve checks a replica.")
+    health_check_timeout_s: float = Field(
+        30.0, gt=0, description="A check not answered within this fails; Serve replaces the replica."
+    )
 
     def ray_actor_options(self) -> dict[str, float]:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -113,6 +121,12 @@ class VariantConfig(StrictModel):
     supports_transparency: bool = False
     batching: BatchingConfig = BatchingConfig()
     resources: ResourcesConfig = ResourcesConfig(num_cpus=1.0, max_ongoing_requests=64)
+    max_pass_s: float = Field(
+        600.0,
+        gt=0,
+        description="A forward pass running longer than this fails the replica's health check: "
+        "Serve replaces it and the work on it is retried.",
+    )
 
     @field_validator("sizes")
     @classmethod
@@ -239,6 +253,16 @@ class SchedulerConfig(StrictModel):
     )
     job_attempts: int = Field(4, ge=1, le=20, description="Tries per job when a replica dies under it.")
     lease_s: float = Field(900.0, gt=0, description="A slot not released within this is reclaimed.")
+    job_memory_s: float = Field(
+        600.0,
+        ge=0,
+        description="Finished jobs stay in the scheduler's memory this long; later reads go to the store.",
+    )
+    job_store_retry_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long a running job retries a failing object store (with backoff) before it fails.",
+    )
     webhook_attempts: int = Field(4, ge=1, le=20)
     webhook_timeout_s: float = Field(5.0, gt=0)
     webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private addresses.")
@@ -256,7 +280,11 @@ class AuthConfig(StrictModel):
         None, description="YAML with `keys: [{key, tenant, tier}]`; without it the service runs open (local)."
     )
     webhook_secret: SecretStr | None = Field(
-        None, description="HMAC key for webhook signatures; random per start when unset."
+        None, description="HMAC key for webhook signatures; requests with a webhook_url get 400 when unset."
+    )
+    allow_open_network: bool = Field(
+        False,
+        description="Serve without `keys_file` on a non-loopback `host`: anyone who reaches it may use it.",
     )
 
 
@@ -288,6 +316,9 @@ class LimitsConfig(StrictModel):
     )
     max_image_pixels: int = Field(
         4096 * 4096, ge=64 * 64, description="Most pixels an uploaded image may declare (bomb guard)."
+    )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not received whole within this is refused (408)."
     )
 
     @model_validator(mode="after")
@@ -359,18 +390,38 @@ class AppConfig(BaseSettings):
             raise ValueError(f"moderation.variants: unknown variants {unknown}; known: {sorted(variants)}")
         return self
 
+    @model_validator(mode="after")
+    def _open_mode_stays_local(self) -> AppConfig:
+        if self.auth.keys_file is None and not self.auth.allow_open_network and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and there is no auth.keys_file: anyone who "
+                "reaches it could use the service. Configure API keys, bind 127.0.0.1, or set "
+                "auth.allow_open_network: true"
+            )
+        return self
+
     def variant(self, name: str | None) -> VariantConfig | None:
         wanted = name or self.default_model or self.variants[0].name
         return next((variant for variant in self.variants if variant.name == wanted), None)
 
     def with_secrets(self) -> AppConfig:
-        """A copy with every signing key set, generating random ones for those not configured."""
-        storage, auth = self.storage, self.auth
+        """A copy with a URL signing key, random when none is configured.
+
+        The webhook secret is never made up: a receiver could not verify a random one."""
+        storage = self.storage
         if storage.signing_key is None:
             storage = storage.model_copy(update={"signing_key": SecretStr(secrets.token_hex(32))})
-        if auth.webhook_secret is None:
-            auth = auth.model_copy(update={"webhook_secret": SecretStr(secrets.token_hex(32))})
-        return self.model_copy(update={"storage": storage, "auth": auth})
+        return self.model_copy(update={"storage": storage})
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses; any other name may reach the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -99,6 +99,12 @@ class NotFoundError(APIError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeoutError(APIError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class PayloadTooLargeError(APIError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -170,6 +176,11 @@ def unwrap_remote_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def is_storage_failure(error: BaseException) -> bool:
+    """The object store failed (or its circuit is open): worth retrying once the store is back."""
+    return isinstance(unwrap_remote_error(error), StorageUnavailableError)
+
+
 def as_api_error(exc: BaseException) -> APIError:
     """Map any exception to the error the client sees; unknown failures become a logged 500."""
     exc = unwrap_remote_error(exc)
@@ -204,7 +215,7 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=error.status_code, headers=error.headers)
 
 
-def _is_json(content_type: str | None) -> bool:
+def is_json(content_type: str | None) -> bool:
     if not content_type:
         return True  # FastAPI parses an untyped body as JSON
     media = content_type.split(";", 1)[0].strip().lower()
@@ -215,7 +226,7 @@ def validation_error(exc: RequestValidationError, content_type: str | None) -> A
     """A 400 naming the offending field, or 415 when the body was not JSON at all."""
     errors = exc.errors()
     body_errors = [error for error in errors if error.get("loc", ("",))[0] == "body"]
-    if body_errors and not _is_json(content_type):
+    if body_errors and not is_json(content_type):
         return UnsupportedMediaTypeError(
             f"Unsupported Content-Type {content_type!r}; send 'application/json'."
         )

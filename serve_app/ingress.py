@@ -29,7 +29,7 @@ from serve_app.protocol import (
     ModelList,
 )
 from serve_app.service import FILES_ROUTE, Accepted, Delivery, ImageService, Outcome, Streaming
-from serve_app.uploads import form_openapi
+from serve_app.uploads import form_openapi, json_openapi
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503)
@@ -61,6 +61,22 @@ api = FastAPI(
     version="0.1.0",
 )
 install_error_handlers(api)
+
+
+def openapi_with_json_bodies() -> dict[str, Any]:
+    """FastAPI's schema plus the JSON bodies the routes read themselves (after authentication)."""
+    if api.openapi_schema is None:
+        schema = FastAPI.openapi(api)  # builds and caches api.openapi_schema
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ImageGenerationRequest,):
+            definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(definition.pop("$defs", {}))
+            schemas[model.__name__] = definition
+    assert api.openapi_schema is not None
+    return api.openapi_schema
+
+
+api.openapi = openapi_with_json_bodies  # type: ignore[method-assign]
 
 
 def respond(outcome: Outcome) -> Response:
@@ -112,16 +128,16 @@ class Ingress:
         response_model_exclude_none=True,
         responses=IMAGE_RESPONSES,
         summary="Create images from a prompt",
+        openapi_extra=json_openapi(ImageGenerationRequest),
     )
     async def create_image(
         self,
-        body: ImageGenerationRequest,
         request: Request,
         authorization: AuthorizationHeader = None,
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> Response:
-        run = functools.partial(self.service.generate, body)
+        run = functools.partial(self.service.generate, request)
         return await self.run(run, request, authorization, prefer, idempotency_key)
 
     @api.post(

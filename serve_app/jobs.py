@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -32,6 +33,7 @@ TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 RECORDS = "jobs/records"
 ACTIVE = "jobs/active"
 IDEMPOTENCY = "jobs/idempotency"
+JOB_ID = re.compile(r"job_[0-9a-f]{32}")
 logger = logging.getLogger("imagegen.jobs")
 
 
@@ -125,9 +127,13 @@ class JobStore:
             record.completed_at = record.updated_at
         self.store.put(f"{RECORDS}/{record.id}.json", record.model_dump_json().encode())
         if record.is_terminal:
-            self.store.delete(f"{ACTIVE}/{record.id}")
+            self.forget_active(record.id)
         else:
             self.store.put(f"{ACTIVE}/{record.id}", b"")
+
+    def forget_active(self, job_id: str) -> None:
+        """Drop a finished job's marker, so a restart does not resume it."""
+        self.store.delete(f"{ACTIVE}/{job_id}")
 
     def load(self, job_id: str) -> JobRecord | None:
         try:
@@ -160,16 +166,26 @@ def body_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def is_valid_job_id(job_id: str) -> bool:
+    return JOB_ID.fullmatch(job_id) is not None
+
+
 def check_webhook_url(url: str, allow_private: bool) -> None:
     """Refuse anything but http(s) to public addresses (unless private ones are allowed)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port out of range or not a number
+    except ValueError as malformed:
+        raise InvalidRequestError(
+            f"webhook_url is not a valid URL: {malformed}.", param="webhook_url"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequestError("webhook_url must be an http(s) URL.", param="webhook_url")
     if allow_private:
         return
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
-    except socket.gaierror as unresolved:
+        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port or 443)}
+    except (socket.gaierror, UnicodeError, ValueError) as unresolved:  # a label too long is a UnicodeError
         raise InvalidRequestError("webhook_url's host does not resolve.", param="webhook_url") from unresolved
     if not all(ipaddress.ip_address(str(address).split("%")[0]).is_global for address in addresses):
         raise InvalidRequestError(
@@ -192,7 +208,8 @@ async def deliver_webhook(
     async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
         for attempt in range(attempts):
             try:
-                check_webhook_url(url, allow_private)  # again at delivery: DNS may have changed
+                # again at delivery (DNS may have changed), in a thread: resolving can be slow
+                await asyncio.to_thread(check_webhook_url, url, allow_private)
                 timestamp = int(time.time())
                 headers = {
                     "content-type": "application/json",

@@ -248,6 +248,13 @@ def plan_images(
             "A transparent background needs output_format 'png' or 'webp'.", param="output_format"
         )
     check_streaming(request)
+    if request.negative_prompt is not None and len(request.negative_prompt) > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"negative_prompt is too long: {len(request.negative_prompt)} characters, "
+            f"at most {limits.max_prompt_chars}.",
+            param="negative_prompt",
+            code="string_above_max_length",
+        )
     if request.num_inference_steps is not None and request.num_inference_steps > variant.max_steps:
         raise InvalidRequestError(
             f"num_inference_steps must be at most {variant.max_steps} for model {variant.name!r}.",

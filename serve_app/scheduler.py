@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import serve
 from ray.serve import metrics
@@ -34,8 +36,9 @@ from serve_app.errors import (
     OverloadedError,
     RateLimitError,
     as_api_error,
+    is_storage_failure,
 )
-from serve_app.jobs import JobImage, JobRecord, JobStore, deliver_webhook, new_record
+from serve_app.jobs import JobImage, JobRecord, JobStatus, JobStore, deliver_webhook, new_record
 from serve_app.pipeline import StageHandles
 from serve_app.scheduling import (
     RateDecision,
@@ -48,12 +51,19 @@ from serve_app.scheduling import (
 
 logger = logging.getLogger("ray.serve")
 LEASE_CHECK_INTERVAL_S = 5.0
+STORE_RETRY_FIRST_S = 0.5
+STORE_RETRY_MAX_S = 30.0
+CANCEL_WAIT_S = 10.0
+T = TypeVar("T")
 WAIT_BOUNDARIES_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 
 
 @dataclass(frozen=True)
 class WorkRequest:
-    """What the ingress asks the scheduler for: slots for ``images`` images of ``variant``."""
+    """What the ingress asks the scheduler for: slots for ``images`` images of ``variant``.
+
+    The caller names the ticket, so it can give the slots back even when it never saw the grant.
+    """
 
     tenant: str
     tier: str
@@ -61,6 +71,7 @@ class WorkRequest:
     images: int
     cost: float
     end_user: str | None = None
+    ticket_id: str = dataclasses.field(default_factory=lambda: f"tkt_{uuid.uuid4().hex}")
 
 
 @dataclass(frozen=True)
@@ -148,15 +159,18 @@ class Scheduler:
         )
         self.metrics = SchedulerMetrics()
         self.waiters: dict[str, asyncio.Future[None]] = {}
+        self.abandoned: dict[str, float] = {}  # tickets released before they were granted, by time
         self.records: dict[str, JobRecord] = {}
         self.finished: dict[str, asyncio.Event] = {}
         self.running_jobs: dict[str, asyncio.Task[None]] = {}
+        self.pending_saves: dict[str, asyncio.Future[bool]] = {}  # accepted jobs not yet durable
+        self.finishing: set[str] = set()
         self.idempotency: dict[tuple[str, str], str] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._recovered = asyncio.Event()
         self._idempotency_lock = asyncio.Lock()
         self._spawn(self._recover())
-        self._spawn(self._reclaim_expired_leases())
+        self._spawn(self._tidy_periodically())
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -176,11 +190,13 @@ class Scheduler:
     async def acquire(self, work: WorkRequest) -> Grant:
         """Admit ``work`` and wait for its slots; raises RateLimitError or OverloadedError (429)."""
         await self._recovered.wait()
+        if work.ticket_id in self.abandoned:  # its caller left before this call even started
+            raise asyncio.CancelledError()
         now = time.monotonic()
         decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user)
         if not decision.allowed:
             raise rate_limited(decision)
-        ticket = Ticket(f"tkt_{uuid.uuid4().hex}", work.tenant, work.tier, work.variant, work.images)
+        ticket = Ticket(work.ticket_id, work.tenant, work.tier, work.variant, work.images)
         self._admit_or_shed(ticket, now, decision)
         waiter = asyncio.get_running_loop().create_future()
         self.waiters[ticket.id] = waiter
@@ -198,7 +214,14 @@ class Scheduler:
         return Grant(ticket.id, waited, ticket.deferred, decision.headers())
 
     async def release(self, ticket_id: str, completed_images: int) -> None:
-        self.core.release(ticket_id, time.monotonic(), completed_images)
+        """Give a grant back. Safe in any order with its `acquire`, which a leaving caller may
+        release before, while or after it runs: the ticket is then never granted, or freed."""
+        now = time.monotonic()
+        if not self.core.release(ticket_id, now, completed_images):
+            self.core.cancel(ticket_id)
+            if (waiter := self.waiters.pop(ticket_id, None)) is not None:
+                waiter.cancel()
+            self.abandoned[ticket_id] = now
         self._dispatch()
 
     def _admit_or_shed(self, ticket: Ticket, now: float, decision: RateDecision) -> None:
@@ -221,7 +244,7 @@ class Scheduler:
     def _dispatch(self) -> None:
         for ticket in self.core.grant(time.monotonic()):
             if ticket.is_job:
-                self.running_jobs[ticket.id] = asyncio.get_running_loop().create_task(self._run_job(ticket))
+                self._start_job(ticket.id)
                 continue
             waiter = self.waiters.pop(ticket.id, None)
             if waiter is None or waiter.done():
@@ -236,14 +259,35 @@ class Scheduler:
                 depth = self.core.backlog(variant, tier)
                 self.metrics.queue_depth.set(depth, tags={"variant": variant, "tier": tier})
 
-    async def _reclaim_expired_leases(self) -> None:
+    async def _tidy_periodically(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_CHECK_INTERVAL_S)  # a timer: leases expire by age
-            for ticket_id in self.core.expired_leases(time.monotonic()):
-                if ticket_id not in self.running_jobs:
-                    logger.warning("reclaiming slots of %s: lease expired", ticket_id)
-                    self.core.release(ticket_id, time.monotonic(), 0)
-            self._dispatch()
+            await asyncio.sleep(LEASE_CHECK_INTERVAL_S)  # a timer: leases and memory expire by age
+            self._reclaim_expired_leases(time.monotonic())
+            self.forget_finished_jobs(time.time())
+
+    def forget_finished_jobs(self, now: float) -> None:
+        """Drop jobs finished over ``job_memory_s`` ago from memory (the store keeps them)."""
+        cutoff = now - self.config.scheduler.job_memory_s
+        forgotten = {
+            job_id
+            for job_id, record in self.records.items()
+            if record.is_terminal and record.completed_at is not None and record.completed_at <= cutoff
+        }
+        for job_id in forgotten:
+            del self.records[job_id]
+            self.finished.pop(job_id, None)
+        self.idempotency = {
+            key: job_id for key, job_id in self.idempotency.items() if job_id not in forgotten
+        }
+
+    def _reclaim_expired_leases(self, now: float) -> None:
+        for ticket_id in self.core.expired_leases(now):
+            if ticket_id not in self.running_jobs:
+                logger.warning("reclaiming slots of %s: lease expired", ticket_id)
+                self.core.release(ticket_id, now, 0)
+        lease_s = self.config.scheduler.lease_s
+        self.abandoned = {ticket_id: at for ticket_id, at in self.abandoned.items() if now - at < lease_s}
+        self._dispatch()
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -281,16 +325,24 @@ class Scheduler:
         idempotency = (work.tenant, submission.idempotency_key) if submission.idempotency_key else None
         if idempotency:
             self.idempotency[idempotency] = record.id  # before any await: a concurrent repeat attaches
+        # The job may be granted while its record is saved: it starts only once the save is done.
+        saved = self.pending_saves[record.id] = asyncio.get_running_loop().create_future()
         try:
             await asyncio.to_thread(self.jobs.save, record)  # durable before it is acknowledged
             if idempotency:
                 await asyncio.to_thread(self.jobs.remember_idempotency_key, *idempotency, record.id)
         except Exception:
+            saved.set_result(False)
             self.core.cancel(ticket.id)
             self.records.pop(record.id, None)
+            self.finished.pop(record.id, None)
             if idempotency:
                 self.idempotency.pop(idempotency, None)
             raise
+        else:
+            saved.set_result(True)
+        finally:
+            del self.pending_saves[record.id]
         self._dispatch()
         return dataclasses.replace(self._view(record), rate_limit_headers=decision.headers())
 
@@ -341,12 +393,20 @@ class Scheduler:
         if record is None or record.is_terminal:
             return view
         if self.core.cancel(job_id):
-            await self._finish(record, "cancelled")
+            await self._finish_within(record, "cancelled")
         elif (task := self.running_jobs.get(job_id)) is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            task.cancel()  # a job that had not started yet ends without running a step
+            await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+            if task.done() and job_id not in self.finishing and not self.records[job_id].is_terminal:
+                await self._finish_within(record, "cancelled")
         return await self.get(tenant, job_id)
+
+    async def _finish_within(self, record: JobRecord, status: JobStatus) -> None:
+        """Finish a job, waiting a bounded time for its record to be stored (it keeps trying after)."""
+        finishing = asyncio.get_running_loop().create_task(self._finish(record, status))
+        self._background.add(finishing)
+        finishing.add_done_callback(self._background.discard)
+        await asyncio.wait({finishing}, timeout=CANCEL_WAIT_S)
 
     def _view(self, record: JobRecord) -> JobView:
         record = record.model_copy(deep=True)  # a snapshot: the live record keeps changing
@@ -359,22 +419,42 @@ class Scheduler:
         eta = self.core.predicted_wait_s(ticket.variant, max(ahead, 0), time.monotonic())
         return JobView(record, self.core.queue_position(record.id), eta)
 
-    async def _run_job(self, ticket: Ticket) -> None:
-        record = self.records[ticket.id]
-        completed = 0
-        status = "failed"
+    def _start_job(self, job_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_job(job_id))
+        self.running_jobs[job_id] = task
+        # Also when the task is cancelled before its first step (its `finally` never runs then).
+        task.add_done_callback(lambda _: self._release_job(job_id))
+
+    def _release_job(self, job_id: str) -> None:
+        """Give a job's slots back; once per grant, however often it is called."""
+        self.running_jobs.pop(job_id, None)
+        record = self.records.get(job_id)
+        if self.core.release(job_id, time.monotonic(), len(record.images) if record else 0):
+            self._dispatch()
+
+    async def _run_job(self, job_id: str) -> None:
+        pending_save = self.pending_saves.get(job_id)
+        if pending_save is not None and not await pending_save:
+            return  # its record could not be saved: the client was told, and it must not run
+        record = self.records.get(job_id)
+        if record is None or record.is_terminal or job_id in self.finishing:
+            return
+        deadline = time.monotonic() + self.config.scheduler.job_store_retry_s
+        status: JobStatus = "failed"
         try:
             record.status = "running"
             record.attempts += 1
-            await asyncio.to_thread(self.jobs.save, record)
+            await self._retry_storage(functools.partial(asyncio.to_thread, self.jobs.save, record), deadline)
             options = dataclasses.replace(
                 record.encode_options,
                 response_format="url",
                 job_id=record.id,
                 job_created_at=record.created_at,
             )
-            stored = await self.stages.run(record.image_request, options, self.config.scheduler.job_attempts)
-            completed = len(stored)
+            attempts = self.config.scheduler.job_attempts
+            stored = await self._retry_storage(
+                functools.partial(self.stages.run, record.image_request, options, attempts), deadline
+            )
             record.images = [
                 JobImage(object_key=item.object_key or "", seed=item.seed, byte_count=item.byte_count)
                 for item in stored
@@ -389,10 +469,22 @@ class Scheduler:
             record.error_status = error.status_code
             self._log(record, error_code=record.error_code)
         finally:
-            self.running_jobs.pop(ticket.id, None)
-            self.core.release(ticket.id, time.monotonic(), completed)
-            self._dispatch()
+            self._release_job(job_id)
         await self._finish(record, status)
+
+    @staticmethod
+    async def _retry_storage(call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """Run ``call``, retrying storage failures with backoff until ``deadline`` (monotonic)."""
+        delay = STORE_RETRY_FIRST_S
+        while True:
+            try:
+                return await call()
+            except Exception as failure:
+                if not is_storage_failure(failure) or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("object store failing; retrying in %.1fs: %r", delay, failure)
+            await asyncio.sleep(delay)  # backoff while the store is down
+            delay = min(2 * delay, STORE_RETRY_MAX_S)
 
     def _log(self, record: JobRecord, stored: Any = None, error_code: str | None = None) -> None:
         if self.config.storage.log.enabled:
@@ -403,22 +495,39 @@ class Scheduler:
                 )
             )
 
-    async def _finish(self, record: JobRecord, status: str) -> None:
-        record.status = status  # type: ignore[assignment]
+    async def _finish(self, record: JobRecord, status: JobStatus) -> None:
+        """Make a job's outcome final: stored first, then visible, then announced; once per job.
+
+        The terminal record is saved until the store takes it (a restart before then runs the
+        job again, which is safe: nobody has seen an outcome). Only then do pollers and waiters
+        see it and is the webhook sent, so an outcome never changes and is announced once.
+        """
+        if record.id in self.finishing or record.is_terminal:
+            return
+        self.finishing.add(record.id)
         try:
-            await asyncio.to_thread(self.jobs.save, record)
-        except Exception:  # the record stays active in the store, so a restart finishes it again
-            logger.exception("could not persist the end of job %s", record.id)
+            final = record.model_copy(update={"status": status})
+            await self._retry_storage(
+                functools.partial(asyncio.to_thread, self.jobs.save, final), deadline=float("inf")
+            )
+            self.records[record.id] = final
+        finally:
+            self.finishing.discard(record.id)
+        request = final.image_request
+        uploads = [*request.input_keys, *([request.mask_key] if request.mask_key else [])]
+        for key in uploads:  # a finished job never runs again: its stashed uploads can go
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.delete, key)
         if (event := self.finished.get(record.id)) is not None:
             event.set()
         if self.log.is_due():
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.log.flush)
-        if record.webhook_url and self.config.auth.webhook_secret is not None:  # build_app sets one
-            payload = {"id": record.id, "object": "image.job", "status": record.status}
+        if final.webhook_url and self.config.auth.webhook_secret is not None:  # checked at submission
+            payload = {"id": final.id, "object": "image.job", "status": final.status}
             self._spawn(
                 deliver_webhook(
-                    record.webhook_url,
+                    final.webhook_url,
                     payload,
                     self.config.auth.webhook_secret.get_secret_value(),
                     attempts=self.config.scheduler.webhook_attempts,
@@ -432,6 +541,9 @@ class Scheduler:
         try:
             records = await asyncio.to_thread(self.jobs.active)
             for record in records:
+                if record.is_terminal:  # it finished, but the scheduler stopped before the marker went
+                    await asyncio.to_thread(self.jobs.forget_active, record.id)
+                    continue
                 record.status = "queued"
                 self.records[record.id] = record
                 self.finished[record.id] = asyncio.Event()

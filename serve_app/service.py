@@ -14,7 +14,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,8 +35,9 @@ from serve_app.errors import (
     NotFoundError,
     StorageUnavailableError,
     as_api_error,
+    is_storage_failure,
 )
-from serve_app.jobs import JobRecord, body_digest, check_webhook_url, new_job_id
+from serve_app.jobs import JobRecord, body_digest, check_webhook_url, is_valid_job_id, new_job_id
 from serve_app.pipeline import StageHandles
 from serve_app.planning import plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import (
@@ -53,7 +54,7 @@ from serve_app.protocol import (
 )
 from serve_app.scheduler import Grant, JobSubmission, JobView, work_request
 from serve_app.streaming import EventPrefix, StreamDescription, estimate_usage, event_stream
-from serve_app.uploads import UploadLimits, parse_fields, read_form
+from serve_app.uploads import UploadLimits, parse_fields, read_form, read_json
 
 FILES_ROUTE = "/v1/images/files"
 READY_TIMEOUT_S = 5.0
@@ -136,6 +137,12 @@ def response_background(options: EncodeOptions) -> Literal["transparent", "opaqu
     return "transparent" if options.background == "transparent" else "opaque"
 
 
+def check_job_id(job_id: str) -> None:
+    """Ids we never issued are not looked up in the store."""
+    if not is_valid_job_id(job_id):
+        raise NotFoundError(f"No job with id {job_id!r}.", param="job_id", code="job_not_found")
+
+
 def wants_async(prefer: str | None) -> bool:
     """RFC 7240: ``Prefer: respond-async`` (possibly among other preferences)."""
     return any(part.strip().lower() == "respond-async" for part in (prefer or "").split(","))
@@ -176,10 +183,8 @@ class ImageService:
         """Jobs get their own ids (they outlive the HTTP request); other requests keep Serve's."""
         if delivery.idempotency_key is not None and not 0 < len(delivery.idempotency_key) <= 255:
             raise InvalidRequestError("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key")
-        if delivery.webhook_url is not None:
-            if not wants_async(delivery.prefer):
-                raise InvalidRequestError("webhook_url needs 'Prefer: respond-async'.", param="webhook_url")
-            check_webhook_url(delivery.webhook_url, self.config.scheduler.webhook_allow_private)
+        if delivery.webhook_url is not None and not wants_async(delivery.prefer):
+            raise InvalidRequestError("webhook_url needs 'Prefer: respond-async'.", param="webhook_url")
         if delivery.as_job and delivery.stream:
             raise InvalidRequestError(
                 "stream=true cannot be combined with 'Prefer: respond-async' or an Idempotency-Key.",
@@ -188,8 +193,9 @@ class ImageService:
         return new_job_id() if delivery.as_job else request_id
 
     async def generate(
-        self, request: ImageGenerationRequest, principal: Principal, request_id: str, delivery: Delivery
+        self, http_request: Request, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
+        request = await read_json(http_request, ImageGenerationRequest, self.upload_limits)
         variant = self.find_variant(request.model)
         delivery = dataclasses.replace(
             delivery,
@@ -269,12 +275,40 @@ class ImageService:
         delivery: Delivery,
     ) -> Outcome:
         """Run a planned request the way the client asked: as a job, streamed, or now."""
-        if delivery.as_job:
-            return await self._submit_job(image_request, options, fields, principal, delivery)
-        needs_store = options.response_format == "url"
-        if needs_store:
-            self.check_store_available()
-        grant: Grant = await self.scheduler.acquire.remote(work_request(image_request, principal.tier))
+        if delivery.webhook_url is not None:
+            await self.check_webhook(delivery.webhook_url)
+        stores = delivery.as_job or options.response_format == "url"  # a job's images are always stored
+        with self.storage_guard() if stores else contextlib.nullcontext():
+            if delivery.as_job:
+                return await self._submit_job(image_request, options, fields, principal, delivery)
+            return await self._run_now(image_request, options, fields, principal, delivery)
+
+    async def check_webhook(self, url: str) -> None:
+        """A 400 for a URL we would not call, or when no secret is configured to sign the call with."""
+        # Resolving the host can be slow: in a thread, never on the ingress's event loop.
+        await asyncio.to_thread(check_webhook_url, url, self.config.scheduler.webhook_allow_private)
+        if self.config.auth.webhook_secret is None:
+            raise InvalidRequestError(
+                "Webhooks are not enabled on this server (the operator sets auth.webhook_secret).",
+                param="webhook_url",
+                code="webhooks_disabled",
+            )
+
+    async def _run_now(
+        self,
+        image_request: ImageRequest,
+        options: EncodeOptions,
+        fields: ResponseFields,
+        principal: Principal,
+        delivery: Delivery,
+    ) -> Completed | Streaming:
+        work = work_request(image_request, principal.tier)
+        try:
+            grant: Grant = await self.scheduler.acquire.remote(work)
+        except asyncio.CancelledError:
+            # The client left: the slots may have been granted as the call was cancelled.
+            self.scheduler.release.remote(work.ticket_id, 0)
+            raise
         if delivery.stream:
             return await self._stream(image_request, options, fields, grant)
         completed = 0
@@ -283,14 +317,10 @@ class ImageService:
             completed = len(stored)
         except Exception as failure:
             error = as_api_error(failure)
-            if isinstance(error, StorageUnavailableError):
-                self.store.breaker.record_failure()
             self.record(image_request, None, error_code=error.code or "server_error")
             raise
         finally:
             self.scheduler.release.remote(grant.ticket_id, completed)
-        if needs_store:
-            self.store.breaker.record_success()
         self.record(image_request, stored)
         data = [
             ImageData(
@@ -358,7 +388,6 @@ class ImageService:
         principal: Principal,
         delivery: Delivery,
     ) -> Outcome:
-        self.check_store_available()  # a job's images (and uploads) are always stored
         submission = JobSubmission(
             work=work_request(image_request, principal.tier),
             request=await asyncio.to_thread(self._stash_uploads, image_request),
@@ -416,9 +445,11 @@ class ImageService:
     # ---- jobs ----------------------------------------------------------------------------
 
     async def get_job(self, principal: Principal, job_id: str, base_url: str) -> JobResponse:
+        check_job_id(job_id)
         return await self.job_response(await self.scheduler.get.remote(principal.tenant, job_id), base_url)
 
     async def cancel_job(self, principal: Principal, job_id: str, base_url: str) -> JobResponse:
+        check_job_id(job_id)
         return await self.job_response(await self.scheduler.cancel.remote(principal.tenant, job_id), base_url)
 
     async def job_response(self, view: JobView, base_url: str) -> JobResponse:
@@ -470,14 +501,19 @@ class ImageService:
 
     # ---- storage, URLs and the generation log ----------------------------------------------
 
-    def check_store_available(self) -> None:
-        """Fail fast, before any model work, while uploads are failing.
+    @contextlib.contextmanager
+    def storage_guard(self) -> Iterator[None]:
+        """Fail fast, before any model work, while the store is failing; record how the work ended.
 
-        This breaker mirrors what postprocess reports, so a request whose result could not be
-        stored never takes a batch slot; once it half-opens, one request goes through as the probe.
+        This breaker mirrors what postprocess and the scheduler report, so a request whose result
+        could not be stored never takes a batch slot. Once it half-opens, one request goes
+        through as the probe, and its outcome is recorded whatever ends it: a storage failure
+        opens the circuit again, success closes it, anything else (a 4xx, a disconnect) lets the
+        next request probe.
         """
         try:
-            self.store.breaker.before_call()
+            with self.store.breaker.guarded(is_storage_failure):
+                yield
         except CircuitOpenError as open_circuit:
             raise StorageUnavailableError(
                 "Image storage is unavailable; retry shortly, or ask for response_format=b64_json.",

@@ -1,24 +1,36 @@
-"""Multipart form bodies (as the OpenAI SDKs send images) read under limits counted as bytes arrive.
+"""Request bodies, JSON and multipart forms (as the OpenAI SDKs send images), read under limits.
 
 ``Content-Length`` is only a hint: a body that declares too much is refused at once, and every
-body is counted while it streams in, so an oversized upload is refused (413) as soon as it
-crosses a limit, never after it has been buffered whole. Files are kept as bytes: the service
-hands them to preprocess once, where they are decoded safely.
+body is counted while it streams in, so an oversized body is refused (413) as soon as it
+crosses a limit, never after it has been buffered whole. A body that does not arrive whole
+within ``body_read_timeout_s`` is refused (408). Files are kept as bytes: the service hands
+them to preprocess once, where they are decoded safely.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from serve_app.config import LimitsConfig
-from serve_app.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, field_error
+from serve_app.errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    UnsupportedMediaTypeError,
+    field_error,
+    is_json,
+    validation_error,
+)
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -35,6 +47,7 @@ class UploadLimits:
     max_total_bytes: int
     max_field_bytes: int
     max_files: int
+    read_timeout_s: float
     max_parts: int = MAX_FORM_PARTS
 
     @classmethod
@@ -44,6 +57,7 @@ class UploadLimits:
             max_total_bytes=limits.max_total_upload_bytes,
             max_field_bytes=limits.max_request_bytes,
             max_files=limits.max_input_images + 1,  # the images and a mask
+            read_timeout_s=limits.body_read_timeout_s,
         )
 
 
@@ -165,17 +179,10 @@ async def read_form(request: Request, limits: UploadLimits) -> UploadedForm:
     boundary = parameters.get(b"boundary")
     if not boundary:
         raise InvalidRequestError("The multipart body has no boundary.", code="invalid_multipart")
-    declared = request.headers.get("content-length", "")
-    if declared.isdecimal() and int(declared) > limits.max_total_bytes:
-        raise _too_large(limits)
     collector = _FormCollector(limits)
     parser = MultipartParser(boundary, collector.callbacks())
-    received = 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limits.max_total_bytes:
-                raise _too_large(limits)
+        async for chunk in body_chunks(request, limits.max_total_bytes, limits.read_timeout_s):
             parser.write(chunk)
     except MultipartParseError as malformed:
         raise InvalidRequestError("The multipart body is malformed.", code="invalid_multipart") from malformed
@@ -186,8 +193,46 @@ async def read_form(request: Request, limits: UploadLimits) -> UploadedForm:
     return collector.form
 
 
-def _too_large(limits: UploadLimits) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"The request body is larger than {limits.max_total_bytes} bytes.")
+async def body_chunks(request: Request, max_bytes: int, timeout_s: float) -> AsyncIterator[bytes]:
+    """The body as it arrives: 413 once it passes ``max_bytes``, 408 if not whole within ``timeout_s``."""
+    too_large = PayloadTooLargeError(f"The request body is larger than {max_bytes} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdecimal() and int(declared) > max_bytes:
+        raise too_large
+    received = 0
+    chunks = request.stream()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):  # a slow sender is cut off, holding no slot
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"The request body did not arrive within {timeout_s:g}s.", code="request_timeout"
+            ) from None
+        received += len(chunk)
+        if received > max_bytes:
+            raise too_large
+        yield chunk
+
+
+async def read_json(request: Request, model: type[ModelT], limits: UploadLimits) -> ModelT:
+    """A JSON body validated by ``model``: 415 for other media, 413 or 408 as for forms, 400 if invalid."""
+    content_type = request.headers.get("content-type")
+    if not is_json(content_type):
+        raise UnsupportedMediaTypeError(
+            f"Unsupported Content-Type {content_type!r}; send 'application/json'."
+        )
+    body = bytearray()
+    async for chunk in body_chunks(request, limits.max_field_bytes, limits.read_timeout_s):
+        body += chunk
+    try:
+        return model.model_validate_json(bytes(body))
+    except ValidationError as invalid:
+        located = [{**error, "loc": ("body", *error["loc"])} for error in invalid.errors()]
+        raise validation_error(RequestValidationError(located), content_type) from None
 
 
 def nest_form_fields(fields: dict[str, str]) -> dict[str, Any]:
@@ -217,6 +262,12 @@ def parse_fields(model: type[ModelT], fields: dict[str, str]) -> ModelT:
         return model.model_validate(nest_form_fields(fields))
     except ValidationError as invalid:
         raise field_error(invalid.errors()[0]) from None
+
+
+def json_openapi(model: type[BaseModel]) -> dict[str, Any]:
+    """An OpenAPI ``requestBody`` for a JSON body read by `read_json` (its schema is a component)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def form_openapi(model: type[BaseModel], files: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +30,9 @@ from starlette.requests import Request
 from deployments.contracts import EncodedPartialImage, EncodeOptions, ImageRequest, StoredImage
 from serve_app.auth import Principal
 from serve_app.config import AppConfig
-from serve_app.errors import APIError, field_error
+from serve_app.errors import APIError
 from serve_app.pipeline import StageHandles
-from serve_app.protocol import ImageData, ImageGenerationRequest
+from serve_app.protocol import ImageData
 from serve_app.service import Completed, Delivery, ImageService, Outcome, ResponseFields
 from serve_app.streaming import StreamDescription, estimate_usage, image_event
 from tests.conftest import make_test_config
@@ -160,17 +159,12 @@ def service(tmp_path: Path) -> PlanningService:
 
 
 def handle(service: PlanningService, route: Route, request: httpx.Request) -> Outcome:
-    """What the ingress does with the SDK's request: parse (as FastAPI does for JSON), then the service."""
+    """What the ingress does with the SDK's request: the service reads and parses the body itself."""
     principal, delivery = Principal("acme", "paid"), Delivery("http://test/")
+    routes = {"generations": service.generate, "edits": service.edit, "variations": service.variation}
+    operation = routes[route]
 
     async def run() -> Outcome:
-        if route == "generations":
-            try:
-                body = ImageGenerationRequest.model_validate(json.loads(request.read()))
-            except ValidationError as invalid:
-                raise field_error(invalid.errors()[0]) from None
-            return await service.generate(body, principal, "req_1", delivery)
-        operation = service.edit if route == "edits" else service.variation
         return await operation(starlette_request(request), principal, "req_1", delivery)
 
     return asyncio.run(run())

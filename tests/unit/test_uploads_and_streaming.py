@@ -22,7 +22,9 @@ from serve_app.errors import APIError, InvalidRequestError, PayloadTooLargeError
 from serve_app.streaming import StreamDescription, estimate_usage, event_stream
 from serve_app.uploads import UploadedForm, UploadLimits, read_form
 
-LIMITS = UploadLimits(max_file_bytes=1000, max_total_bytes=4000, max_field_bytes=100, max_files=3)
+LIMITS = UploadLimits(
+    max_file_bytes=1000, max_total_bytes=4000, max_field_bytes=100, max_files=3, read_timeout_s=30.0
+)
 BOUNDARY = "test-boundary"
 
 
