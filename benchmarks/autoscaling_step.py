@@ -49,6 +49,7 @@ class Sample:
     in_flight: int
     slots: int
     replicas: int
+    wanted: int  # replicas running or starting: what the policy has asked for
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def write_config(directory: Path, port: int) -> Path:
 
 def sampler(samples: list[Sample], start: float, stop: threading.Event) -> None:
     from ray import serve
+    from ray.serve.schema import ReplicaState
 
     from serve_app.deploy import APP_NAME
     from serve_app.scheduler import running_replicas
@@ -83,9 +85,12 @@ def sampler(samples: list[Sample], start: float, stop: threading.Event) -> None:
     while not stop.is_set():
         state = scheduler.stats.remote().result()["variants"][VARIANT]
         queued = sum(value for key, value in state.items() if key.startswith("queued_"))
-        replicas = running_replicas(serve.status(), APP_NAME, f"ModelReplica-{VARIANT}") or 0
+        status = serve.status()
+        replicas = running_replicas(status, APP_NAME, f"ModelReplica-{VARIANT}") or 0
+        overview = status.applications[APP_NAME].deployments[f"ModelReplica-{VARIANT}"]
+        wanted = replicas + overview.replica_states.get(ReplicaState.STARTING, 0)
         samples.append(
-            Sample(time.monotonic() - start, queued, state["in_flight"], state["capacity"], replicas)
+            Sample(time.monotonic() - start, queued, state["in_flight"], state["capacity"], replicas, wanted)
         )
         stop.wait(SAMPLE_INTERVAL_S)
 
@@ -98,7 +103,8 @@ async def step_load(base_url: str, phases: Sequence[Phase], start: float) -> lis
         response = await client.post("/v1/images/generations", json=body)
         answers.append(Answer(scheduled - start, time.monotonic() - scheduled, response.status_code))
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+    unlimited = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base_url, timeout=900, limits=unlimited) as client:
         tasks = []
         phase_start = time.monotonic()
         for phase in phases:
@@ -122,13 +128,19 @@ def summarize(
     step_up = phases[0].duration_s
     step_down = step_up + phases[1].duration_s
     start_replicas = samples[0].replicas
+    peak = max(sample.replicas for sample in samples)
+    peak_at = next(sample.t for sample in samples if sample.replicas == peak)
+    back_to_min = first_time(samples, peak_at, lambda s: s.replicas == AUTOSCALING["min_replicas"])
     return {
-        "step_up_to_first_new_replica_s": first_time(samples, step_up, lambda s: s.replicas > start_replicas),
-        "peak_replicas": max(sample.replicas for sample in samples),
+        "step_up_to_scale_up_decision_s": first_time(samples, step_up, lambda s: s.wanted > start_replicas),
+        "step_up_to_first_new_replica_running_s": first_time(
+            samples, step_up, lambda s: s.replicas > start_replicas
+        ),
+        "peak_replicas": peak,
         "peak_backlog_images": max(sample.queued + sample.in_flight for sample in samples),
-        "step_down_to_backlog_drained_s": first_time(samples, step_down, lambda s: s.queued == 0),
-        "step_down_to_min_replicas_s": first_time(
-            samples, step_down, lambda s: s.replicas == AUTOSCALING["min_replicas"]
+        "step_down_to_queue_empty_s": first_time(samples, step_down, lambda s: s.queued == 0),
+        "step_down_to_back_at_min_replicas_s": (
+            None if back_to_min is None or peak == start_replicas else peak_at + back_to_min - step_down
         ),
         "requests": len(answers),
         "non_200": sum(answer.status != 200 for answer in answers),
@@ -148,6 +160,7 @@ def plot(path: Path, phases: Sequence[Phase], samples: Sequence[Sample], answers
     load.set_ylabel("images")
     load.legend(loc="upper right")
     replicas.step(times, [sample.replicas for sample in samples], where="post", label="model replicas")
+    replicas.step(times, [s.wanted for s in samples], where="post", ls=":", label="running + starting")
     replicas.step(times, [sample.slots / 16 for sample in samples], where="post", ls="--", label="slots / 16")
     replicas.set_ylabel("replicas")
     replicas.legend(loc="upper right")
