@@ -10,24 +10,90 @@ from typing import Any
 
 from ray.serve import Application, Deployment
 
+from autoscaling.policy import BacklogPolicy
 from deployments.model_replica import ModelReplica
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
-from serve_app.config import AppConfig, ResourcesConfig, load_config
+from serve_app.config import (
+    AppConfig,
+    ModelAutoscalingConfig,
+    ResourcesConfig,
+    StageAutoscalingConfig,
+    load_config,
+)
 from serve_app.ingress import Ingress
 from serve_app.pipeline import StageHandles
 from serve_app.scheduler import Scheduler
 
+# Serve reads the scheduler's backlog report this often and averages it over this window: short,
+# so a burst reaches the policy within about a second.
+BACKLOG_METRICS = {"metrics_interval_s": 0.5, "look_back_period_s": 2.0}
+STAGE_NAMES = {"ingress": "Ingress", "preprocess": "Preprocess", "postprocess": "Postprocess"}
 
-def _deployment_options(resources: ResourcesConfig) -> dict[str, Any]:
+
+def _serve_autoscaling(scaling: ModelAutoscalingConfig | StageAutoscalingConfig) -> dict[str, Any]:
+    """Serve's bounds for a deployment the backlog policy scales; the policy applies the delays."""
+    initial = scaling.initial_replicas if isinstance(scaling, ModelAutoscalingConfig) else None
     return {
-        "num_replicas": resources.num_replicas,
+        "min_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "initial_replicas": initial,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        **BACKLOG_METRICS,
+    }
+
+
+def _deployment_options(
+    resources: ResourcesConfig, autoscaling: ModelAutoscalingConfig | StageAutoscalingConfig | None = None
+) -> dict[str, Any]:
+    replicas: dict[str, Any] = (
+        {"num_replicas": resources.num_replicas}
+        if autoscaling is None
+        else {"autoscaling_config": _serve_autoscaling(autoscaling)}
+    )
+    return {
+        **replicas,
         "max_ongoing_requests": resources.max_ongoing_requests,
         "max_queued_requests": resources.max_queued_requests,
         "health_check_period_s": resources.health_check_period_s,
         "health_check_timeout_s": resources.health_check_timeout_s,
         "ray_actor_options": resources.ray_actor_options(),
     }
+
+
+def autoscales(config: AppConfig) -> bool:
+    stages = config.stages
+    stage_scaling = [getattr(stages, stage).autoscaling for stage in STAGE_NAMES]
+    return any(variant.autoscaling for variant in config.variants) or any(stage_scaling)
+
+
+def backlog_policy_kwargs(config: AppConfig) -> dict[str, Any]:
+    """The `BacklogPolicy` settings of ``config`` (JSON, as Serve's ``policy_kwargs`` must be)."""
+    models = {
+        variant.deployment_name: {
+            "variant": variant.name,
+            **variant.autoscaling.model_dump(
+                include={"target_images_per_replica", "upscale_delay_s", "downscale_delay_s"}
+            ),
+        }
+        for variant in config.variants
+        if variant.autoscaling
+    }
+    stages = {
+        STAGE_NAMES[stage]: scaling.model_dump(exclude={"min_replicas", "max_replicas"})
+        for stage in STAGE_NAMES
+        if (scaling := getattr(config.stages, stage).autoscaling)
+    }
+    return {"scheduler": "Scheduler", "models": models, "stages": stages}
+
+
+def application_autoscaling_policy(config: AppConfig) -> dict[str, Any] | None:
+    """The Serve config's ``autoscaling_policy`` entry for ``config`` (None: nothing autoscales)."""
+    if not autoscales(config):
+        return None
+    policy = f"{BacklogPolicy.__module__}:{BacklogPolicy.__name__}"
+    return {"policy_function": policy, "policy_kwargs": backlog_policy_kwargs(config)}
 
 
 def _deployment(decorated: object) -> Deployment:
@@ -43,31 +109,35 @@ def build_app(config: AppConfig) -> Application:
     models = {
         variant.name: _deployment(ModelReplica)
         .options(
-            name=f"ModelReplica-{variant.name}",
+            name=variant.deployment_name,
             user_config=variant.batching.model_dump(),
-            **_deployment_options(variant.resources),
+            **_deployment_options(variant.resources, variant.autoscaling),
         )
         .bind(variant, config.cache_dir)
         for variant in config.variants
     }
     preprocess = (
         _deployment(Preprocess)
-        .options(**_deployment_options(stages.preprocess))
+        .options(**_deployment_options(stages.preprocess, stages.preprocess.autoscaling))
         .bind(config.limits, config.storage, config.moderation)
     )
     postprocess = (  # streams from the models for stream=true requests
         _deployment(Postprocess)
-        .options(**_deployment_options(stages.postprocess))
+        .options(**_deployment_options(stages.postprocess, stages.postprocess.autoscaling))
         .bind(config.storage, models, config.moderation)
     )
-    # One scheduler replica: it is the single owner of queue order and job state.
+    # One scheduler replica: it is the single owner of queue order and job state. With autoscaling
+    # on, it is "autoscaled" between 1 and 1 so that Serve collects its backlog report.
     scheduler_options = {**_deployment_options(config.scheduler.resources), "num_replicas": 1}
+    if autoscales(config):
+        scheduler_options.pop("num_replicas")
+        scheduler_options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, **BACKLOG_METRICS}
     scheduler = (
         _deployment(Scheduler).options(**scheduler_options).bind(config, preprocess, postprocess, models)
     )
     # Bound applications now; Serve hands the deployments handles in their place at run time.
     stage_handles = StageHandles(preprocess, postprocess, models)  # type: ignore[arg-type]
-    ingress = _deployment(Ingress).options(**_deployment_options(stages.ingress))
+    ingress = _deployment(Ingress).options(**_deployment_options(stages.ingress, stages.ingress.autoscaling))
     return ingress.bind(config, stage_handles, scheduler)
 
 

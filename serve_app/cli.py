@@ -19,8 +19,9 @@ def serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
-    from serve_app.config import load_config
+    from serve_app.app import autoscales, build_app
+    from serve_app.config import DEFAULT_CONFIG_PATH, load_config
+    from serve_app.deploy import deploy
 
     config = load_config(args.config)
     stop = threading.Event()
@@ -33,13 +34,29 @@ def serve_command(args: argparse.Namespace) -> int:
         logging_level=logging.WARNING,
     )
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        if autoscales(config):  # the backlog policy comes with a Serve config only
+            deploy(config, Path(args.config or DEFAULT_CONFIG_PATH), APP_NAME)
+            while serve.status().applications[APP_NAME].status != "RUNNING" and not stop.is_set():
+                stop.wait(0.5)
+        else:
+            serve.start(http_options={"host": config.host, "port": config.port})
+            serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         print(f"imagegen-serve ready on http://{config.host}:{config.port} (Ctrl-C stops)", flush=True)
         stop.wait()
     finally:
         serve.shutdown()
         ray.shutdown()
+    return 0
+
+
+def serve_config_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from serve_app.config import DEFAULT_CONFIG_PATH, load_config
+    from serve_app.deploy import serve_config
+
+    config_path = Path(args.config or DEFAULT_CONFIG_PATH)
+    print(yaml.safe_dump(serve_config(load_config(config_path), config_path), sort_keys=False), end="")
     return 0
 
 
@@ -75,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default="local", help="Ray address: 'local' starts a private instance, 'auto' joins one"
     )
     serve_parser.set_defaults(handler=serve_command)
+
+    serve_config_parser = commands.add_parser(
+        "serve-config", help="print the Serve config for `serve deploy` (with the autoscaling policy)"
+    )
+    serve_config_parser.add_argument(
+        "--config", default=os.environ.get("IMAGEGEN_CONFIG"), help="YAML config (default: the embedded one)"
+    )
+    serve_config_parser.set_defaults(handler=serve_config_command)
 
     report_parser = commands.add_parser(
         "report", help="latency, throughput and errors from the generation log"

@@ -74,6 +74,77 @@ class ResourcesConfig(StrictModel):
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
 
+class ScalingDelays(StrictModel):
+    """How long a change must be wanted before it happens; up is quick, down patient."""
+
+    upscale_delay_s: float = Field(2.0, ge=0, le=600, description="Wanted this long before adding.")
+    downscale_delay_s: float = Field(
+        60.0, ge=0, le=3600, description="Wanted this long, without a break, before removing."
+    )
+
+
+class ModelAutoscalingConfig(ScalingDelays):
+    """A variant's model replicas follow its image backlog: queued in the scheduler plus running."""
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas; 0 only for a cold variant.")
+    max_replicas: int = Field(4, ge=1, le=1000, description="Most replicas (and GPUs) this variant may hold.")
+    initial_replicas: int | None = Field(None, ge=0, le=1000, description="Replicas at deploy time.")
+    target_images_per_replica: float = Field(
+        16.0, gt=0, le=10_000, description="Images in flight (queued + running) one replica should hold."
+    )
+    cold: bool = Field(
+        False, description="Scale to zero when idle; the first request then waits for a replica to start."
+    )
+    cold_start_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="How long a request waits for a variant at zero before a 503."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ModelAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie within min_replicas..max_replicas")
+        if self.cold != (self.min_replicas == 0):
+            raise ValueError("a cold variant needs min_replicas: 0, and min_replicas: 0 needs cold: true")
+        return self
+
+
+class StageAutoscalingConfig(ScalingDelays):
+    """A CPU stage follows the model replicas (per image work) or its own ongoing requests."""
+
+    min_replicas: int = Field(1, ge=1, le=1000, description="Fewest replicas (stages never go to zero).")
+    max_replicas: int = Field(4, ge=1, le=1000, description="Most replicas.")
+    replicas_per_model_replica: float | None = Field(
+        None, gt=0, le=100, description="Replicas per model replica of all variants (e.g. 0.5: one per two)."
+    )
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Or: ongoing requests one replica should hold (the ingress)."
+    )
+
+    @model_validator(mode="after")
+    def _one_signal(self) -> StageAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if (self.replicas_per_model_replica is None) == (self.target_ongoing_requests is None):
+            raise ValueError("set exactly one of replicas_per_model_replica and target_ongoing_requests")
+        return self
+
+
+class StageResourcesConfig(ResourcesConfig):
+    """A CPU stage's resources, and its autoscaling (fixed ``num_replicas`` without it)."""
+
+    autoscaling: StageAutoscalingConfig | None = None
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> StageResourcesConfig:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("num_replicas and autoscaling exclude each other")
+        return self
+
+
 class QualitySteps(StrictModel):
     """Denoising steps for each OpenAI ``quality`` value (``auto`` and ``standard`` mean ``medium``,
     ``hd`` means ``high``). ``xhigh`` and ``max`` are offered only by variants that set them."""
@@ -127,6 +198,9 @@ class VariantConfig(StrictModel):
         description="A forward pass running longer than this fails the replica's health check: "
         "Serve replaces it and the work on it is retried.",
     )
+    autoscaling: ModelAutoscalingConfig | None = Field(
+        None, description="Replicas from the image backlog; without it, `resources.num_replicas` fixed."
+    )
 
     @field_validator("sizes")
     @classmethod
@@ -143,9 +217,20 @@ class VariantConfig(StrictModel):
             raise ValueError("steps per quality must not exceed max_steps")
         return self
 
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> VariantConfig:
+        if self.autoscaling is not None and "num_replicas" in self.resources.model_fields_set:
+            raise ValueError("resources.num_replicas and autoscaling exclude each other")
+        return self
+
     @property
     def default_size(self) -> str:
         return self.sizes[0]
+
+    @property
+    def deployment_name(self) -> str:
+        """The variant's ModelReplica deployment in Serve."""
+        return f"ModelReplica-{self.name}"
 
 
 class GenerationLogConfig(StrictModel):
@@ -195,9 +280,9 @@ class StorageConfig(StrictModel):
 class StageConfig(StrictModel):
     """Resources of the CPU stages around the model."""
 
-    ingress: ResourcesConfig = ResourcesConfig(num_cpus=0.1)
-    preprocess: ResourcesConfig = ResourcesConfig(num_cpus=0.1)
-    postprocess: ResourcesConfig = ResourcesConfig(num_cpus=0.2)
+    ingress: StageResourcesConfig = StageResourcesConfig(num_cpus=0.1)
+    preprocess: StageResourcesConfig = StageResourcesConfig(num_cpus=0.1)
+    postprocess: StageResourcesConfig = StageResourcesConfig(num_cpus=0.2)
 
 
 class TierConfig(StrictModel):

@@ -24,17 +24,20 @@ from typing import Any, TypeVar
 from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ReplicaState, ServeStatus
 
+from autoscaling.policy import QUEUED_IMAGES, RUNNING_IMAGES, backlog_metric
 from deployments.contracts import EncodeOptions, ImageRequest
 from deployments.generation_log import GenerationLog, generation_rows
 from deployments.metrics import stage_metrics
 from deployments.storage import ObjectStore
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, VariantConfig
 from serve_app.errors import (
     IdempotencyConflictError,
     NotFoundError,
     OverloadedError,
     RateLimitError,
+    ServiceUnavailableError,
     as_api_error,
     is_storage_failure,
 )
@@ -55,6 +58,8 @@ STORE_RETRY_FIRST_S = 0.5
 STORE_RETRY_MAX_S = 30.0
 CANCEL_WAIT_S = 10.0
 T = TypeVar("T")
+REPLICA_CHECK_INTERVAL_S = 1.0
+COLD_START_RETRY_AFTER_S = 10.0  # a replica that missed the timeout is usually up soon after
 WAIT_BOUNDARIES_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 
 
@@ -110,12 +115,41 @@ def rate_limited(decision: RateDecision) -> RateLimitError:
     )
 
 
+def slots_per_replica(config: AppConfig, variant: VariantConfig) -> int:
+    return config.scheduler.slots_per_replica or 2 * variant.batching.max_batch_size
+
+
+def starting_replicas(variant: VariantConfig) -> int:
+    """Replicas Serve starts the variant with, until the scheduler sees the live count."""
+    scaling = variant.autoscaling
+    if scaling is None:
+        return variant.resources.num_replicas
+    return scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
+
+
 def slots_per_variant(config: AppConfig) -> dict[str, int]:
-    per_replica = config.scheduler.slots_per_replica
     return {
-        variant.name: (per_replica or 2 * variant.batching.max_batch_size) * variant.resources.num_replicas
+        variant.name: slots_per_replica(config, variant) * starting_replicas(variant)
         for variant in config.variants
     }
+
+
+def running_replicas(status: ServeStatus, app_name: str, deployment: str) -> int | None:
+    """Running replicas of ``deployment`` in ``serve.status()`` (None: not listed)."""
+    application = status.applications.get(app_name)
+    overview = application.deployments.get(deployment) if application else None
+    if overview is None:
+        return None
+    return overview.replica_states.get(ReplicaState.RUNNING, 0)
+
+
+def cold_start_timeout(error_variant: str, timeout_s: float) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        f"Model {error_variant!r} is starting from zero replicas and was not ready within "
+        f"{timeout_s:.0f}s; retry shortly.",
+        code="model_starting",
+        headers={"retry-after": retry_after_header(COLD_START_RETRY_AFTER_S), "x-should-retry": "true"},
+    )
 
 
 class SchedulerMetrics:
@@ -171,6 +205,7 @@ class Scheduler:
         self._idempotency_lock = asyncio.Lock()
         self._spawn(self._recover())
         self._spawn(self._tidy_periodically())
+        self._spawn(self._follow_replicas())
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -180,6 +215,31 @@ class Scheduler:
     async def ready(self) -> bool:
         await self._recovered.wait()
         return True
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The image backlog per variant, for the autoscaling policy (autoscaling/policy.py)."""
+        report: dict[str, float] = {}
+        for variant, queue in self.core.variants.items():
+            report[backlog_metric(QUEUED_IMAGES, variant)] = self.core.backlog(variant)
+            report[backlog_metric(RUNNING_IMAGES, variant)] = queue.in_use
+        return report
+
+    async def _follow_replicas(self) -> None:
+        """Keep each variant's slots at its running replicas x slots per replica."""
+        app_name = serve.get_replica_context().app_name
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+            except Exception:  # keep the last capacity; the controller may be restarting
+                logger.warning("could not read the replica count from serve.status()", exc_info=True)
+            else:
+                for variant in self.config.variants:
+                    replicas = running_replicas(status, app_name, variant.deployment_name)
+                    if replicas is not None:
+                        slots = replicas * slots_per_replica(self.config, variant)
+                        self.core.set_capacity(variant.name, slots)
+                self._dispatch()
+            await asyncio.sleep(REPLICA_CHECK_INTERVAL_S)  # a timer: Serve has no replica-count event
 
     async def stats(self) -> dict[str, Any]:
         """Queue state per variant: capacity, images in flight, queued images per tier."""
@@ -202,8 +262,9 @@ class Scheduler:
         self.waiters[ticket.id] = waiter
         self._dispatch()
         try:
-            await waiter
-        except asyncio.CancelledError:  # the client went away: give the place or the slots back
+            await self._wait_for_grant(waiter, work.variant)
+        except (asyncio.CancelledError, ServiceUnavailableError):
+            # The client went away, or the variant did not start in time: give the place back.
             if not self.core.cancel(ticket.id):
                 self.core.release(ticket.id, time.monotonic(), 0)
             self.waiters.pop(ticket.id, None)
@@ -212,6 +273,17 @@ class Scheduler:
         waited = time.monotonic() - now
         self.metrics.wait.observe(waited, tags={"tier": work.tier})
         return Grant(ticket.id, waited, ticket.deferred, decision.headers())
+
+    async def _wait_for_grant(self, waiter: asyncio.Future[None], variant: str) -> None:
+        """Wait for the slots; at zero replicas only for the variant's cold-start timeout."""
+        scaling = next(v.autoscaling for v in self.config.variants if v.name == variant)
+        if scaling is None or self.core.variants[variant].capacity:
+            await waiter
+            return
+        await asyncio.wait({waiter}, timeout=scaling.cold_start_timeout_s)
+        if not waiter.done() and not self.core.variants[variant].capacity:
+            raise cold_start_timeout(variant, scaling.cold_start_timeout_s)
+        await waiter
 
     async def release(self, ticket_id: str, completed_images: int) -> None:
         """Give a grant back. Safe in any order with its `acquire`, which a leaving caller may

@@ -324,8 +324,8 @@ class SchedulerCore:
                 if ticket is None:
                     heapq.heappop(queue.heap)  # cancelled while queued
                     continue
-                if queue.in_use and queue.in_use + ticket.images > queue.capacity:
-                    break
+                if not queue.capacity or (queue.in_use and queue.in_use + ticket.images > queue.capacity):
+                    break  # at zero replicas nothing runs; otherwise the head waits only for slots
                 held = queue.in_use_by_tier[ticket.tier]
                 limit = tier_slot_limit(
                     self.tiers[ticket.tier], queue.capacity, contention[ticket.tier], ticket.order_key <= now
@@ -343,6 +343,11 @@ class SchedulerCore:
             for entry in passed_over:
                 heapq.heappush(queue.heap, entry)
         return granted
+
+    def set_capacity(self, variant: str, slots: int) -> None:
+        """Follow the variant's live replicas. Work already running keeps its slots; below the
+        new capacity, nothing more is granted until it drains."""
+        self.variants[variant].capacity = slots
 
     def release(self, ticket_id: str, now: float, completed_images: int) -> bool:
         """Free a running ticket's slots; completed images feed the throughput estimate."""

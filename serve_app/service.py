@@ -585,7 +585,11 @@ class ImageService:
             "preprocess": self.stages.preprocess,
             "postprocess": self.stages.postprocess,
         }
-        stages.update({f"model:{name}": handle for name, handle in self.stages.models.items()})
+        # A cold variant at zero replicas is ready by design: probing it would start a replica.
+        cold = {v.name for v in self.config.variants if v.autoscaling is not None and v.autoscaling.cold}
+        stages.update(
+            {f"model:{name}": handle for name, handle in self.stages.models.items() if name not in cold}
+        )
 
         async def is_ready(handle: DeploymentHandle) -> bool:
             try:
