@@ -475,6 +475,8 @@ def load_one_server(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The systems, the peers and the servers started here all read the config from the environment.
+    os.environ.setdefault("IMAGEGEN_CONFIG", str(Path(__file__).parent / "configs" / "tiny-sd.yaml"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     info = load_one_server(args, argv) if args.url else compare(args, argv)

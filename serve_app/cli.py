@@ -1,5 +1,6 @@
 """The ``imagegen`` command: ``serve`` runs the service on a local Ray instance; ``report`` reads
-the generation log; ``bench`` runs the benchmarks (benchmarks/run.py)."""
+the generation log; ``bench`` runs the benchmarks (benchmarks/run.py); ``eval`` scores variants'
+images (benchmarks/quality.py); ``train`` trains the embedded digit models (training/digits.py)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,23 @@ def report_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     from benchmarks.run import main as bench_main
 
-    return bench_main(args.bench_args)
+    return bench_main(args.passed_args)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from benchmarks.quality import main as eval_main
+
+    return eval_main(args.passed_args)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from training.digits import main as train_main
+
+    return train_main(args.passed_args)
+
+
+PASS_THROUGH = ("bench", "eval", "train")
+"""Commands that take their own options (``imagegen <command> --help``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,15 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark against peers, or load a running server (options: imagegen bench --help)",
     )
     bench_parser.set_defaults(handler=bench_command)
+    eval_parser = commands.add_parser(
+        "eval", add_help=False, help="score variants' digits with an independent classifier, beside speed"
+    )
+    eval_parser.set_defaults(handler=eval_command)
+    train_parser = commands.add_parser("train", add_help=False, help="train the embedded digit models")
+    train_parser.set_defaults(handler=train_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # `bench` takes its own options (benchmarks/run.py); every other command takes only its own.
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        args.bench_args = rest
+    if args.command in PASS_THROUGH:
+        args.passed_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.handler(args))

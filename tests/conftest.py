@@ -1,4 +1,4 @@
-"""Shared helpers: free ports and a test configuration of the embedded default."""
+"""Shared helpers: free ports and a test configuration: the embedded default's settings serving tiny-sd."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import SecretStr
 
-from serve_app.config import AppConfig, load_config
+from serve_app.config import CONFIG_DIR, AppConfig, VariantConfig, load_config
 
 TEST_SIGNING_KEY = "test-signing-key"
 
@@ -19,13 +20,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def load_variant(name: str) -> VariantConfig:
+    """A variant shipped in serve_app/configs/variants."""
+    return VariantConfig(**yaml.safe_load((CONFIG_DIR / "variants" / f"{name}.yaml").read_text()))
+
+
 def make_test_config(storage_dir: Path, **overrides: object) -> AppConfig:
-    """The embedded default with storage in ``storage_dir`` and a known signing key."""
+    """The embedded default with storage in ``storage_dir`` and a known signing key, serving only the
+    random ``tiny-sd``: a Stable-Diffusion-shaped pipeline that edits, inpaints and takes two sizes."""
     base = load_config()
     storage = base.storage.model_copy(
         update={"url": f"file://{storage_dir}", "signing_key": SecretStr(TEST_SIGNING_KEY)}
     )
-    return base.model_copy(update={"storage": storage, **overrides})
+    update = {"storage": storage, "variants": [load_variant("tiny-sd")], "default_model": "tiny-sd"}
+    return base.model_copy(update={**update, **overrides})
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
-"""Embedded models: tiny real pipelines built deterministically from config, no network needed.
+"""Embedded models, no network needed: tiny pipelines built from config, and weights trained here.
 
-A builtin model is written once in diffusers format under the cache directory and then loaded
-with ``from_pretrained`` like any downloaded checkpoint, so the embedded default exercises the
-same loading path as production weights.
+A builtin model (``builtin:<name>``) is written once in diffusers format under the cache directory
+and then loaded with ``from_pretrained`` like any downloaded checkpoint, so the embedded models
+exercise the same loading path as production weights. A trained embedded model
+(``embedded:<name>``) is a directory committed beside this file (see ``python -m training.digits``),
+found through this package wherever it is installed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
 FORMAT_VERSION = 1  # bump when a builder changes, so old caches are rebuilt
 
 
@@ -110,12 +114,22 @@ def build_tiny_sd(target: Path) -> None:
 BUILDERS: dict[str, Callable[[Path], None]] = {"tiny-sd": build_tiny_sd}
 
 
+def embedded_weights(name: str) -> str:
+    """The directory of a trained embedded model, shipped inside this package."""
+    known = sorted(path.name for path in EMBEDDED_DIR.glob("[!.]*") if path.is_dir())
+    if name not in known:
+        raise ValueError(f"unknown embedded model {name!r}; known: {known}")
+    return str(EMBEDDED_DIR / name)
+
+
 def resolve_weights(weights: str, cache_dir: Path) -> str:
     """The ``from_pretrained`` source for ``weights``, building a builtin model on first use.
 
     Builds go to a temporary directory that is renamed into place, so concurrent replicas
     never load a half-written model.
     """
+    if weights.startswith(EMBEDDED_PREFIX):
+        return embedded_weights(weights.removeprefix(EMBEDDED_PREFIX))
     if not weights.startswith(BUILTIN_PREFIX):
         return weights
     name = weights.removeprefix(BUILTIN_PREFIX)

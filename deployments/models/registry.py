@@ -34,6 +34,7 @@ from serve_app.config import VariantConfig
 
 FAMILIES: dict[str, str] = {
     "diffusion": "deployments.models.diffusion:DiffusionFamily",
+    "autoregressive": "deployments.models.autoregressive:AutoregressiveFamily",
 }
 
 
