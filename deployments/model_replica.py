@@ -71,6 +71,8 @@ class ReplicaStats:
     """Tasks whose caller went away before their image was done (since start)."""
     stopped_passes: int
     """Forward passes stopped between denoising steps because all their tasks were cancelled."""
+    generated: int
+    """Images whose forward pass completed (since start)."""
 
 
 def batch_stream(
@@ -171,6 +173,7 @@ class ModelReplica:
         self._running = 0
         self._cancelled = 0
         self._stopped_passes = 0
+        self._generated = 0
         quiet_client_errors()
         logger.info(description)
 
@@ -187,7 +190,9 @@ class ModelReplica:
         return True
 
     async def stats(self) -> ReplicaStats:
-        return ReplicaStats(self._in_flight, self._running, self._cancelled, self._stopped_passes)
+        return ReplicaStats(
+            self._in_flight, self._running, self._cancelled, self._stopped_passes, self._generated
+        )
 
     async def generate(self, tasks: list[ImageTask]) -> list[GeneratedImage]:
         """Generate every task of one request; each task is batched with whatever else is queued."""
@@ -308,6 +313,7 @@ class ModelReplica:
             forward.add_done_callback(retrieve_outcome)  # and nobody else will await it then
             self._running -= len(group)
         elapsed = time.perf_counter() - started
+        self._generated += len(group)
         self.metrics.observe_batch(self.variant.name, len(group))
         self.metrics.observe_stage("model", self.variant.name, elapsed)
         for row, (item, image) in enumerate(zip(group, pixels, strict=True)):

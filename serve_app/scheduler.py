@@ -151,6 +151,7 @@ class Scheduler:
         self.finished: dict[str, asyncio.Event] = {}
         self.running_jobs: dict[str, asyncio.Task[None]] = {}
         self.idempotency: dict[tuple[str, str], str] = {}
+        self.waiting_callers = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._recovered = asyncio.Event()
         self._idempotency_lock = asyncio.Lock()
@@ -167,8 +168,13 @@ class Scheduler:
         return True
 
     async def stats(self) -> dict[str, Any]:
-        """Queue state per variant: capacity, images in flight, queued images per tier."""
-        return {"variants": self.core.snapshot(), "jobs_running": len(self.running_jobs)}
+        """Queue state per variant (capacity, images in flight, queued images per tier), jobs
+        running, and callers waiting for a job to finish (synchronous requests made jobs)."""
+        return {
+            "variants": self.core.snapshot(),
+            "jobs_running": len(self.running_jobs),
+            "waiting_callers": self.waiting_callers,
+        }
 
     # ---- synchronous requests -------------------------------------------------------------
 
@@ -330,7 +336,11 @@ class Scheduler:
         view = await self.get(tenant, job_id)
         event = self.finished.get(job_id)
         if not view.record.is_terminal and event is not None:
-            await event.wait()
+            self.waiting_callers += 1
+            try:
+                await event.wait()
+            finally:
+                self.waiting_callers -= 1
         return await self.get(tenant, job_id)
 
     async def cancel(self, tenant: str, job_id: str) -> JobView:
@@ -372,7 +382,13 @@ class Scheduler:
                 job_id=record.id,
                 job_created_at=record.created_at,
             )
-            stored = await self.stages.run(record.image_request, options, self.config.scheduler.job_attempts)
+
+            def count_attempt() -> None:
+                record.attempts += 1
+
+            stored = await self.stages.run(
+                record.image_request, options, self.config.scheduler.job_attempts, on_retry=count_attempt
+            )
             completed = len(stored)
             record.images = [
                 JobImage(object_key=item.object_key or "", seed=item.seed, byte_count=item.byte_count)
