@@ -73,6 +73,8 @@ class ReplicaStats:
     """Forward passes stopped between denoising steps because all their tasks were cancelled."""
     received: int
     """Image tasks handed to this replica (since start): none for a request stopped before the model."""
+    generated: int
+    """Images whose forward pass completed (since start)."""
 
 
 def batch_stream(
@@ -175,6 +177,7 @@ class ModelReplica:
         self._cancelled = 0
         self._stopped_passes = 0
         self._received = 0
+        self._generated = 0
         quiet_client_errors()
         logger.info(description)
 
@@ -203,7 +206,12 @@ class ModelReplica:
 
     async def stats(self) -> ReplicaStats:
         return ReplicaStats(
-            self._in_flight, self._running, self._cancelled, self._stopped_passes, self._received
+            self._in_flight,
+            self._running,
+            self._cancelled,
+            self._stopped_passes,
+            self._received,
+            self._generated,
         )
 
     async def generate(self, tasks: list[ImageTask]) -> list[GeneratedImage]:
@@ -349,6 +357,7 @@ class ModelReplica:
             self._running -= len(group)
             self._pass_started = None
         elapsed = time.perf_counter() - started
+        self._generated += len(group)
         self.metrics.observe_batch(self.variant.name, len(group))
         self.metrics.observe_stage("model", self.variant.name, elapsed)
         for row, (item, image) in enumerate(zip(group, pixels, strict=True)):

@@ -181,12 +181,30 @@ def is_storage_failure(error: BaseException) -> bool:
     return isinstance(unwrap_remote_error(error), StorageUnavailableError)
 
 
+def is_replica_failure(error: BaseException) -> bool:
+    """A replica died or became unreachable: the work itself may well succeed elsewhere.
+
+    Serve reports a dead upstream stage as a RayServeException whose ``__cause__`` is Ray's
+    actor error, so the whole cause chain is searched.
+    """
+    from ray import exceptions as ray_exceptions
+
+    cause: BaseException | None = error
+    for _ in range(8):
+        if cause is None:
+            return False
+        cause = unwrap_remote_error(cause)
+        if isinstance(cause, ray_exceptions.RayActorError | ray_exceptions.ActorUnavailableError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def as_api_error(exc: BaseException) -> APIError:
     """Map any exception to the error the client sees; unknown failures become a logged 500."""
     exc = unwrap_remote_error(exc)
     if isinstance(exc, APIError):
         return exc
-    from ray import exceptions as ray_exceptions
     from ray.serve import exceptions as serve_exceptions
 
     if isinstance(exc, ModerationBlocked):
@@ -202,7 +220,7 @@ def as_api_error(exc: BaseException) -> APIError:
         return ServiceUnavailableError(
             "The service is at capacity; retry shortly.", code="overloaded", headers={"retry-after": "1"}
         )
-    if isinstance(exc, ray_exceptions.RayActorError | ray_exceptions.ActorUnavailableError):
+    if is_replica_failure(exc):
         return ServiceUnavailableError(
             "A model replica became unavailable; retry shortly.", headers={"retry-after": "1"}
         )

@@ -9,32 +9,15 @@ keys, so a retry neither changes the images nor stores them twice.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ray import exceptions as ray_exceptions
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
-from serve_app.errors import unwrap_remote_error
+from serve_app.errors import is_replica_failure
 
 RETRY_BACKOFF_S = 0.5
-
-
-def is_replica_failure(error: BaseException) -> bool:
-    """A replica died or became unreachable: the work itself may well succeed elsewhere.
-
-    Serve reports a dead upstream stage as a RayServeException whose ``__cause__`` is Ray's
-    actor error, so the whole cause chain is searched.
-    """
-    cause: BaseException | None = error
-    for _ in range(8):
-        if cause is None:
-            return False
-        cause = unwrap_remote_error(cause)
-        if isinstance(cause, ray_exceptions.RayActorError | ray_exceptions.ActorUnavailableError):
-            return True
-        cause = cause.__cause__
-    return False
 
 
 @dataclass(frozen=True)
@@ -43,9 +26,20 @@ class StageHandles:
     postprocess: DeploymentHandle
     models: dict[str, DeploymentHandle]
 
-    async def run(self, request: ImageRequest, options: EncodeOptions, attempts: int) -> list[StoredImage]:
-        """Run the chain for one request, retrying up to ``attempts`` times when a replica dies."""
+    async def run(
+        self,
+        request: ImageRequest,
+        options: EncodeOptions,
+        attempts: int,
+        on_retry: Callable[[], None] = lambda: None,
+    ) -> list[StoredImage]:
+        """Run the chain for one request, retrying up to ``attempts`` times when a replica dies.
+
+        ``on_retry`` is called before each run after the first (jobs count their attempts).
+        """
         for attempt in range(attempts):
+            if attempt:
+                on_retry()
             try:
                 tasks = self.preprocess.prepare.remote(request)
                 generated = self.models[request.variant].generate.remote(tasks)

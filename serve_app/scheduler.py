@@ -200,6 +200,7 @@ class Scheduler:
         self.pending_saves: dict[str, asyncio.Future[bool]] = {}  # accepted jobs not yet durable
         self.finishing: set[str] = set()
         self.idempotency: dict[tuple[str, str], str] = {}
+        self.waiting_callers = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._recovered = asyncio.Event()
         self._idempotency_lock = asyncio.Lock()
@@ -242,8 +243,13 @@ class Scheduler:
             await asyncio.sleep(REPLICA_CHECK_INTERVAL_S)  # a timer: Serve has no replica-count event
 
     async def stats(self) -> dict[str, Any]:
-        """Queue state per variant: capacity, images in flight, queued images per tier."""
-        return {"variants": self.core.snapshot(), "jobs_running": len(self.running_jobs)}
+        """Queue state per variant (capacity, images in flight, queued images per tier), jobs
+        running, and callers waiting for a job to finish (synchronous requests made jobs)."""
+        return {
+            "variants": self.core.snapshot(),
+            "jobs_running": len(self.running_jobs),
+            "waiting_callers": self.waiting_callers,
+        }
 
     # ---- synchronous requests -------------------------------------------------------------
 
@@ -455,7 +461,11 @@ class Scheduler:
         view = await self.get(tenant, job_id)
         event = self.finished.get(job_id)
         if not view.record.is_terminal and event is not None:
-            await event.wait()
+            self.waiting_callers += 1
+            try:
+                await event.wait()
+            finally:
+                self.waiting_callers -= 1
         return await self.get(tenant, job_id)
 
     async def cancel(self, tenant: str, job_id: str) -> JobView:
@@ -523,10 +533,18 @@ class Scheduler:
                 job_id=record.id,
                 job_created_at=record.created_at,
             )
-            attempts = self.config.scheduler.job_attempts
-            stored = await self._retry_storage(
-                functools.partial(self.stages.run, record.image_request, options, attempts), deadline
+
+            def count_attempt() -> None:
+                record.attempts += 1
+
+            run = functools.partial(
+                self.stages.run,
+                record.image_request,
+                options,
+                self.config.scheduler.job_attempts,
+                on_retry=count_attempt,
             )
+            stored = await self._retry_storage(run, deadline)
             record.images = [
                 JobImage(object_key=item.object_key or "", seed=item.seed, byte_count=item.byte_count)
                 for item in stored

@@ -1,4 +1,5 @@
-"""The service as the README starts it: `imagegen serve` (what `make serve` runs), then curl's request."""
+"""The service as the README starts it: `imagegen serve` (what `make serve` runs), then curl's request,
+and Ctrl-C, which writes the generation log's buffered rows before it exits."""
 
 from __future__ import annotations
 
@@ -10,31 +11,60 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
+from deployments.storage import ObjectStore
+from serve_app.config import StorageConfig
+from serve_app.report import read_generation_log
 from tests.conftest import free_port
 
 STARTUP_TIMEOUT_S = 180
 
 
+@dataclass
+class Served:
+    base_url: str
+    store: Path
+    process: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user stops it; returns the exit status (stopping twice is harmless)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     port = free_port()
+    store = tmp_path_factory.mktemp("store")
     env = {
         **os.environ,
         "IMAGEGEN_PORT": str(port),
-        "IMAGEGEN_STORAGE__URL": f"file://{tmp_path_factory.mktemp('store')}",
+        "IMAGEGEN_STORAGE__URL": f"file://{store}",
+        # Nothing is flushed by count or age while the tests run: only shutdown writes the log.
+        "IMAGEGEN_STORAGE__LOG__FLUSH_ROWS": "10000",
+        "IMAGEGEN_STORAGE__LOG__FLUSH_INTERVAL_S": "3600",
         "PYTHONUNBUFFERED": "1",
     }
     executable = Path(sys.executable).with_name("imagegen")
     process = subprocess.Popen(
         [str(executable), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    output: list[str] = []
+    server = Served(f"http://127.0.0.1:{port}", store, process)
+    output = server.output
     ready = threading.Event()
 
     def drain() -> None:  # keeps the pipe empty and signals the ready line (or the end of output)
@@ -45,24 +75,23 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 ready.set()
         ready.set()
 
-    threading.Thread(target=drain, daemon=True).start()
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
     try:
         assert ready.wait(STARTUP_TIMEOUT_S), f"not ready in {STARTUP_TIMEOUT_S}s:\n{''.join(output)[-3000:]}"
         assert process.poll() is None, f"imagegen serve exited:\n{''.join(output)[-3000:]}"
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, "".join(output)[-3000:]
+        returncode = server.stop()
+        drainer.join(timeout=60)  # the output ends with the process
+        assert process.stdout is not None
+        process.stdout.close()
+    assert returncode == 0, "".join(output)[-3000:]
 
 
-def test_readme_curl_returns_a_png(served: str) -> None:
+def test_readme_curl_returns_a_png(served: Served) -> None:
     response = httpx.post(
-        f"{served}/v1/images/generations",
+        f"{served.base_url}/v1/images/generations",
         headers={"Content-Type": "application/json"},
         json={"prompt": "a lighthouse at dusk", "size": "64x64"},
         timeout=60,
@@ -70,4 +99,20 @@ def test_readme_curl_returns_a_png(served: str) -> None:
     assert response.status_code == 200, response.text
     image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
     assert image.format == "PNG" and image.size == (64, 64)
-    assert httpx.get(f"{served}/readyz", timeout=30).json()["ready"] is True
+    assert httpx.get(f"{served.base_url}/readyz", timeout=30).json()["ready"] is True
+
+
+def test_generation_log_is_written_at_shutdown(served: Served) -> None:
+    response = httpx.post(
+        f"{served.base_url}/v1/images/generations",
+        json={"prompt": "logged at the end", "size": "64x64", "n": 2},
+        headers={"x-request-id": "flushed-at-shutdown"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert not list(served.store.rglob("*.parquet"))  # still buffered: no flush by count or age
+    assert served.stop() == 0, "".join(served.output)[-3000:]
+    table = read_generation_log(ObjectStore(StorageConfig(url=f"file://{served.store}")))
+    ours = table.filter(pc.equal(table.column("request_id"), "flushed-at-shutdown"))
+    assert ours.column("image_index").to_pylist() == [0, 1]
+    assert set(ours.column("status").to_pylist()) == {"succeeded"}

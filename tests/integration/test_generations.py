@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 from PIL import Image
+from ray.serve.handle import DeploymentHandle
 
 from deployments.storage import UrlSigner
 from tests.conftest import TEST_SIGNING_KEY
@@ -100,16 +101,23 @@ def test_output_formats_decode(openai_client: OpenAI, output_format: str, pil_fo
     assert not image.info.get("exif")
 
 
-def test_concurrent_requests_share_batches(http: httpx.Client) -> None:
+def test_concurrent_requests_share_batches(
+    http: httpx.Client, model_replica: DeploymentHandle, service: RunningService
+) -> None:
     def generate(index: int) -> list[int]:
         response = http.post("/v1/images/generations", json={"prompt": f"crowd {index}", "size": "64x64"})
         assert response.status_code == 200, response.text
         return [int(size) for size in response.headers["x-imagegen-batch-size"].split(",")]
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        batch_sizes = [size for sizes in pool.map(generate, range(8)) for size in sizes]
-    assert len(batch_sizes) == 8
-    assert max(batch_sizes) > 1
+    # A batch leaves only when full (the longest wait allowed is far beyond the arrivals), so
+    # eight concurrent requests share exactly one forward pass, however slow the machine.
+    model_replica.reconfigure.remote({"max_batch_size": 8, "batch_wait_timeout_s": 10.0}).result()
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            batch_sizes = [size for sizes in pool.map(generate, range(8)) for size in sizes]
+    finally:
+        model_replica.reconfigure.remote(service.config.variants[0].batching.model_dump()).result()
+    assert batch_sizes == [8] * 8
 
 
 def test_response_reports_stage_timings(http: httpx.Client) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.generation_log import SCHEMA
+from deployments.model_replica import ReplicaStats
 from deployments.storage import ObjectStore
 from serve_app.app import build_app
 from serve_app.config import AppConfig, GenerationLogConfig, StorageConfig
@@ -36,6 +37,8 @@ APP_NAME = "imagegen-s3"
 ROUTE = "/s3"
 KEY_PATTERN = re.compile(rf"^{PREFIX}/local/\d{{4}}/\d{{2}}/\d{{2}}/[0-9a-f]{{32}}\.png$")
 RECOVERY_DEADLINE_S = 30.0
+# What the ingress answers while its circuit is open (a request whose upload failed gets less advice).
+FAIL_FAST_MESSAGE = "or ask for response_format=b64_json"
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def s3_service(service: RunningService, moto_port: int) -> Iterator[S3Service]:
         backoff_s=0.05,
         timeout_s=1.0,
         breaker_failures=2,
-        breaker_reset_s=1.0,
+        breaker_reset_s=5.0,  # far longer than the refusals the outage test counts while it is open
         log=GenerationLogConfig(flush_rows=1, flush_interval_s=1.0),
     )
     config = service.config.model_copy(update={"storage": storage})
@@ -127,20 +130,39 @@ def test_url_is_presigned_and_object_key_is_server_built(client: OpenAI, s3_serv
     assert key in s3_service.object_keys()
 
 
+def images_generated() -> int:
+    stats: ReplicaStats = (
+        serve.get_deployment_handle("ModelReplica-tiny-sd", app_name=APP_NAME).stats.remote().result()
+    )
+    return stats.generated
+
+
+def assert_storage_unavailable(response: httpx.Response) -> str:
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "storage_unavailable"
+    assert int(response.headers["retry-after"]) >= 1
+    return str(error["message"])
+
+
 def test_store_outage_fails_fast_keeps_b64_and_recovers(http: httpx.Client, s3_service: S3Service) -> None:
     assert generate_url(http, s3_service.base_url).status_code == 200
     s3_service.proxy.cut()
     try:
-        for _ in range(3):  # the first calls exhaust their retries and open the circuit
-            started = time.monotonic()
-            response = generate_url(http, s3_service.base_url)
-            print(f"outage response {response.status_code} in {time.monotonic() - started:.2f}s")
-            assert response.status_code == 503, response.text
-            error = response.json()["error"]
-            assert error["code"] == "storage_unavailable"
-            assert int(response.headers["retry-after"]) >= 1
+        # The first requests do their model work, exhaust the upload's retries and open the circuit.
+        deadline = time.monotonic() + RECOVERY_DEADLINE_S
+        while FAIL_FAST_MESSAGE not in assert_storage_unavailable(generate_url(http, s3_service.base_url)):
+            assert time.monotonic() < deadline, "the circuit never opened"
+        # While it is open, requests for a url are refused before any model work.
+        generated = images_generated()
+        for _ in range(3):
+            message = assert_storage_unavailable(generate_url(http, s3_service.base_url))
+            assert FAIL_FAST_MESSAGE in message
+        assert images_generated() == generated
         b64 = http.post(
-            f"{s3_service.base_url}/v1/images/generations", json={"prompt": "still here", "size": "64x64"}
+            f"{s3_service.base_url}/v1/images/generations",
+            json={"prompt": "still here", "size": "64x64"},
+            headers={"x-request-id": "logged-during-outage"},
         )
         assert b64.status_code == 200 and b64.json()["data"][0]["b64_json"]
         assert http.get(f"{s3_service.base_url}/readyz").status_code == 200
@@ -154,6 +176,22 @@ def test_store_outage_fails_fast_keeps_b64_and_recovers(http: httpx.Client, s3_s
         body = s3_service.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()  # type: ignore[attr-defined]
         assert KEY_PATTERN.match(key)
         Image.open(io.BytesIO(body)).load()
+    # The row of the request made while the store was cut stayed buffered and is written now.
+    logged = wait_for_log_rows(s3_service, ["logged-during-outage"], 1)
+    assert logged.column("status").to_pylist() == ["succeeded"]
+
+
+def wait_for_log_rows(s3_service: S3Service, request_ids: list[str], count: int) -> pa.Table:
+    """Poll the dataset until ``count`` rows of ``request_ids`` are there (the log flushes by itself)."""
+    store = ObjectStore(s3_service.config.storage)
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while True:
+        table = read_generation_log(store)
+        ours = table.filter(pc.is_in(table.column("request_id"), value_set=pa.array(request_ids)))
+        if ours.num_rows >= count:
+            return ours
+        assert time.monotonic() < deadline, f"only {ours.num_rows} of {count} rows were logged"
+        time.sleep(0.2)
 
 
 def test_generation_log_rows_match_and_report_agrees(http: httpx.Client, s3_service: S3Service) -> None:
@@ -166,15 +204,9 @@ def test_generation_log_rows_match_and_report_agrees(http: httpx.Client, s3_serv
         )
         assert response.status_code == 200
         assert response.headers["x-request-id"] == request_id
+    ours = wait_for_log_rows(s3_service, request_ids, 6)
     store = ObjectStore(s3_service.config.storage)
-    deadline = time.monotonic() + RECOVERY_DEADLINE_S
-    while True:  # the log flushes in the background; poll the dataset until our rows are there
-        table = read_generation_log(store)
-        ours = table.filter(pc.is_in(table.column("request_id"), value_set=pa.array(request_ids)))
-        if ours.num_rows >= 6:
-            break
-        assert time.monotonic() < deadline, f"only {ours.num_rows} of 6 rows were logged"
-        time.sleep(0.2)
+    table = read_generation_log(store)
     assert ours.num_rows == 6
     assert table.schema.remove_metadata() == SCHEMA
     assert set(ours.column("status").to_pylist()) == {"succeeded"}

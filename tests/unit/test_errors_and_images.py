@@ -44,6 +44,19 @@ def test_ray_task_errors_unwrap_to_the_stage_error() -> None:
     assert as_api_error(wrapped) is cause
 
 
+def test_a_replica_that_died_behind_serve_is_a_503() -> None:
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import RayServeException
+
+    dead = ActorDiedError()
+    wrapped = RayServeException("the upstream replica died")
+    wrapped.__cause__ = dead  # how Serve reports a dead stage to the caller of the next one
+    for failure in (dead, wrapped):
+        error = as_api_error(failure)
+        assert error.status_code == 503 and error.headers["retry-after"] == "1"
+        assert error.message == "A model replica became unavailable; retry shortly."
+
+
 def test_unknown_exceptions_become_a_generic_500() -> None:
     error = as_api_error(RuntimeError("secret internals"))
     assert type(error) is APIError and error.status_code == 500

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -81,16 +82,27 @@ async def generate_concurrently(replica: object, tasks: list[ImageTask]) -> list
     return [image.batch_size for (image,) in results]
 
 
+@contextlib.contextmanager
+def batches_of(replica: object, max_batch_size: int) -> Iterator[None]:
+    """A batch leaves only when full (the longest wait allowed is far beyond the arrivals): exact sizes."""
+    replica.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": 10.0})  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.01})  # type: ignore[attr-defined]
+
+
 def test_concurrent_tasks_are_batched(replica: object, loop: asyncio.AbstractEventLoop) -> None:
-    sizes = loop.run_until_complete(generate_concurrently(replica, [make_task(i) for i in range(6)]))
-    assert max(sizes) > 1
+    with batches_of(replica, 6):
+        sizes = loop.run_until_complete(generate_concurrently(replica, [make_task(i) for i in range(6)]))
+    assert sizes == [6] * 6
 
 
 def test_buckets_never_share_a_forward_pass(replica: object, loop: asyncio.AbstractEventLoop) -> None:
     tasks = [make_task(i, width=64) for i in range(3)] + [make_task(i, width=128) for i in range(3, 5)]
-    sizes = loop.run_until_complete(generate_concurrently(replica, tasks))
-    assert all(size <= 3 for size in sizes[:3])
-    assert all(size <= 2 for size in sizes[3:])
+    with batches_of(replica, 5):  # one batch of five, two buckets: two forward passes
+        sizes = loop.run_until_complete(generate_concurrently(replica, tasks))
+    assert sizes == [3, 3, 3, 2, 2]
 
 
 def test_reconfigure_changes_batch_size_live(replica: object, loop: asyncio.AbstractEventLoop) -> None:
@@ -242,8 +254,11 @@ def test_tasks_arriving_behind_a_busy_model_leave_in_one_batch(
         later = []
         for index in range(1, 4):
             later.append(asyncio.ensure_future(generate_concurrently(replica, [make_task(index)])))
-            for _ in range(5):  # let this arrival reach the replica before the next one
-                await asyncio.sleep(0)
+            # This arrival is held at the replica (counted in flight) before the next one comes.
+            stats = await wait_for_stats(
+                replica, lambda stats, expected=index + 1: stats.in_flight == expected
+            )
+            assert stats.in_flight == index + 1
         release.set()
         await first
         return [size for sizes in await asyncio.gather(*later) for size in sizes]

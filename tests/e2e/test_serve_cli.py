@@ -1,0 +1,265 @@
+"""Serve's own CLI as the README gives it, on a Ray head of our own (every port free, not 8000).
+
+`serve run serve_app.app:app`, then `serve deploy serve_app/configs/serve_config.yaml` with a
+`user_config` change that reaches the running replica, and the README's metrics scraped from
+Ray's Prometheus endpoint after that traffic. `ray start --block` owns the cluster: ending it
+stops exactly this cluster's processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+SERVE_CONFIG = Path(__file__).parents[2] / "serve_app" / "configs" / "serve_config.yaml"
+DEADLINE_S = 240.0
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RayHead:
+    gcs_address: str
+    dashboard_url: str
+    base_url: str
+    metrics_url: str
+    http_port: int
+    env: dict[str, str]
+    log: Path
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def wait_until(condition: Callable[[], T | None], what: str, deadline_s: float = DEADLINE_S) -> T:
+    """Poll ``condition`` until it returns something truthy (a deadline, not a guess at timing)."""
+    deadline = time.monotonic() + deadline_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return result
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    directory = tmp_path_factory.mktemp("serve-cli")
+    gcs, dashboard, agent, metrics, client, http = (free_port() for _ in range(6))
+    env = {
+        **os.environ,
+        # Replicas read the app's settings from the cluster's environment, as `make serve` does.
+        "IMAGEGEN_STORAGE__URL": f"file://{directory / 'store'}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Every port of this cluster is on loopback; token auth would only stand between the test's
+        # own REST calls and its dashboard.
+        "RAY_AUTH_MODE": "disabled",
+    }
+    log = directory / "ray.log"
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--metrics-export-port={metrics}",
+        f"--ray-client-server-port={client}",
+        "--disable-usage-stats",
+    ]
+    with log.open("w") as output:
+        head_process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    head = RayHead(
+        gcs_address=f"127.0.0.1:{gcs}",
+        dashboard_url=f"http://127.0.0.1:{dashboard}",
+        base_url=f"http://127.0.0.1:{http}",
+        metrics_url=f"http://127.0.0.1:{metrics}/metrics",
+        http_port=http,
+        env=env,
+        log=log,
+    )
+    try:
+        wait_until(
+            lambda: head_process.poll() is None and answers(f"{head.dashboard_url}/api/version"),
+            "the Ray head's dashboard",
+        )
+        serve_start = [
+            str(BIN / "serve"),
+            "start",
+            "-a",
+            head.gcs_address,
+            "--http-host=127.0.0.1",
+            f"--http-port={http}",
+        ]
+        subprocess.run(serve_start, env=env, check=True, timeout=DEADLINE_S, capture_output=True)
+        yield head
+    finally:
+        head_process.send_signal(signal.SIGTERM)
+        try:
+            head_process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head_process.kill()
+            head_process.wait()
+
+
+def generate(base_url: str, prompt: str) -> httpx.Response:
+    return httpx.post(
+        f"{base_url}/v1/images/generations", json={"prompt": prompt, "size": "64x64"}, timeout=DEADLINE_S
+    )
+
+
+def assert_png(response: httpx.Response) -> None:
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+    assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_serve_run_serves_the_app(ray_head: RayHead, tmp_path: Path) -> None:
+    with (tmp_path / "serve-run.log").open("w") as output:
+        process = subprocess.Popen(
+            [str(BIN / "serve"), "run", "-a", ray_head.gcs_address, "serve_app.app:app"],
+            env=ray_head.env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: process.poll() is None and answers(f"{ray_head.base_url}/readyz"), "serve run's app"
+        )
+        assert_png(generate(ray_head.base_url, "served by serve run"))
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts its app down
+        process.wait(timeout=DEADLINE_S)
+    assert not answers(f"{ray_head.base_url}/healthz"), "serve run's app outlived its Ctrl-C"
+
+
+def deploy(ray_head: RayHead, tmp_path: Path, user_config: dict[str, Any] | None = None) -> None:
+    """`serve deploy` of the shipped Serve config: our HTTP port, and ``user_config`` if given."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config["http_options"]["port"] = ray_head.http_port
+    if user_config is not None:
+        (model,) = config["applications"][0]["deployments"]
+        model["user_config"] = user_config
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run(
+        [str(BIN / "serve"), "deploy", str(path), "-a", ray_head.dashboard_url],
+        env=ray_head.env,
+        check=True,
+        timeout=DEADLINE_S,
+        capture_output=True,
+    )
+
+
+def model_replica_ids(ray_head: RayHead) -> list[str]:
+    applications = httpx.get(f"{ray_head.dashboard_url}/api/serve/applications/", timeout=30).json()
+    deployment = applications["applications"]["imagegen"]["deployments"]["ModelReplica-tiny-sd"]
+    return sorted(replica["replica_id"] for replica in deployment["replicas"])
+
+
+def batch_sizes_of_concurrent_requests(base_url: str, count: int) -> list[int]:
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        responses = list(pool.map(lambda index: generate(base_url, f"crowd {index}"), range(count)))
+    for response in responses:
+        assert response.status_code == 200, response.text
+    return [int(response.headers["x-imagegen-batch-size"]) for response in responses]
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory) -> RayHead:
+    """The shipped Serve config deployed (after `serve run`'s app is gone)."""
+    deploy(ray_head, tmp_path_factory.mktemp("deploy"))
+    wait_until(lambda: answers(f"{ray_head.base_url}/readyz"), "the deployed app")
+    return ray_head
+
+
+def test_serve_deploy_and_user_config_changes_batching_live(deployed: RayHead, tmp_path: Path) -> None:
+    ray_head = deployed
+    assert_png(generate(ray_head.base_url, "served by serve deploy"))
+    replicas = model_replica_ids(ray_head)
+
+    # A batch leaves only when full: four concurrent requests share one forward pass.
+    deploy(ray_head, tmp_path, {"max_batch_size": 4, "batch_wait_timeout_s": 10.0})
+    wait_until(lambda: batch_sizes_of_concurrent_requests(ray_head.base_url, 4) == [4] * 4, "batches of four")
+    deploy(ray_head, tmp_path, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+    wait_until(lambda: batch_sizes_of_concurrent_requests(ray_head.base_url, 4) == [1] * 4, "batches of one")
+    assert model_replica_ids(ray_head) == replicas  # changed live: the same replica, not a new one
+
+
+README_METRICS = (
+    "imagegen_images_generated_total",
+    "imagegen_stage_latency_seconds",
+    "imagegen_batch_size",
+    "imagegen_tasks_in_flight",
+    "imagegen_tasks_cancelled_total",
+    "imagegen_queue_depth_images",
+    "imagegen_queue_wait_seconds",
+)
+
+
+def scraped_metrics(ray_head: RayHead) -> dict[str, list[str]]:
+    """Every ``imagegen_*`` sample line of Ray's Prometheus endpoint, by metric family."""
+    families: dict[str, list[str]] = {}
+    for line in httpx.get(ray_head.metrics_url, timeout=30).text.splitlines():
+        if match := re.match(r"^(?:ray_)?(imagegen_\w+?)(?:_bucket|_count|_sum)?\{", line):
+            families.setdefault(match.group(1), []).append(line)
+    return families
+
+
+def test_readme_metrics_are_exported_after_traffic(deployed: RayHead) -> None:
+    ray_head = deployed
+    body = {
+        "prompt": "abandoned",
+        "size": "64x64",
+        "stream": True,
+        "partial_images": 3,
+        "num_inference_steps": 50,
+    }
+    with httpx.stream(
+        "POST", f"{ray_head.base_url}/v1/images/generations", json=body, timeout=DEADLINE_S
+    ) as stream:
+        assert stream.status_code == 200
+        next(stream.iter_lines())  # the first event has come: the work is running; now hang up
+    assert_png(generate(ray_head.base_url, "counted"))
+
+    def all_exported() -> dict[str, list[str]] | None:
+        families = scraped_metrics(ray_head)
+        return families if all(name in families for name in README_METRICS) else None
+
+    families = wait_until(all_exported, f"{README_METRICS} on {ray_head.metrics_url}")
+    stages = {
+        match
+        for line in families["imagegen_stage_latency_seconds"]
+        for match in re.findall(r'stage="(\w+)"', line)
+    }
+    assert {"preprocess", "model", "postprocess"} <= stages
+    assert any('variant="tiny-sd"' in line for line in families["imagegen_images_generated_total"])
+    assert any('tier="paid"' in line for line in families["imagegen_queue_depth_images"])
