@@ -1,4 +1,6 @@
-"""Scale to zero on real Ray Serve, deployed from a Serve config with the backlog policy.
+"""Scale to zero on real Ray Serve, deployed from a Serve config as `imagegen serve` deploys it.
+
+It starts its own Ray instance, so it lives apart from the integration tests' shared one.
 
 A cold variant starts at zero replicas; its first request waits for a replica and gets its image
 (through the official client); once idle it goes back to zero, and the scheduler's slots with it.
