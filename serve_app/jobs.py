@@ -62,6 +62,7 @@ class JobRecord(BaseModel):
     body_sha256: str | None = None
     webhook_url: str | None = None
     images: list[JobImage] = Field(default_factory=list)
+    error_type: str | None = None
     error_code: str | None = None
     error_message: str | None = None
     error_status: int | None = None

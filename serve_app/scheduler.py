@@ -555,8 +555,8 @@ class Scheduler:
             status = "cancelled"
         except Exception as failure:
             error = as_api_error(failure)
-            record.error_code, record.error_message = error.code or error.error_type, error.message
-            record.error_status = error.status_code
+            record.error_type, record.error_code = error.error_type, error.code or error.error_type
+            record.error_message, record.error_status = error.message, error.status_code
             self._log(record, error_code=record.error_code)
         finally:
             self._release_job(job_id)

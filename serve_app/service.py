@@ -460,7 +460,7 @@ class ImageService:
         elif record.status == "failed":
             error = ErrorInfo(
                 message=record.error_message or "The job failed.",
-                type="server_error",
+                type=record.error_type or "server_error",
                 code=record.error_code,
             )
         return JobResponse(

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
+from deployments.moderation import ModerationBlocked
 from serve_app.config import AppConfig, SchedulerConfig
 from serve_app.errors import StorageUnavailableError
 from serve_app.jobs import ACTIVE, JobRecord, JobStore, new_job_id, new_record
@@ -32,18 +33,25 @@ DEADLINE_S = 30.0
 class FakeStages:
     """The stage chain: each run waits for ``gate`` (when set), then fails ``failures`` times."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, failure: Exception | None = None) -> None:
         self.runs = 0
         self.failures = failures
+        self.failure = failure or StorageUnavailableError("Image storage is unavailable; retry shortly.")
         self.gate: asyncio.Event | None = None
 
-    async def run(self, request: ImageRequest, options: EncodeOptions, attempts: int) -> list[StoredImage]:
+    async def run(
+        self,
+        request: ImageRequest,
+        options: EncodeOptions,
+        attempts: int,
+        on_retry: Callable[[], None] = lambda: None,
+    ) -> list[StoredImage]:
         self.runs += 1
         if self.gate is not None:
             await self.gate.wait()
         if self.failures:
             self.failures -= 1
-            raise StorageUnavailableError("Image storage is unavailable; retry shortly.")
+            raise self.failure
         return [
             StoredImage(
                 seed=request.seed + index,
@@ -181,6 +189,24 @@ def test_store_errors_while_a_job_runs_are_retried_until_it_succeeds(tmp_path: P
         assert stored is not None and stored.status == "succeeded"
         assert not scheduler.store.list_files(ACTIVE)
         await until(lambda: is_idle(scheduler))
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_job_keeps_the_type_and_code_of_its_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = scheduler_config(tmp_path)
+        blocked = ModerationBlocked("req_1", "output", "words", ("violence",))
+        scheduler = start_scheduler(config, FakeStages(failures=1, failure=blocked))
+        await scheduler.ready()
+        view = await scheduler.submit(submission(config))
+        done = await asyncio.wait_for(scheduler.wait("local", view.record.id), DEADLINE_S)
+        assert done.record.status == "failed"
+        assert (done.record.error_type, done.record.error_code, done.record.error_status) == (
+            "image_generation_user_error",
+            "moderation_blocked",
+            400,
+        )
 
     asyncio.run(scenario())
 
