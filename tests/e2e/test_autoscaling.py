@@ -46,6 +46,7 @@ def write_config(directory: Path, port: int) -> Path:
     impatient = {**variant, "name": "tiny-sd-impatient", "autoscaling": {**COLD, "cold_start_timeout_s": 0.1}}
     data.update(
         port=port,
+        default_model="tiny-sd",
         variants=[variant, impatient],
         storage={"url": f"file://{directory / 'store'}", "signing_key": TEST_SIGNING_KEY},
     )
