@@ -177,6 +177,13 @@ def plot(path: Path, phases: Sequence[Phase], samples: Sequence[Sample], answers
     figure.savefig(path, dpi=80)
 
 
+def format_value(value: float | None) -> str:
+    """A summary number as the report shows it: seconds to a tenth, counts whole."""
+    if value is None:
+        return "not reached"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def render(phases: Sequence[Phase], summary: dict[str, Any], answers: Sequence[Answer]) -> str:
     latencies = sorted(answer.latency_s for answer in answers)
     lines = [
@@ -190,7 +197,7 @@ def render(phases: Sequence[Phase], summary: dict[str, Any], answers: Sequence[A
         "",
         "| What | Value |",
         "|---|---|",
-        *(f"| {key} | {value if value is not None else 'not reached'} |" for key, value in summary.items()),
+        *(f"| {key} | {format_value(value)} |" for key, value in summary.items()),
         f"| latency p50 / max (s) | {latencies[len(latencies) // 2]:.1f} / {latencies[-1]:.1f} |",
         "",
         "![step load](step_load.png)",
