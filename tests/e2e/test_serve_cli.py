@@ -30,7 +30,12 @@ from PIL import Image
 from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
-SERVE_CONFIG = Path(__file__).parents[2] / "serve_app" / "configs" / "serve_config.yaml"
+ROOT = Path(__file__).parents[2]
+SERVE_CONFIG = ROOT / "serve_app" / "configs" / "serve_config.yaml"
+# The random tiny-sd rather than the shipped digits-ar: its denoising passes are slow enough for a
+# stream to be abandoned mid-pass (so the cancellation counter is exported).
+APP_CONFIG = ROOT / "benchmarks" / "configs" / "tiny-sd.yaml"
+MODEL_DEPLOYMENT = "ModelReplica-tiny-sd"
 DEADLINE_S = 240.0
 T = TypeVar("T")
 
@@ -72,6 +77,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     env = {
         **os.environ,
         # Replicas read the app's settings from the cluster's environment, as `make serve` does.
+        "IMAGEGEN_CONFIG": str(APP_CONFIG),
         "IMAGEGEN_STORAGE__URL": f"file://{directory / 'store'}",
         "RAY_USAGE_STATS_ENABLED": "0",
         # Every port of this cluster is on loopback; token auth would only stand between the test's
@@ -162,11 +168,12 @@ def test_serve_run_serves_the_app(ray_head: RayHead, tmp_path: Path) -> None:
 
 
 def deploy(ray_head: RayHead, tmp_path: Path, user_config: dict[str, Any] | None = None) -> None:
-    """`serve deploy` of the shipped Serve config: our HTTP port, and ``user_config`` if given."""
+    """`serve deploy` of the shipped Serve config: our HTTP port and model, and ``user_config`` if given."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"]["port"] = ray_head.http_port
+    (model,) = config["applications"][0]["deployments"]
+    model["name"] = MODEL_DEPLOYMENT
     if user_config is not None:
-        (model,) = config["applications"][0]["deployments"]
         model["user_config"] = user_config
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -181,7 +188,7 @@ def deploy(ray_head: RayHead, tmp_path: Path, user_config: dict[str, Any] | None
 
 def model_replica_ids(ray_head: RayHead) -> list[str]:
     applications = httpx.get(f"{ray_head.dashboard_url}/api/serve/applications/", timeout=30).json()
-    deployment = applications["applications"]["imagegen"]["deployments"]["ModelReplica-tiny-sd"]
+    deployment = applications["applications"]["imagegen"]["deployments"][MODEL_DEPLOYMENT]
     return sorted(replica["replica_id"] for replica in deployment["replicas"])
 
 
