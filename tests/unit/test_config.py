@@ -13,7 +13,7 @@ from serve_app.config import VariantConfig, load_config, parse_size
 
 def test_default_config_loads() -> None:
     config = load_config()
-    assert [variant.name for variant in config.variants] == ["digits-ar"]
+    assert [variant.name for variant in config.variants] == ["digits", "digits-ar"]
     assert config.variant(None) is config.variants[0]
     assert config.variant("missing") is None
     assert (config.host, config.port) == ("127.0.0.1", 8000)

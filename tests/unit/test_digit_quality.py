@@ -34,8 +34,9 @@ def test_the_reader_reads_real_digits_drawn_as_the_models_draw_them(reader: Any)
     assert np.mean(read_digits(reader, images) == labels[::9]) > 0.97
 
 
-def test_committed_model_draws_the_prompted_digit(reader: Any, tmp_path: Path) -> None:
-    family, _ = load_family(load_variant("digits-ar"), tmp_path)
+@pytest.mark.parametrize("name", ["digits", "digits-ar"])
+def test_committed_model_draws_the_prompted_digit(reader: Any, tmp_path: Path, name: str) -> None:
+    family, _ = load_family(load_variant(name), tmp_path)
     assert draws_digits(family)
     row = evaluate(family, prompt_set(per_digit=3, seed=1), family.variant.steps.medium, reader, scored=True)
     assert row.images == 30 and row.confusion is not None and row.confusion.sum() == 30
