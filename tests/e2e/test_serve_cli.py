@@ -171,10 +171,10 @@ def deploy(ray_head: RayHead, tmp_path: Path, user_config: dict[str, Any] | None
     """`serve deploy` of the shipped Serve config: our HTTP port and model, and ``user_config`` if given."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"]["port"] = ray_head.http_port
-    (model,) = config["applications"][0]["deployments"]
-    model["name"] = MODEL_DEPLOYMENT
+    model: dict[str, Any] = {"name": MODEL_DEPLOYMENT}  # the config's own entries name the digit models
     if user_config is not None:
         model["user_config"] = user_config
+    config["applications"][0]["deployments"] = [model]
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     subprocess.run(
