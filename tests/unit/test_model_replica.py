@@ -18,6 +18,7 @@ from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, Partial
 from deployments.model_replica import ModelReplica, ReplicaStats, preview_steps
 from serve_app.config import AppConfig
 from tests.conftest import make_test_config
+from tests.replica_loop import replica_event_loop
 
 ReplicaClass = ModelReplica.func_or_class  # type: ignore[attr-defined]
 
@@ -52,10 +53,7 @@ def make_edit(index: int, masked: bool, strength: float = 0.75, **changes: objec
 
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    # Serve's batch queue binds to the loop it was created on: one loop for the whole module.
-    event_loop = asyncio.new_event_loop()
-    yield event_loop
-    event_loop.close()
+    yield from replica_event_loop()
 
 
 @pytest.fixture(scope="module")

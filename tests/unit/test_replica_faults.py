@@ -17,6 +17,7 @@ from deployments.contracts import ImageTask
 from deployments.model_replica import ModelReplica
 from serve_app.config import AppConfig
 from tests.conftest import make_test_config
+from tests.replica_loop import replica_event_loop
 
 ReplicaClass: Any = ModelReplica.func_or_class  # type: ignore[attr-defined]
 POISON = "poison"
@@ -61,18 +62,9 @@ class FaultyFamily:
         return getattr(self.family, name)
 
 
-def reset_batch_queue() -> None:
-    """Serve keeps one batch queue per decorated method, bound to the loop that first used it."""
-    ReplicaClass._run_batch.set_max_batch_size.__self__._queue = None
-
-
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    reset_batch_queue()
-    event_loop = asyncio.new_event_loop()
-    yield event_loop
-    event_loop.close()
-    reset_batch_queue()
+    yield from replica_event_loop()
 
 
 @pytest.fixture(scope="module")
