@@ -154,6 +154,7 @@ def faults(service: RunningService, tmp_path_factory: pytest.TempPathFactory) ->
     finally:
         serve.delete(APP_NAME)
         receiver.shutdown()
+        receiver.server_close()
         proxy.cut()
         moto.terminate()
         moto.wait(timeout=30)
@@ -311,7 +312,8 @@ def send_partial_body(faults: FaultService, authorization: str | None) -> int:
     ]
     with socket.create_connection((url.host, url.port or 80), timeout=DEADLINE_S) as connection:
         connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + b'{"prompt": "sl')
-        status_line = connection.makefile("rb").readline().decode()
+        with connection.makefile("rb") as response:  # the socket closes only once this file does
+            status_line = response.readline().decode()
     return int(status_line.split()[1])
 
 
