@@ -134,6 +134,11 @@ def slots_per_variant(config: AppConfig) -> dict[str, int]:
     }
 
 
+def autoscaled_variants(config: AppConfig) -> list[VariantConfig]:
+    """The variants whose slots follow their running replicas; a fixed ``num_replicas`` never moves."""
+    return [variant for variant in config.variants if variant.autoscaling is not None]
+
+
 def running_replicas(status: ServeStatus, app_name: str, deployment: str) -> int | None:
     """Running replicas of ``deployment`` in ``serve.status()`` (None: not listed)."""
     application = status.applications.get(app_name)
@@ -206,7 +211,8 @@ class Scheduler:
         self._idempotency_lock = asyncio.Lock()
         self._spawn(self._recover())
         self._spawn(self._tidy_periodically())
-        self._spawn(self._follow_replicas())
+        if autoscaled_variants(config):  # polling Serve costs a core's 5% at idle: only when needed
+            self._spawn(self._follow_replicas())
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -234,7 +240,7 @@ class Scheduler:
             except Exception:  # keep the last capacity; the controller may be restarting
                 logger.warning("could not read the replica count from serve.status()", exc_info=True)
             else:
-                for variant in self.config.variants:
+                for variant in autoscaled_variants(self.config):
                     replicas = running_replicas(status, app_name, variant.deployment_name)
                     if replicas is not None:
                         slots = replicas * slots_per_replica(self.config, variant)
