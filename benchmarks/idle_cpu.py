@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -26,19 +25,12 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.machine import PROC, ForeignLoadMeter
+from benchmarks.machine import ForeignLoadMeter, ProcessCpu, measure_idle
 from benchmarks.systems import ServerSystem, running_server
 
 RESULTS_DIR = Path(__file__).parent / "results" / "idle"
 SETTLE_S = 20.0  # start-up work (compiles, first metrics pushes) ends well within this
 IDLE_TARGET = 0.05  # of one core, for the whole service (issue 13)
-
-
-@dataclass(frozen=True)
-class ProcessCpu:
-    pid: int
-    label: str
-    share: float  # of one core over the window
 
 
 @dataclass(frozen=True)
@@ -48,49 +40,6 @@ class IdleRun:
     total: float  # of one core
     processes: list[ProcessCpu]
     foreign_load: str | None
-
-
-def process_label(cmdline: list[str]) -> str:
-    """Ray's actor title (``ray::ServeReplica:app:Ingress``), else the program or script run."""
-    if not cmdline:
-        return "?"
-    if cmdline[0].startswith("ray::"):  # Ray appends the running method: ray::ServeController.run
-        return cmdline[0].split(" ")[0].split(".")[0]
-    program = Path(cmdline[0]).name
-    if "-m" in cmdline[1:-1]:
-        return f"{program} -m {cmdline[cmdline.index('-m') + 1]}"
-    scripts = [Path(arg).name for arg in cmdline[1:] if arg.endswith(".py")]
-    return f"{program} {scripts[0]}" if program.startswith("python") and scripts else program
-
-
-def session_cpu(session: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far, with a label, of every process in ``session``."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    usage: dict[int, tuple[str, float]] = {}
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_text().split("\0")
-        except (OSError, IndexError):
-            continue  # gone, or not readable
-        if int(fields[3]) == session:
-            usage[int(entry.name)] = (process_label(cmdline), (int(fields[11]) + int(fields[12])) / ticks)
-    return usage
-
-
-def measure_idle(session: int, window_s: float) -> tuple[float, list[ProcessCpu]]:
-    before = session_cpu(session)
-    time.sleep(window_s)  # the measurement itself: the service is left alone for the window
-    after = session_cpu(session)
-    rows = [
-        ProcessCpu(pid, label, (seconds - before[pid][1]) / window_s)
-        for pid, (label, seconds) in after.items()
-        if pid in before
-    ]
-    rows.sort(key=lambda row: row.share, reverse=True)
-    return sum(row.share for row in rows), rows
 
 
 def free_port() -> int:

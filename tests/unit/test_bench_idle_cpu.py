@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from benchmarks.idle_cpu import parse_env, process_label, session_cpu
+from benchmarks.idle_cpu import parse_env
+from benchmarks.machine import process_label, session_cpu
 
 
 @pytest.mark.parametrize(
