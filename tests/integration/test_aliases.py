@@ -6,8 +6,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from openai import OpenAI
 from ray import serve
@@ -110,3 +112,29 @@ def test_generation_log_records_variant_and_alias(alias_service: AliasService) -
         assert time.monotonic() < deadline, "the generation log row never arrived"
         time.sleep(0.2)  # polling the store for the flusher's file
     assert Counter((row["variant"], row["alias"]) for row in rows) == {(variant, ALIAS): 1}
+
+
+def test_eval_compares_a_variant_and_an_alias_online(alias_service: AliasService, tmp_path: Path) -> None:
+    from benchmarks.compare import run_online, write_comparison
+    from benchmarks.quality import digit_reader, prompt_set
+
+    base_url = str(alias_service.client.base_url).removesuffix("/v1/")
+    cases, reader = prompt_set(per_digit=1), digit_reader()
+    rows = [run_online(base_url, model, cases, reader, 4, 1) for model in ("tiny-sd-b", ALIAS)]
+    assert [(row.model, row.mode, row.images) for row in rows] == [
+        ("tiny-sd-b", "online", 10),
+        (ALIAS, "online", 10),
+    ]
+    assert rows[0].served_by == "tiny-sd-b 100%"
+    expected = Counter(
+        choose_variant(ALIAS, WEIGHTS, caller_identity(f"eval-{i}", "local")) for i in range(10)
+    )
+    assert rows[1].served_by == ", ".join(
+        f"{name} {count / 10:.0%}" for name, count in sorted(expected.items())
+    )
+    assert all(0 <= row.correct_share <= 1 and row.images_per_s > 0 and row.p50_latency_s > 0 for row in rows)
+    write_comparison(rows, tmp_path, "imagegen eval --url ...")
+    table = pq.read_table(tmp_path / "comparison.parquet").to_pylist()
+    assert [row["model"] for row in table] == ["tiny-sd-b", ALIAS]
+    assert "| imagegen-1 | online | 1 | 10 |" in (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "comparison.png").stat().st_size > 0
