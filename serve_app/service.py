@@ -26,9 +26,9 @@ from deployments.generation_log import GenerationLog, generation_rows
 from deployments.metrics import stage_metrics
 from deployments.resilience import CircuitOpenError
 from deployments.storage import ObjectStore, UrlSigner, is_valid_object_key
-from serve_app.aliases import ModelChoice, caller_identity, resolve_model
+from serve_app.aliases import caller_identity, resolve_model
 from serve_app.auth import KeyRing, Principal
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, VariantConfig
 from serve_app.errors import (
     APIError,
     ForbiddenError,
@@ -178,8 +178,11 @@ class ImageService:
 
     # ---- generations ---------------------------------------------------------------------
 
-    def find_variant(self, model: str | None, end_user: str | None, tenant: str) -> ModelChoice:
-        """The variant a request's ``model`` (a variant, an alias, or none: the default) runs on."""
+    def find_variant(
+        self, model: str | None, end_user: str | None, tenant: str
+    ) -> tuple[VariantConfig, str | None]:
+        """The variant a request's ``model`` (a variant, an alias, or none: the default) runs on,
+        and the alias it was chosen through."""
         names = [variant.name for variant in self.config.variants]
         wanted = model or self.config.default_model or names[0]
         choice = resolve_model(wanted, names, self.config.aliases, caller_identity(end_user, tenant))
@@ -189,7 +192,9 @@ class ImageService:
                 param="model",
                 code="model_not_found",
             )
-        return choice
+        variant = self.config.variant(choice.variant)
+        assert variant is not None  # resolve_model returns configured variants only
+        return variant, choice.alias
 
     def work_id(self, request_id: str, delivery: Delivery) -> str:
         """Jobs get their own ids (they outlive the HTTP request); other requests keep Serve's."""
@@ -208,9 +213,7 @@ class ImageService:
         self, http_request: Request, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
         request = await read_json(http_request, ImageGenerationRequest, self.upload_limits)
-        choice = self.find_variant(request.model, request.end_user, principal.tenant)
-        variant = self.config.variant(choice.variant)
-        assert variant is not None  # resolve_model returns configured variants only
+        variant, alias = self.find_variant(request.model, request.end_user, principal.tenant)
         delivery = dataclasses.replace(
             delivery,
             stream=request.stream,
@@ -225,7 +228,7 @@ class ImageService:
             tenant=principal.tenant,
             moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
         )
-        image_request = dataclasses.replace(image_request, alias=choice.alias)
+        image_request = dataclasses.replace(image_request, alias=alias)
         fields = ResponseFields("image_generation", resolve_quality(request.quality), request.prompt)
         return await self.deliver(image_request, options, fields, principal, delivery)
 
@@ -239,9 +242,7 @@ class ImageService:
         markups = form.files_of("markup")
         if len(masks) > 1:
             raise InvalidRequestError("Send at most one mask.", param="mask")
-        choice = self.find_variant(request.model, request.end_user, principal.tenant)
-        variant = self.config.variant(choice.variant)
-        assert variant is not None  # resolve_model returns configured variants only
+        variant, alias = self.find_variant(request.model, request.end_user, principal.tenant)
         delivery = dataclasses.replace(
             delivery,
             stream=request.stream,
@@ -259,7 +260,7 @@ class ImageService:
             moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
             markup=markups[0] if markups else None,
         )
-        image_request = dataclasses.replace(image_request, alias=choice.alias)
+        image_request = dataclasses.replace(image_request, alias=alias)
         fields = ResponseFields("image_edit", resolve_quality(request.quality), request.prompt)
         return await self.deliver(image_request, options, fields, principal, delivery)
 
@@ -269,9 +270,7 @@ class ImageService:
         form = await read_form(http_request, self.upload_limits)
         form.only_files("image")
         request = parse_fields(ImageVariationRequest, form.fields)
-        choice = self.find_variant(request.model, request.user, principal.tenant)
-        variant = self.config.variant(choice.variant)
-        assert variant is not None  # resolve_model returns configured variants only
+        variant, alias = self.find_variant(request.model, request.user, principal.tenant)
         images = form.files_of("image")
         delivery = dataclasses.replace(delivery, body_sha256=upload_digest(form.fields, images))
         image_request, options = plan_variation(
@@ -283,7 +282,7 @@ class ImageService:
             tenant=principal.tenant,
             moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
         )
-        image_request = dataclasses.replace(image_request, alias=choice.alias)
+        image_request = dataclasses.replace(image_request, alias=alias)
         fields = ResponseFields("image_edit", resolve_quality("auto"), None)
         return await self.deliver(image_request, options, fields, principal, delivery)
 
