@@ -1,6 +1,7 @@
 """The ``imagegen`` command: ``serve`` runs the service on a local Ray instance; ``report`` reads
 the generation log; ``bench`` runs the benchmarks (benchmarks/run.py); ``eval`` scores variants'
-images (benchmarks/quality.py); ``train`` trains the embedded digit models (training/digits.py)."""
+images (benchmarks/quality.py); ``batch`` generates images for a Parquet of prompts on Ray Data
+(serve_app/batch.py); ``train`` trains the embedded digit models (training/digits.py)."""
 
 from __future__ import annotations
 
@@ -100,13 +101,19 @@ def eval_command(args: argparse.Namespace) -> int:
     return eval_main(args.passed_args)
 
 
+def batch_command(args: argparse.Namespace) -> int:
+    from serve_app.batch import main as batch_main
+
+    return batch_main(args.passed_args)
+
+
 def train_command(args: argparse.Namespace) -> int:
     from training.digits import main as train_main
 
     return train_main(args.passed_args)
 
 
-PASS_THROUGH = ("bench", "eval", "train")
+PASS_THROUGH = ("bench", "eval", "train", "batch")
 """Commands that take their own options (``imagegen <command> --help``)."""
 
 
@@ -147,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", add_help=False, help="score variants' digits with an independent classifier, beside speed"
     )
     eval_parser.set_defaults(handler=eval_command)
+    batch_parser = commands.add_parser(
+        "batch", add_help=False, help="generate images for a Parquet of prompts offline, on Ray Data"
+    )
+    batch_parser.set_defaults(handler=batch_command)
     train_parser = commands.add_parser("train", add_help=False, help="train the embedded digit models")
     train_parser.set_defaults(handler=train_command)
     return parser

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from deployments.moderation import ModerationConfig
+from serve_app.aliases import alias_errors
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG_PATH = CONFIG_DIR / "default.yaml"
@@ -425,6 +426,11 @@ class AppConfig(BaseSettings):
     cache_dir: Path = Field(Path.home() / ".cache" / "imagegen", description="Where built models live.")
     default_model: str | None = Field(None, description="Variant used when a request names none.")
     variants: list[VariantConfig] = Field(min_length=1)
+    aliases: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Model names that split traffic between variants by weight, sticky per caller: "
+        "{alias: {variant: weight}} (see serve_app/aliases.py).",
+    )
     storage: StorageConfig = StorageConfig()
     stages: StageConfig = StageConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -461,6 +467,12 @@ class AppConfig(BaseSettings):
             raise ValueError(f"default_model {self.default_model!r} is not one of {names}")
         if "paid" not in self.tiers:
             raise ValueError("tiers must include 'paid' (the tier of the open local mode)")
+        return self
+
+    @model_validator(mode="after")
+    def _aliases_valid(self) -> AppConfig:
+        if errors := alias_errors(self.aliases, [variant.name for variant in self.variants]):
+            raise ValueError("; ".join(errors))
         return self
 
     @model_validator(mode="after")
@@ -517,11 +529,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
-    """Read the YAML config (variant entries may be paths to variant YAML files, relative to it)."""
+    """Read the YAML config (variant entries, and ``aliases``, may be paths to YAML files relative to it)."""
     config_path = Path(path or os.environ.get("IMAGEGEN_CONFIG") or DEFAULT_CONFIG_PATH)
     data = _read_yaml(config_path)
     data["variants"] = [
         _read_yaml(config_path.parent / entry) if isinstance(entry, str) else entry
         for entry in data.get("variants", [])
     ]
+    if isinstance(data.get("aliases"), str):
+        data["aliases"] = _read_yaml(config_path.parent / data["aliases"])
     return AppConfig(**data)

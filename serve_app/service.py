@@ -26,6 +26,7 @@ from deployments.generation_log import GenerationLog, generation_rows
 from deployments.metrics import stage_metrics
 from deployments.resilience import CircuitOpenError
 from deployments.storage import ObjectStore, UrlSigner, is_valid_object_key
+from serve_app.aliases import caller_identity, resolve_model
 from serve_app.auth import KeyRing, Principal
 from serve_app.config import AppConfig, VariantConfig
 from serve_app.errors import (
@@ -137,6 +138,14 @@ def response_background(options: EncodeOptions) -> Literal["transparent", "opaqu
     return "transparent" if options.background == "transparent" else "opaque"
 
 
+def variant_headers(request: ImageRequest) -> dict[str, str]:
+    """Which variant served the request, and through which alias."""
+    headers = {"x-model-variant": request.variant}
+    if request.alias is not None:
+        headers["x-model-alias"] = request.alias
+    return headers
+
+
 def check_job_id(job_id: str) -> None:
     """Ids we never issued are not looked up in the store."""
     if not is_valid_job_id(job_id):
@@ -169,15 +178,23 @@ class ImageService:
 
     # ---- generations ---------------------------------------------------------------------
 
-    def find_variant(self, model: str | None) -> VariantConfig:
-        variant = self.config.variant(model)
-        if variant is None:
+    def find_variant(
+        self, model: str | None, end_user: str | None, tenant: str
+    ) -> tuple[VariantConfig, str | None]:
+        """The variant a request's ``model`` (a variant, an alias, or none: the default) runs on,
+        and the alias it was chosen through."""
+        names = [variant.name for variant in self.config.variants]
+        wanted = model or self.config.default_model or names[0]
+        choice = resolve_model(wanted, names, self.config.aliases, caller_identity(end_user, tenant))
+        if choice is None:
             raise NotFoundError(
                 f"The model {model!r} does not exist. See GET /v1/models.",
                 param="model",
                 code="model_not_found",
             )
-        return variant
+        variant = self.config.variant(choice.variant)
+        assert variant is not None  # resolve_model returns configured variants only
+        return variant, choice.alias
 
     def work_id(self, request_id: str, delivery: Delivery) -> str:
         """Jobs get their own ids (they outlive the HTTP request); other requests keep Serve's."""
@@ -196,7 +213,7 @@ class ImageService:
         self, http_request: Request, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
         request = await read_json(http_request, ImageGenerationRequest, self.upload_limits)
-        variant = self.find_variant(request.model)
+        variant, alias = self.find_variant(request.model, request.end_user, principal.tenant)
         delivery = dataclasses.replace(
             delivery,
             stream=request.stream,
@@ -211,6 +228,7 @@ class ImageService:
             tenant=principal.tenant,
             moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
         )
+        image_request = dataclasses.replace(image_request, alias=alias)
         fields = ResponseFields("image_generation", resolve_quality(request.quality), request.prompt)
         return await self.deliver(image_request, options, fields, principal, delivery)
 
@@ -224,7 +242,7 @@ class ImageService:
         markups = form.files_of("markup")
         if len(masks) > 1:
             raise InvalidRequestError("Send at most one mask.", param="mask")
-        variant = self.find_variant(request.model)
+        variant, alias = self.find_variant(request.model, request.end_user, principal.tenant)
         delivery = dataclasses.replace(
             delivery,
             stream=request.stream,
@@ -242,6 +260,7 @@ class ImageService:
             moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
             markup=markups[0] if markups else None,
         )
+        image_request = dataclasses.replace(image_request, alias=alias)
         fields = ResponseFields("image_edit", resolve_quality(request.quality), request.prompt)
         return await self.deliver(image_request, options, fields, principal, delivery)
 
@@ -251,7 +270,7 @@ class ImageService:
         form = await read_form(http_request, self.upload_limits)
         form.only_files("image")
         request = parse_fields(ImageVariationRequest, form.fields)
-        variant = self.find_variant(request.model)
+        variant, alias = self.find_variant(request.model, request.user, principal.tenant)
         images = form.files_of("image")
         delivery = dataclasses.replace(delivery, body_sha256=upload_digest(form.fields, images))
         image_request, options = plan_variation(
@@ -263,6 +282,7 @@ class ImageService:
             tenant=principal.tenant,
             moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
         )
+        image_request = dataclasses.replace(image_request, alias=alias)
         fields = ResponseFields("image_edit", resolve_quality("auto"), None)
         return await self.deliver(image_request, options, fields, principal, delivery)
 
@@ -280,8 +300,10 @@ class ImageService:
         stores = delivery.as_job or options.response_format == "url"  # a job's images are always stored
         with self.storage_guard() if stores else contextlib.nullcontext():
             if delivery.as_job:
-                return await self._submit_job(image_request, options, fields, principal, delivery)
-            return await self._run_now(image_request, options, fields, principal, delivery)
+                outcome = await self._submit_job(image_request, options, fields, principal, delivery)
+            else:
+                outcome = await self._run_now(image_request, options, fields, principal, delivery)
+        return dataclasses.replace(outcome, headers={**outcome.headers, **variant_headers(image_request)})
 
     async def check_webhook(self, url: str) -> None:
         """A 400 for a URL we would not call, or when no secret is configured to sign the call with."""
@@ -440,6 +462,8 @@ class ImageService:
                 request.prompt, request.width, request.height, request.input_images, len(data)
             ),
             safety_identifier=request.safety_identifier,
+            variant=request.variant,
+            alias=request.alias,
         )
 
     # ---- jobs ----------------------------------------------------------------------------
@@ -577,7 +601,15 @@ class ImageService:
     # ---- discovery and health ------------------------------------------------------------
 
     def model_list(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=v.name, created=self.created) for v in self.config.variants])
+        variants = [
+            ModelCard(id=variant.name, created=self.created, family=variant.family)
+            for variant in self.config.variants
+        ]
+        aliases = [
+            ModelCard(id=alias, created=self.created, variants=dict(weights))
+            for alias, weights in self.config.aliases.items()
+        ]
+        return ModelList(data=[*variants, *aliases])
 
     async def readiness(self) -> dict[str, bool]:
         stages = {
