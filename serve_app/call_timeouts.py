@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol, TypeVar
 
 from serve_app.errors import ServiceUnavailableError
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 RETRY_AFTER_S = 5
+
+
+class CancellableStream(Protocol[T_co]):
+    def __aiter__(self) -> AsyncIterator[T_co]: ...
+    def cancel(self) -> None: ...
 
 
 class UpstreamTimeoutError(ServiceUnavailableError):
@@ -39,3 +45,16 @@ async def bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
             f"{what} did not answer within {math.ceil(timeout_s)}s; the work was cancelled. Retry shortly.",
             headers={"retry-after": str(RETRY_AFTER_S), "x-should-retry": "true"},
         ) from None
+
+
+async def each_within(stream: CancellableStream[T], timeout_s: float, what: str) -> AsyncIterator[T]:
+    """The events of ``stream``, each awaited for at most ``timeout_s``; a stall cancels the stream."""
+    events = aiter(stream)
+    while True:
+        try:
+            yield await bounded(anext(events), timeout_s, what)
+        except StopAsyncIteration:
+            return
+        except UpstreamTimeoutError:
+            stream.cancel()
+            raise

@@ -27,7 +27,7 @@ from deployments.metrics import stage_metrics
 from deployments.resilience import CircuitOpenError
 from deployments.storage import ObjectStore, UrlSigner, is_valid_object_key
 from serve_app.auth import KeyRing, Principal
-from serve_app.call_timeouts import UpstreamTimeoutError, bounded
+from serve_app.call_timeouts import UpstreamTimeoutError, bounded, each_within
 from serve_app.config import AppConfig, VariantConfig
 from serve_app.errors import (
     APIError,
@@ -386,7 +386,8 @@ class ImageService:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in event_stream(first, events, description, events.cancel):
+                rest = each_within(events, self.timeouts.pipeline_s, "The image stream")
+                async for chunk in event_stream(first, rest, description, events.cancel):
                     yield chunk
             finally:
                 self.scheduler.release.remote(grant.ticket_id, image_request.n)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from deployments.contracts import EncodeOptions
-from serve_app.call_timeouts import UpstreamTimeoutError, bounded
+from serve_app.call_timeouts import UpstreamTimeoutError, bounded, each_within
 from serve_app.errors import as_api_error
 from serve_app.pipeline import StageHandles
 from serve_app.planning import plan_generation
@@ -77,3 +77,36 @@ def test_a_wedged_stage_chain_fails_cleanly_once_and_cancels_every_stage(tmp_pat
         assert len(calls) == 3 and all(call.cancelled() for call in calls)
 
     asyncio.run(scenario())
+
+
+class StalledStream:
+    """A stream of events that sends one, then never another (a replica stopped mid-stream)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+        self.cancelled = False
+
+    def __aiter__(self) -> StalledStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if not self.sent:
+            self.sent = True
+            return "partial"
+        await asyncio.Event().wait()  # never set
+        raise AssertionError("unreachable")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_stream_that_stalls_is_cancelled_and_ends_with_a_timeout() -> None:
+    async def scenario() -> None:
+        stream = StalledStream()
+        received: list[str] = []
+        with pytest.raises(UpstreamTimeoutError):
+            async for event in each_within(stream, 0.05, "The image stream"):
+                received.append(event)
+        assert received == ["partial"] and stream.cancelled
+
+    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD_S))
