@@ -25,7 +25,11 @@ import pytest
 from pydantic import SecretStr
 
 from deployments.storage import ObjectStore
+from serve_app import service as service_module
 from serve_app.config import SchedulerConfig, StorageConfig
+from serve_app.errors import InvalidRequestError
+from serve_app.pipeline import StageHandles
+from serve_app.service import ImageService
 from serve_app.webhook_outbox import (
     OUTBOX,
     RetryPolicy,
@@ -34,6 +38,7 @@ from serve_app.webhook_outbox import (
     WebhookSender,
     delivery_for_job,
 )
+from tests.conftest import make_test_config
 from tests.unit.test_scheduler_faults import FakeStages, start_scheduler, submission, until
 
 SECRET = "outbox-secret"
@@ -275,3 +280,17 @@ def test_https_webhooks_keep_their_host_name_for_tls() -> None:
 
 def test_the_backoff_doubles_up_to_its_bound() -> None:
     assert [POLICY.delay_s(attempt) for attempt in (1, 2, 3, 11, 30)] == [1.0, 2.0, 4.0, 600.0, 600.0]
+
+
+def test_without_a_secret_a_webhook_url_is_refused_before_its_host_is_resolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolved: list[str] = []
+    monkeypatch.setattr(service_module, "check_webhook_url", lambda url, allow_private: resolved.append(url))
+    config = make_test_config(tmp_path / "store")
+    assert config.auth.webhook_secret is None
+    service = ImageService(config, StageHandles(None, None, {}), None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError) as refused:
+        asyncio.run(service.check_webhook("http://hooks.example.com/in"))
+    assert refused.value.code == "webhooks_disabled"
+    assert resolved == []  # no DNS lookup for a request that is refused anyway
