@@ -349,8 +349,27 @@ class SchedulerConfig(StrictModel):
         ge=0,
         description="How long a running job retries a failing object store (with backoff) before it fails.",
     )
-    webhook_attempts: int = Field(4, ge=1, le=20)
-    webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_retry_for_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long an undelivered webhook is retried (it survives restarts) before it is dropped.",
+    )
+    webhook_first_backoff_s: float = Field(1.0, gt=0, description="First delay between webhook attempts.")
+    webhook_max_backoff_s: float = Field(
+        600.0, gt=0, description="The delay between webhook attempts doubles up to this."
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of one webhook POST.")
+    job_retention_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="A finished job's record and images are deleted from the store this long after it ends.",
+    )
+    idempotency_retention_s: float = Field(
+        24 * 3600.0, gt=0, description="An Idempotency-Key is remembered this long (as Stripe does)."
+    )
+    retention_sweep_interval_s: float = Field(
+        600.0, gt=0, description="How often expired job and idempotency records are pruned from the store."
+    )
     webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private addresses.")
     resources: ResourcesConfig = ResourcesConfig(num_cpus=0.1, max_ongoing_requests=100_000)
 
@@ -414,6 +433,26 @@ class LimitsConfig(StrictModel):
         return self
 
 
+class CallTimeoutsConfig(StrictModel):
+    """Bounds on the calls the ingress and the scheduler make through Serve handles (504 after)."""
+
+    scheduler_s: float = Field(
+        30.0, gt=0, description="The ingress's short calls to the scheduler: submit, get, cancel a job."
+    )
+    slot_wait_s: float = Field(
+        900.0, gt=0, description="A synchronous request waiting for its slots (admission, the queue)."
+    )
+    job_wait_s: float = Field(
+        1800.0, gt=0, description="A synchronous request with an Idempotency-Key waiting for its job."
+    )
+    pipeline_s: float = Field(
+        900.0,
+        gt=0,
+        description="One run of preprocess -> model -> postprocess (and a stream's first event); "
+        "set above a variant's max_pass_s and its health check's bound.",
+    )
+
+
 class AppConfig(BaseSettings):
     """The whole service. Built by `load_config()`; passed to every deployment."""
 
@@ -437,6 +476,7 @@ class AppConfig(BaseSettings):
     auth: AuthConfig = AuthConfig()
     tiers: dict[str, TierConfig] = Field(default_factory=default_tiers)
     scheduler: SchedulerConfig = SchedulerConfig()
+    timeouts: CallTimeoutsConfig = CallTimeoutsConfig()
     moderation: ModerationConfig = Field(
         ModerationConfig(), description="Moderation checks per tier and variant; none by default."
     )

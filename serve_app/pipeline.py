@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
+from serve_app.call_timeouts import UpstreamTimeoutError, bounded
 from serve_app.errors import is_replica_failure
 
 RETRY_BACKOFF_S = 0.5
@@ -31,10 +32,12 @@ class StageHandles:
         request: ImageRequest,
         options: EncodeOptions,
         attempts: int,
+        timeout_s: float,
         on_retry: Callable[[], None] = lambda: None,
     ) -> list[StoredImage]:
         """Run the chain for one request, retrying up to ``attempts`` times when a replica dies.
 
+        Each run is bounded by ``timeout_s`` (then cancelled: UpstreamTimeoutError, a 504).
         ``on_retry`` is called before each run after the first (jobs count their attempts).
         """
         for attempt in range(attempts):
@@ -44,8 +47,10 @@ class StageHandles:
                 tasks = self.preprocess.prepare.remote(request)
                 generated = self.models[request.variant].generate.remote(tasks)
                 try:
-                    stored: list[StoredImage] = await self.postprocess.finish.remote(generated, options)
-                except asyncio.CancelledError:
+                    stored: list[StoredImage] = await bounded(
+                        self.postprocess.finish.remote(generated, options), timeout_s, "The image pipeline"
+                    )
+                except (asyncio.CancelledError, UpstreamTimeoutError):
                     # Each stage call is its own request: cancel the model's too, so it stops
                     # between denoising steps instead of finishing work nobody wants.
                     generated.cancel()

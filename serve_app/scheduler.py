@@ -41,9 +41,11 @@ from serve_app.errors import (
     as_api_error,
     is_storage_failure,
 )
-from serve_app.jobs import JobImage, JobRecord, JobStatus, JobStore, deliver_webhook, new_record
+from serve_app.jobs import JobImage, JobRecord, JobStatus, JobStore, new_record
 from serve_app.pipeline import StageHandles
+from serve_app.retention import RetentionPolicy, sweep_periodically
 from serve_app.scheduling import (
+    Admission,
     RateDecision,
     RateLimiter,
     SchedulerCore,
@@ -51,6 +53,7 @@ from serve_app.scheduling import (
     image_cost,
     retry_after_header,
 )
+from serve_app.webhook_outbox import WebhookDelivery, WebhookOutbox, delivery_for_job, outbox_from_config
 
 logger = logging.getLogger("ray.serve")
 LEASE_CHECK_INTERVAL_S = 5.0
@@ -112,6 +115,18 @@ def rate_limited(decision: RateDecision) -> RateLimitError:
     return RateLimitError(
         f"Rate limit reached for this API key; retry in {decision.retry_after_s:.1f}s.",
         headers={**decision.headers(), "retry-after": retry_after_header(decision.retry_after_s)},
+    )
+
+
+def overloaded(admission: Admission, decision: RateDecision) -> OverloadedError:
+    return OverloadedError(
+        f"The service is overloaded ({admission.reason}); retry after "
+        f"{retry_after_header(admission.retry_after_s)}s.",
+        headers={
+            **decision.headers(),
+            "retry-after": retry_after_header(admission.retry_after_s),
+            "x-should-retry": "true",
+        },
     )
 
 
@@ -213,6 +228,11 @@ class Scheduler:
         self._spawn(self._tidy_periodically())
         if autoscaled_variants(config):  # polling Serve costs a core's 5% at idle: only when needed
             self._spawn(self._follow_replicas())
+        retention = RetentionPolicy.from_config(config.scheduler)
+        self._spawn(sweep_periodically(self.jobs, retention, config.scheduler.retention_sweep_interval_s))
+        self.outbox = outbox_from_config(config, self.store)  # None: webhooks are refused
+        if self.outbox is not None:
+            self._spawn(self.outbox.run())
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -312,15 +332,7 @@ class Scheduler:
         admission = self.core.admit(ticket, now)
         if admission.verdict == "shed":
             self.metrics.shed.inc(tags={"tier": ticket.tier})
-            raise OverloadedError(
-                f"The service is overloaded ({admission.reason}); retry after "
-                f"{retry_after_header(admission.retry_after_s)}s.",
-                headers={
-                    **decision.headers(),
-                    "retry-after": retry_after_header(admission.retry_after_s),
-                    "x-should-retry": "true",
-                },
-            )
+            raise overloaded(admission, decision)
         if admission.verdict == "defer":
             self.metrics.deferred.inc(tags={"tier": ticket.tier})
         self._update_queue_metrics()
@@ -374,6 +386,18 @@ class Scheduler:
         self._dispatch()
 
     # ---- jobs ----------------------------------------------------------------------------
+
+    async def check_admission(self, work: WorkRequest) -> None:
+        """Raise the 429 that `submit` would raise now, taking nothing: a job's uploads are
+        written to the store only once this passes."""
+        await self._recovered.wait()
+        now = time.monotonic()
+        decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user, take=False)
+        if not decision.allowed:
+            raise rate_limited(decision)
+        ticket = Ticket(work.ticket_id, work.tenant, work.tier, work.variant, work.images, is_job=True)
+        if (admission := self.core.preview(ticket, now)).verdict == "shed":
+            raise overloaded(admission, decision)
 
     async def submit(self, submission: JobSubmission) -> JobView:
         """Accept a job (or return the one an Idempotency-Key already names)."""
@@ -548,6 +572,7 @@ class Scheduler:
                 record.image_request,
                 options,
                 self.config.scheduler.job_attempts,
+                self.config.timeouts.pipeline_s,
                 on_retry=count_attempt,
             )
             stored = await self._retry_storage(run, deadline)
@@ -601,7 +626,12 @@ class Scheduler:
         if record.id in self.finishing or record.is_terminal:
             return
         self.finishing.add(record.id)
+        webhook = self._webhook_for(record, status)
         try:
+            if webhook is not None:  # stored before the outcome, so no restart can lose it
+                await self._retry_storage(
+                    functools.partial(asyncio.to_thread, self._outbox().save, webhook), deadline=float("inf")
+                )
             final = record.model_copy(update={"status": status})
             await self._retry_storage(
                 functools.partial(asyncio.to_thread, self.jobs.save, final), deadline=float("inf")
@@ -619,18 +649,23 @@ class Scheduler:
         if self.log.is_due():
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.log.flush)
-        if final.webhook_url and self.config.auth.webhook_secret is not None:  # checked at submission
-            payload = {"id": final.id, "object": "image.job", "status": final.status}
-            self._spawn(
-                deliver_webhook(
-                    final.webhook_url,
-                    payload,
-                    self.config.auth.webhook_secret.get_secret_value(),
-                    attempts=self.config.scheduler.webhook_attempts,
-                    timeout_s=self.config.scheduler.webhook_timeout_s,
-                    allow_private=self.config.scheduler.webhook_allow_private,
-                )
-            )
+        if webhook is not None:
+            self._outbox().arm(webhook)
+
+    def _webhook_for(self, record: JobRecord, status: JobStatus) -> WebhookDelivery | None:
+        """The webhook announcing ``status``, when the job asked for one (and webhooks are on)."""
+        if record.webhook_url is None or self.outbox is None:  # checked at submission
+            return None
+        payload = {"id": record.id, "object": "image.job", "status": status}
+        return delivery_for_job(record.id, record.webhook_url, payload, time.time())
+
+    def _outbox(self) -> WebhookOutbox:
+        assert self.outbox is not None, "a job's webhook is only made when the outbox exists"
+        return self.outbox
+
+    def _is_final(self, job_id: str) -> bool:
+        record = self.jobs.load(job_id)
+        return record is not None and record.is_terminal
 
     async def _recover(self) -> None:
         """Queue again every job a previous scheduler accepted but did not finish."""
@@ -660,6 +695,8 @@ class Scheduler:
                 )
             if records:
                 logger.info("recovered %d unfinished jobs", len(records))
+            if self.outbox is not None:
+                await self.outbox.recover(self._is_final)
         except Exception:
             logger.exception("job recovery failed; new work is still accepted")
         finally:

@@ -28,6 +28,7 @@ from deployments.resilience import CircuitOpenError
 from deployments.storage import ObjectStore, UrlSigner, is_valid_object_key
 from serve_app.aliases import caller_identity, resolve_model
 from serve_app.auth import KeyRing, Principal
+from serve_app.call_timeouts import UpstreamTimeoutError, bounded, each_within
 from serve_app.config import AppConfig, VariantConfig
 from serve_app.errors import (
     APIError,
@@ -37,6 +38,7 @@ from serve_app.errors import (
     StorageUnavailableError,
     as_api_error,
     is_storage_failure,
+    unwrap_remote_error,
 )
 from serve_app.jobs import JobRecord, body_digest, check_webhook_url, is_valid_job_id, new_job_id
 from serve_app.pipeline import StageHandles
@@ -152,6 +154,12 @@ def check_job_id(job_id: str) -> None:
         raise NotFoundError(f"No job with id {job_id!r}.", param="job_id", code="job_not_found")
 
 
+def is_refusal(failure: BaseException) -> bool:
+    """The scheduler answered no (a job it refused was never accepted); a timeout leaves that open."""
+    error = unwrap_remote_error(failure)
+    return isinstance(error, APIError) and not isinstance(error, UpstreamTimeoutError)
+
+
 def wants_async(prefer: str | None) -> bool:
     """RFC 7240: ``Prefer: respond-async`` (possibly among other preferences)."""
     return any(part.strip().lower() == "respond-async" for part in (prefer or "").split(","))
@@ -172,6 +180,7 @@ class ImageService:
         )
         self._log_flusher: asyncio.Task[None] | None = None
         self.upload_limits = UploadLimits.from_config(config.limits)
+        self.timeouts = config.timeouts
 
     def authenticate(self, authorization: str | None) -> Principal:
         return self.keyring.authenticate(authorization)
@@ -307,14 +316,14 @@ class ImageService:
 
     async def check_webhook(self, url: str) -> None:
         """A 400 for a URL we would not call, or when no secret is configured to sign the call with."""
-        # Resolving the host can be slow: in a thread, never on the ingress's event loop.
-        await asyncio.to_thread(check_webhook_url, url, self.config.scheduler.webhook_allow_private)
-        if self.config.auth.webhook_secret is None:
+        if self.config.auth.webhook_secret is None:  # the cheap check first: no DNS lookup for nothing
             raise InvalidRequestError(
                 "Webhooks are not enabled on this server (the operator sets auth.webhook_secret).",
                 param="webhook_url",
                 code="webhooks_disabled",
             )
+        # Resolving the host can be slow: in a thread, never on the ingress's event loop.
+        await asyncio.to_thread(check_webhook_url, url, self.config.scheduler.webhook_allow_private)
 
     async def _run_now(
         self,
@@ -326,16 +335,20 @@ class ImageService:
     ) -> Completed | Streaming:
         work = work_request(image_request, principal.tier)
         try:
-            grant: Grant = await self.scheduler.acquire.remote(work)
-        except asyncio.CancelledError:
-            # The client left: the slots may have been granted as the call was cancelled.
+            grant: Grant = await bounded(
+                self.scheduler.acquire.remote(work), self.timeouts.slot_wait_s, "The scheduler"
+            )
+        except (asyncio.CancelledError, UpstreamTimeoutError):
+            # The client left (or waited too long): the slots may have been granted meanwhile.
             self.scheduler.release.remote(work.ticket_id, 0)
             raise
         if delivery.stream:
             return await self._stream(image_request, options, fields, grant)
         completed = 0
         try:
-            stored = await self.stages.run(image_request, options, self.config.scheduler.job_attempts)
+            stored = await self.stages.run(
+                image_request, options, self.config.scheduler.job_attempts, self.timeouts.pipeline_s
+            )
             completed = len(stored)
         except Exception as failure:
             error = as_api_error(failure)
@@ -387,7 +400,7 @@ class ImageService:
         events = self.stages.postprocess.options(stream=True).stream.remote(tasks, options)
         assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
         try:
-            first = await events.__anext__()
+            first = await bounded(events.__anext__(), self.timeouts.pipeline_s, "The image pipeline")
         except BaseException:
             events.cancel()
             self.scheduler.release.remote(grant.ticket_id, 0)
@@ -395,7 +408,8 @@ class ImageService:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in event_stream(first, events, description, events.cancel):
+                rest = each_within(events, self.timeouts.pipeline_s, "The image stream")
+                async for chunk in event_stream(first, rest, description, events.cancel):
                     yield chunk
             finally:
                 self.scheduler.release.remote(grant.ticket_id, image_request.n)
@@ -410,8 +424,13 @@ class ImageService:
         principal: Principal,
         delivery: Delivery,
     ) -> Outcome:
+        work = work_request(image_request, principal.tier)
+        if image_request.images:  # uploads are written only for work the scheduler would take now
+            await bounded(
+                self.scheduler.check_admission.remote(work), self.timeouts.scheduler_s, "The scheduler"
+            )
         submission = JobSubmission(
-            work=work_request(image_request, principal.tier),
+            work=work,
             request=await asyncio.to_thread(self._stash_uploads, image_request),
             options=options,
             quality=fields.quality,
@@ -419,11 +438,22 @@ class ImageService:
             body_sha256=delivery.body_sha256,
             webhook_url=delivery.webhook_url,
         )
-        view: JobView = await self.scheduler.submit.remote(submission)
+        try:
+            view: JobView = await bounded(
+                self.scheduler.submit.remote(submission), self.timeouts.scheduler_s, "The scheduler"
+            )
+        except Exception as refused:
+            if is_refusal(refused):  # the job does not exist: nothing will ever read its uploads
+                await asyncio.to_thread(self._delete_uploads, submission.request)
+            raise
+        if view.record.id != image_request.request_id:  # an Idempotency-Key named an earlier job
+            await asyncio.to_thread(self._delete_uploads, submission.request)
         if wants_async(delivery.prefer):
             headers = {**view.rate_limit_headers, "location": f"/v1/images/jobs/{view.record.id}"}
             return Accepted(await self.job_response(view, delivery.base_url), headers)
-        view = await self.scheduler.wait.remote(principal.tenant, view.record.id)
+        view = await bounded(
+            self.scheduler.wait.remote(principal.tenant, view.record.id), self.timeouts.job_wait_s, "The job"
+        )
         job = await self.job_response(view, delivery.base_url)
         if job.result is None:
             record = view.record
@@ -446,6 +476,12 @@ class ImageService:
             mask_key = f"{prefix}/mask"
             self.store.put(mask_key, request.mask)
         return dataclasses.replace(request, images=(), mask=None, input_keys=tuple(keys), mask_key=mask_key)
+
+    def _delete_uploads(self, request: ImageRequest) -> None:
+        """Delete uploads stashed for a job that will not run (best effort: they are not secret)."""
+        for key in [*request.input_keys, *([request.mask_key] if request.mask_key else [])]:
+            with contextlib.suppress(Exception):
+                self.store.delete(key)
 
     @staticmethod
     def _images_response(
@@ -470,11 +506,17 @@ class ImageService:
 
     async def get_job(self, principal: Principal, job_id: str, base_url: str) -> JobResponse:
         check_job_id(job_id)
-        return await self.job_response(await self.scheduler.get.remote(principal.tenant, job_id), base_url)
+        view = await bounded(
+            self.scheduler.get.remote(principal.tenant, job_id), self.timeouts.scheduler_s, "The scheduler"
+        )
+        return await self.job_response(view, base_url)
 
     async def cancel_job(self, principal: Principal, job_id: str, base_url: str) -> JobResponse:
         check_job_id(job_id)
-        return await self.job_response(await self.scheduler.cancel.remote(principal.tenant, job_id), base_url)
+        view = await bounded(
+            self.scheduler.cancel.remote(principal.tenant, job_id), self.timeouts.scheduler_s, "The scheduler"
+        )
+        return await self.job_response(view, base_url)
 
     async def job_response(self, view: JobView, base_url: str) -> JobResponse:
         record: JobRecord = view.record

@@ -44,6 +44,7 @@ class FakeStages:
         request: ImageRequest,
         options: EncodeOptions,
         attempts: int,
+        timeout_s: float,
         on_retry: Callable[[], None] = lambda: None,
     ) -> list[StoredImage]:
         self.runs += 1
