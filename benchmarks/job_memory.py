@@ -85,10 +85,25 @@ def snapshot(label: str, done: int) -> dict[str, Any]:
     }
 
 
-async def run_jobs(base_url: str, jobs: int, concurrency: int, max_seconds: float) -> tuple[int, int]:
-    """Submit and follow jobs until ``jobs`` are done or time is up; (succeeded, other)."""
+async def run_jobs(
+    base_url: str,
+    jobs: int,
+    concurrency: int,
+    max_seconds: float,
+    sample_s: float,
+    rows: list[dict[str, Any]],
+) -> tuple[int, int]:
+    """Submit and follow jobs until ``jobs`` are done or time is up; (succeeded, other). Appends a
+    memory snapshot to ``rows`` every ``sample_s`` meanwhile, so a plateau (or a leak) shows."""
     deadline = time.monotonic() + max_seconds
     counts = {"succeeded": 0, "other": 0, "started": 0}
+
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(sample_s)  # a timer: memory is read at a fixed pace
+            done = counts["succeeded"] + counts["other"]
+            rows.append(await asyncio.to_thread(snapshot, "during", done))
+            print(f"[job_memory] {rows[-1]}", flush=True)
 
     async def one_client(client: httpx.AsyncClient) -> None:
         while counts["started"] < jobs and time.monotonic() < deadline:
@@ -107,8 +122,10 @@ async def run_jobs(base_url: str, jobs: int, concurrency: int, max_seconds: floa
                 await asyncio.sleep(0.2)  # polling, as a client of the jobs API does
             counts["succeeded" if status == "succeeded" else "other"] += 1
 
+    sampler = asyncio.create_task(sample())
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
         await asyncio.gather(*(one_client(client) for _ in range(concurrency)))
+    sampler.cancel()
     return counts["succeeded"], counts["other"]
 
 
@@ -118,6 +135,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=600.0)
     parser.add_argument("--job-memory-s", type=float, default=60.0, help="scheduler.job_memory_s")
+    parser.add_argument("--sample-s", type=float, default=30.0, help="seconds between memory snapshots")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "job_memory")
     args = parser.parse_args()
     port = free_port()
@@ -130,7 +148,9 @@ def main() -> None:
             httpx.post(f"{base_url}/v1/images/generations", json=BODY, timeout=300).raise_for_status()
             rows = [snapshot("before", 0)]
             started = time.monotonic()
-            succeeded, other = asyncio.run(run_jobs(base_url, args.jobs, args.concurrency, args.max_seconds))
+            succeeded, other = asyncio.run(
+                run_jobs(base_url, args.jobs, args.concurrency, args.max_seconds, args.sample_s, rows)
+            )
             elapsed = time.monotonic() - started
             done = succeeded + other
             rows.append(snapshot("after the jobs", done))
@@ -148,7 +168,8 @@ def write_report(
     args.out.mkdir(parents=True, exist_ok=True)
     done = succeeded + other
     stopped = "all jobs done" if done >= args.jobs else f"stopped by --max-seconds {args.max_seconds:.0f}"
-    growth = rows[1]["scheduler_rss_mib"] - rows[0]["scheduler_rss_mib"]
+    ends = [row for row in rows if row["label"] != "during"]
+    growth = ends[1]["scheduler_rss_mib"] - ends[0]["scheduler_rss_mib"]
     lines = [
         "# Memory over async jobs",
         "",
@@ -163,8 +184,12 @@ def write_report(
         "|---|---:|---:|---:|",
         *(
             f"| {row['label']} | {row['jobs']} | {row['scheduler_rss_mib']} | {row['service_rss_mib']} |"
-            for row in rows
+            for row in ends
         ),
+        "",
+        f"Every {args.sample_s:.0f} s during the run: see `memory.png` and `memory.json`.",
+        "",
+        "![memory](memory.png)",
         "",
         f"Scheduler growth over the jobs: {growth:+.1f} MiB "
         f"({1024 * growth / max(done, 1):.1f} KiB per job while finished jobs are still remembered).",
@@ -178,7 +203,28 @@ def write_report(
         )
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     (args.out / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot_memory(args.out / "memory.png", rows)
     print("\n".join(lines))
+
+
+def plot_memory(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = [row["jobs"] for row in rows]  # before, every sample, after the jobs, once forgotten
+    figure, (scheduler, service) = plt.subplots(1, 2, figsize=(9, 3.5))
+    scheduler.plot(jobs, [row["scheduler_rss_mib"] for row in rows], marker=".")
+    scheduler.set(title="scheduler replica", xlabel="jobs done", ylabel="RSS (MiB)")
+    service.plot(jobs, [row["service_rss_mib"] for row in rows], marker=".", color="tab:orange")
+    service.set(title="whole service (every Ray process)", xlabel="jobs done", ylabel="RSS (MiB)")
+    for axis in (scheduler, service):
+        axis.grid(alpha=0.3)
+        axis.set_ylim(bottom=0)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
