@@ -194,7 +194,17 @@ def write_report(
         f"Scheduler growth over the jobs: {growth:+.1f} MiB "
         f"({1024 * growth / max(done, 1):.1f} KiB per job while finished jobs are still remembered).",
     ]
-    if done < args.jobs:
+    during = [row for row in rows if row["label"] == "during"]
+    settled = during[len(during) // 2 :]  # past start-up and the first job_memory_s
+    if len(settled) >= 2 and settled[-1]["jobs"] > settled[0]["jobs"]:
+        late_growth = settled[-1]["scheduler_rss_mib"] - settled[0]["scheduler_rss_mib"]
+        late_jobs = settled[-1]["jobs"] - settled[0]["jobs"]
+        lines.append(
+            f"Over the second half of the run: {late_growth:+.1f} MiB over {late_jobs} jobs "
+            f"({1024 * late_growth / late_jobs:.1f} KiB per job; at that rate {args.jobs} jobs would add "
+            f"{late_growth * args.jobs / late_jobs:+.0f} MiB)."
+        )
+    elif done < args.jobs:
         lines.append(
             f"Extrapolated linearly to {args.jobs} jobs: {growth * args.jobs / max(done, 1):+.1f} MiB "
             "(whether the growth levels off once job_memory_s has passed is not shown by a run this short: "
