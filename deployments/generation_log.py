@@ -21,9 +21,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deployments.config import GenerationLogConfig
 from deployments.contracts import ImageRequest, StoredImage
 from deployments.storage import ObjectStore
-from serve_app.config import GenerationLogConfig
 
 LOG_PREFIX = "generation_log"
 STAGES = ("queue", "preprocess", "model", "postprocess", "upload")

@@ -17,6 +17,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from deployments.config import StorageConfig
 from deployments.contracts import (
     EncodedPartialImage,
     EncodeOptions,
@@ -26,12 +27,11 @@ from deployments.contracts import (
     StoredImage,
     StreamEvent,
 )
+from deployments.errors import quiet_client_errors
 from deployments.images import encode_image
 from deployments.metrics import stage_metrics
 from deployments.moderation import ModerationConfig, Moderator
 from deployments.storage import ObjectStore, build_object_key
-from serve_app.config import StorageConfig
-from serve_app.errors import quiet_client_errors
 
 
 def deliver(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -> StoredImage:

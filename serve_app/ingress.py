@@ -15,10 +15,10 @@ from ray.serve.context import _get_serve_request_context
 from ray.serve.handle import DeploymentHandle
 
 from deployments.images import MEDIA_TYPES
+from deployments.stage_chain import StageChain
 from serve_app.auth import Principal
 from serve_app.config import AppConfig
 from serve_app.errors import as_api_error, error_response, install_error_handlers
-from serve_app.pipeline import StageHandles
 from serve_app.protocol import (
     ErrorResponse,
     ImageEditRequest,
@@ -98,8 +98,8 @@ def current_request_id() -> str:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: AppConfig, stages: StageHandles, scheduler: DeploymentHandle) -> None:
-        self.service = ImageService(config, stages, scheduler)
+    def __init__(self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle) -> None:
+        self.service = ImageService(config, chain, scheduler)
 
     def __del__(self) -> None:
         self.service.close()

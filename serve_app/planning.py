@@ -10,9 +10,9 @@ import dataclasses
 import secrets
 from typing import cast
 
+from deployments.config import LimitsConfig, VariantConfig, parse_size
 from deployments.contracts import EncodeOptions, ImageRequest, OutputFormat, TaskKind
-from serve_app.config import LimitsConfig, VariantConfig, parse_size
-from serve_app.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError
 from serve_app.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,

@@ -23,33 +23,34 @@ from typing import Any, TypeVar
 
 from ray import serve
 from ray.serve import metrics
-from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState, ServeStatus
 
 from autoscaling.policy import QUEUED_IMAGES, RUNNING_IMAGES, backlog_metric
+from deployments.config import VariantConfig
 from deployments.contracts import EncodeOptions, ImageRequest
+from deployments.errors import ServiceUnavailableError, is_storage_failure
 from deployments.generation_log import GenerationLog, generation_rows
 from deployments.metrics import stage_metrics
+from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore
-from serve_app.config import AppConfig, VariantConfig
+from serve_app.config import AppConfig
 from serve_app.errors import (
     IdempotencyConflictError,
+    ModelStartingError,
     NotFoundError,
     OverloadedError,
     RateLimitError,
-    ServiceUnavailableError,
     as_api_error,
-    is_storage_failure,
+    retry_after_header,
+    status_and_type,
 )
 from serve_app.jobs import JobImage, JobRecord, JobStatus, JobStore, deliver_webhook, new_record
-from serve_app.pipeline import StageHandles
 from serve_app.scheduling import (
     RateDecision,
     RateLimiter,
     SchedulerCore,
     Ticket,
     image_cost,
-    retry_after_header,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -111,7 +112,8 @@ class JobView:
 def rate_limited(decision: RateDecision) -> RateLimitError:
     return RateLimitError(
         f"Rate limit reached for this API key; retry in {decision.retry_after_s:.1f}s.",
-        headers={**decision.headers(), "retry-after": retry_after_header(decision.retry_after_s)},
+        retry_after_s=decision.retry_after_s,
+        rate_limit_headers=decision.headers(),
     )
 
 
@@ -143,12 +145,11 @@ def running_replicas(status: ServeStatus, app_name: str, deployment: str) -> int
     return overview.replica_states.get(ReplicaState.RUNNING, 0)
 
 
-def cold_start_timeout(error_variant: str, timeout_s: float) -> ServiceUnavailableError:
-    return ServiceUnavailableError(
+def cold_start_timeout(error_variant: str, timeout_s: float) -> ModelStartingError:
+    return ModelStartingError(
         f"Model {error_variant!r} is starting from zero replicas and was not ready within "
         f"{timeout_s:.0f}s; retry shortly.",
-        code="model_starting",
-        headers={"retry-after": retry_after_header(COLD_START_RETRY_AFTER_S), "x-should-retry": "true"},
+        retry_after_s=COLD_START_RETRY_AFTER_S,
     )
 
 
@@ -175,15 +176,9 @@ class SchedulerMetrics:
 
 @serve.deployment
 class Scheduler:
-    def __init__(
-        self,
-        config: AppConfig,
-        preprocess: DeploymentHandle,
-        postprocess: DeploymentHandle,
-        models: dict[str, DeploymentHandle],
-    ) -> None:
+    def __init__(self, config: AppConfig, chain: StageChain) -> None:
         self.config = config
-        self.stages = StageHandles(preprocess, postprocess, models)
+        self.chain = chain
         self.core = SchedulerCore(config.tiers, config.scheduler, slots_per_variant(config))
         self.limiter = RateLimiter(config.tiers)
         self.store = ObjectStore(config.storage)
@@ -309,11 +304,8 @@ class Scheduler:
             raise OverloadedError(
                 f"The service is overloaded ({admission.reason}); retry after "
                 f"{retry_after_header(admission.retry_after_s)}s.",
-                headers={
-                    **decision.headers(),
-                    "retry-after": retry_after_header(admission.retry_after_s),
-                    "x-should-retry": "true",
-                },
+                retry_after_s=admission.retry_after_s,
+                rate_limit_headers=decision.headers(),
             )
         if admission.verdict == "defer":
             self.metrics.deferred.inc(tags={"tier": ticket.tier})
@@ -538,7 +530,7 @@ class Scheduler:
                 record.attempts += 1
 
             run = functools.partial(
-                self.stages.run,
+                self.chain.make_images,
                 record.image_request,
                 options,
                 self.config.scheduler.job_attempts,
@@ -555,8 +547,8 @@ class Scheduler:
             status = "cancelled"
         except Exception as failure:
             error = as_api_error(failure)
-            record.error_type, record.error_code = error.error_type, error.code or error.error_type
-            record.error_message, record.error_status = error.message, error.status_code
+            record.error_status, record.error_type = status_and_type(error)
+            record.error_code, record.error_message = error.code or record.error_type, error.message
             self._log(record, error_code=record.error_code)
         finally:
             self._release_job(job_id)

@@ -379,7 +379,3 @@ class SchedulerCore:
             per_tier = {f"queued_{tier}": self.backlog(name, tier) for tier in self.tiers}
             state[name] = {"capacity": queue.capacity, "in_flight": queue.in_use, **per_tier}
         return state
-
-
-def retry_after_header(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))

@@ -12,36 +12,28 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import Request
-from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
+from deployments.config import VariantConfig
 from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
+from deployments.errors import InvalidRequestError, StorageUnavailableError, is_storage_failure
 from deployments.generation_log import GenerationLog, generation_rows
 from deployments.metrics import stage_metrics
 from deployments.resilience import CircuitOpenError
+from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore, UrlSigner, is_valid_object_key
 from serve_app.auth import KeyRing, Principal
-from serve_app.config import AppConfig, VariantConfig
-from serve_app.errors import (
-    APIError,
-    ForbiddenError,
-    InvalidRequestError,
-    NotFoundError,
-    StorageUnavailableError,
-    as_api_error,
-    is_storage_failure,
-)
+from serve_app.config import AppConfig
+from serve_app.errors import ForbiddenError, NotFoundError, as_api_error, error_info
 from serve_app.jobs import JobRecord, body_digest, check_webhook_url, is_valid_job_id, new_job_id
-from serve_app.pipeline import StageHandles
 from serve_app.planning import plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import (
-    ErrorInfo,
     ImageData,
     ImageEditRequest,
     ImageGenerationRequest,
@@ -149,9 +141,9 @@ def wants_async(prefer: str | None) -> bool:
 
 
 class ImageService:
-    def __init__(self, config: AppConfig, stages: StageHandles, scheduler: DeploymentHandle) -> None:
+    def __init__(self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle) -> None:
         self.config = config
-        self.stages = stages
+        self.chain = chain
         self.scheduler = scheduler
         self.keyring = KeyRing.load(config.auth.keys_file, set(config.tiers))
         self.store = ObjectStore(config.storage)
@@ -313,7 +305,7 @@ class ImageService:
             return await self._stream(image_request, options, fields, grant)
         completed = 0
         try:
-            stored = await self.stages.run(image_request, options, self.config.scheduler.job_attempts)
+            stored = await self.chain.make_images(image_request, options, self.config.scheduler.job_attempts)
             completed = len(stored)
         except Exception as failure:
             error = as_api_error(failure)
@@ -360,10 +352,7 @@ class ImageService:
             usage,
             image_request.safety_identifier,
         )
-        tasks = self.stages.preprocess.prepare.remote(image_request)
-        assert isinstance(tasks, DeploymentResponse)  # a unary call
-        events = self.stages.postprocess.options(stream=True).stream.remote(tasks, options)
-        assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
+        events = self.chain.stream_events(image_request, options)
         try:
             first = await events.__anext__()
         except BaseException:
@@ -404,10 +393,7 @@ class ImageService:
         view = await self.scheduler.wait.remote(principal.tenant, view.record.id)
         job = await self.job_response(view, delivery.base_url)
         if job.result is None:
-            record = view.record
-            error = APIError(record.error_message or "The request failed.", code=record.error_code)
-            error.status_code = record.error_status or 500
-            raise error
+            raise view.record.failure
         return Completed(job.result, {**view.rate_limit_headers, "x-imagegen-job-id": view.record.id})
 
     def _stash_uploads(self, request: ImageRequest) -> ImageRequest:
@@ -458,11 +444,7 @@ class ImageService:
         if record.status == "succeeded":
             result = await self._job_result(record, base_url)
         elif record.status == "failed":
-            error = ErrorInfo(
-                message=record.error_message or "The job failed.",
-                type=record.error_type or "server_error",
-                code=record.error_code,
-            )
+            error = error_info(record.failure)
         return JobResponse(
             id=record.id,
             status=record.status,
@@ -517,7 +499,7 @@ class ImageService:
         except CircuitOpenError as open_circuit:
             raise StorageUnavailableError(
                 "Image storage is unavailable; retry shortly, or ask for response_format=b64_json.",
-                headers={"retry-after": str(math.ceil(open_circuit.retry_after_s))},
+                retry_after_s=open_circuit.retry_after_s,
             ) from open_circuit
 
     def record(
@@ -580,16 +562,9 @@ class ImageService:
         return ModelList(data=[ModelCard(id=v.name, created=self.created) for v in self.config.variants])
 
     async def readiness(self) -> dict[str, bool]:
-        stages = {
-            "scheduler": self.scheduler,
-            "preprocess": self.stages.preprocess,
-            "postprocess": self.stages.postprocess,
-        }
         # A cold variant at zero replicas is ready by design: probing it would start a replica.
         cold = {v.name for v in self.config.variants if v.autoscaling is not None and v.autoscaling.cold}
-        stages.update(
-            {f"model:{name}": handle for name, handle in self.stages.models.items() if name not in cold}
-        )
+        stages = {"scheduler": self.scheduler, **self.chain.probes(cold)}
 
         async def is_ready(handle: DeploymentHandle) -> bool:
             try:

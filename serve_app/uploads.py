@@ -21,16 +21,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from serve_app.config import LimitsConfig
-from serve_app.errors import (
-    InvalidRequestError,
-    PayloadTooLargeError,
-    RequestTimeoutError,
-    UnsupportedMediaTypeError,
-    field_error,
-    is_json,
-    validation_error,
-)
+from deployments.config import LimitsConfig
+from deployments.errors import InvalidRequestError, UnsupportedMediaTypeError
+from serve_app.errors import PayloadTooLargeError, RequestTimeoutError, field_error, is_json, validation_error
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
+from deployments.config import StorageConfig
 from deployments.storage import ObjectStore
-from serve_app.config import StorageConfig
 from serve_app.report import read_generation_log
 from tests.conftest import free_port
 

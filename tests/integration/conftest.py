@@ -13,8 +13,9 @@ from openai import OpenAI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.config import LimitsConfig
 from serve_app.app import build_app
-from serve_app.config import AppConfig, LimitsConfig
+from serve_app.config import AppConfig
 from tests.conftest import free_port, make_test_config
 
 AWS_TEST_ENVIRONMENT = {

@@ -26,8 +26,9 @@ import pytest
 from pydantic import SecretStr
 from ray import serve
 
+from deployments.config import GenerationLogConfig, StorageConfig
 from serve_app.app import build_app
-from serve_app.config import AppConfig, GenerationLogConfig, SchedulerConfig, StorageConfig
+from serve_app.config import AppConfig, SchedulerConfig
 from tests.conftest import free_port
 from tests.integration.conftest import RunningService
 from tests.integration.tcp_proxy import TcpProxy

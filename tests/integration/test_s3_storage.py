@@ -21,11 +21,12 @@ from openai import OpenAI
 from PIL import Image
 from ray import serve
 
+from deployments.config import GenerationLogConfig, StorageConfig
 from deployments.generation_log import SCHEMA
 from deployments.model_replica import ReplicaStats
 from deployments.storage import ObjectStore
 from serve_app.app import build_app
-from serve_app.config import AppConfig, GenerationLogConfig, StorageConfig
+from serve_app.config import AppConfig
 from serve_app.report import read_generation_log
 from tests.conftest import free_port
 from tests.integration.conftest import RunningService

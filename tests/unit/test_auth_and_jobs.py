@@ -14,11 +14,12 @@ from typing import ClassVar
 
 import pytest
 
+from deployments.config import StorageConfig
 from deployments.contracts import EncodeOptions, ImageRequest
+from deployments.errors import InvalidRequestError
 from deployments.storage import ObjectStore
 from serve_app.auth import KeyRing
-from serve_app.config import StorageConfig
-from serve_app.errors import AuthenticationError, InvalidRequestError
+from serve_app.errors import AuthenticationError
 from serve_app.jobs import (
     JobStore,
     body_digest,

@@ -6,9 +6,10 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.contracts import group_by_bucket
+from deployments.errors import InvalidRequestError
 from deployments.preprocess import expand_request, normalize_prompt
 from serve_app.config import AppConfig
-from serve_app.errors import InvalidRequestError
+from serve_app.errors import http_status
 from serve_app.planning import EDIT_STRENGTH, VARIATION_STRENGTH, plan_edit, plan_generation, plan_variation
 from serve_app.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest
 
@@ -67,7 +68,7 @@ def test_invalid_for_variant(config: AppConfig, fields: dict[str, object], param
     with pytest.raises(InvalidRequestError) as raised:
         plan(config, **fields)
     assert raised.value.param == param
-    assert raised.value.status_code == 400
+    assert http_status(raised.value) == 400
 
 
 @pytest.mark.parametrize(

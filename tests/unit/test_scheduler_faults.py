@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
+from deployments.errors import StorageUnavailableError
 from deployments.moderation import ModerationBlocked
+from deployments.stage_chain import StageChain
 from serve_app.config import AppConfig, SchedulerConfig
-from serve_app.errors import StorageUnavailableError
 from serve_app.jobs import ACTIVE, JobRecord, JobStore, new_job_id, new_record
 from serve_app.planning import plan_generation
 from serve_app.protocol import ImageGenerationRequest
@@ -30,22 +31,18 @@ SchedulerClass: Any = Scheduler.func_or_class  # type: ignore[attr-defined]
 DEADLINE_S = 30.0
 
 
-class FakeStages:
-    """The stage chain: each run waits for ``gate`` (when set), then fails ``failures`` times."""
+class FakeStages(StageChain):
+    """The stage chain with no stages: each pass waits for ``gate`` (when set), then fails
+    ``failures`` times. Only one pass is faked; the chain's own retry runs around it."""
 
     def __init__(self, failures: int = 0, failure: Exception | None = None) -> None:
+        super().__init__(None, None, {})  # type: ignore[arg-type]  # no stage is ever called
         self.runs = 0
         self.failures = failures
         self.failure = failure or StorageUnavailableError("Image storage is unavailable; retry shortly.")
         self.gate: asyncio.Event | None = None
 
-    async def run(
-        self,
-        request: ImageRequest,
-        options: EncodeOptions,
-        attempts: int,
-        on_retry: Callable[[], None] = lambda: None,
-    ) -> list[StoredImage]:
+    async def make_images_once(self, request: ImageRequest, options: EncodeOptions) -> list[StoredImage]:
         self.runs += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -88,8 +85,7 @@ def scheduler_config(tmp_path: Path) -> AppConfig:
 
 
 def start_scheduler(config: AppConfig, stages: FakeStages) -> Any:
-    scheduler = SchedulerClass(config, None, None, {})
-    scheduler.stages = stages
+    scheduler = SchedulerClass(config, stages)
     scheduler.jobs = FlakyJobStore(scheduler.jobs)
     return scheduler
 

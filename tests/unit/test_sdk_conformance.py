@@ -28,10 +28,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from deployments.contracts import EncodedPartialImage, EncodeOptions, ImageRequest, StoredImage
+from deployments.errors import APIError
+from deployments.stage_chain import StageChain
 from serve_app.auth import Principal
 from serve_app.config import AppConfig
-from serve_app.errors import APIError
-from serve_app.pipeline import StageHandles
+from serve_app.errors import http_status
 from serve_app.protocol import ImageData
 from serve_app.service import Completed, Delivery, ImageService, Outcome, ResponseFields
 from serve_app.streaming import StreamDescription, estimate_usage, image_event
@@ -153,7 +154,7 @@ class PlanningService(ImageService):
 
 @pytest.fixture
 def service(tmp_path: Path) -> PlanningService:
-    service = PlanningService(make_test_config(tmp_path / "store"), StageHandles(None, None, {}), None)  # type: ignore[arg-type]
+    service = PlanningService(make_test_config(tmp_path / "store"), StageChain(None, None, {}), None)  # type: ignore[arg-type]
     service.planned = []
     return service
 
@@ -211,7 +212,7 @@ def test_every_sdk_field_is_accepted_or_refused_by_name(
     except APIError as error:
         assert expected_refusal(field, value), f"{field}={value!r} refused: {error.message}"
         assert error.param == field
-        assert error.status_code == (404 if field == "model" else 400)
+        assert http_status(error) == (404 if field == "model" else 400)
         assert field in error.message
         assert "Unrecognized" not in error.message
         return
@@ -250,7 +251,7 @@ def test_a_variant_without_xhigh_refuses_it_by_name(tmp_path: Path) -> None:
         update={"steps": variant.steps.model_copy(update={"xhigh": None, "max": None})}
     )
     service = PlanningService(
-        config.model_copy(update={"variants": [plain]}), StageHandles(None, None, {}), None
+        config.model_copy(update={"variants": [plain]}), StageChain(None, None, {}), None
     )  # type: ignore[arg-type]
     service.planned = []
     request = capture(lambda client: client.images.generate(prompt="a lighthouse", quality="max"))
