@@ -28,9 +28,11 @@ from deployments.metrics import stage_metrics
 from deployments.resilience import CircuitOpenError
 from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore, UrlSigner, is_valid_object_key
+from serve_app.admission_policy import work_request
 from serve_app.auth import KeyRing, Principal
 from serve_app.config import AppConfig
 from serve_app.errors import ForbiddenError, NotFoundError, as_api_error, error_info
+from serve_app.job_lifecycle import JobSubmission, JobView
 from serve_app.jobs import JobRecord, body_digest, check_webhook_url, is_valid_job_id, new_job_id
 from serve_app.planning import plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import (
@@ -44,7 +46,7 @@ from serve_app.protocol import (
     ModelList,
     ResolvedQuality,
 )
-from serve_app.scheduler import Grant, JobSubmission, JobView, work_request
+from serve_app.scheduler import Grant
 from serve_app.streaming import EventPrefix, StreamDescription, estimate_usage, event_stream
 from serve_app.uploads import UploadLimits, parse_fields, read_form, read_json
 
