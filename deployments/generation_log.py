@@ -137,6 +137,16 @@ class GenerationLog:
             self._rows.extend(rows)
             self._drop_overflow()
 
+    def record(
+        self, request: ImageRequest, stored: list[StoredImage] | None, error_code: str | None = None
+    ) -> None:
+        """Append one request's rows (a row per image, or one for a failure), when the log is on."""
+        if self.config.enabled:
+            include_prompt = self.config.include_prompt
+            self.append(
+                generation_rows(request, stored, include_prompt=include_prompt, error_code=error_code)
+            )
+
     def _drop_overflow(self) -> None:
         overflow = len(self._rows) - self.config.max_buffered_rows
         if overflow > 0:

@@ -1,12 +1,15 @@
-"""The HTTP face: thin FastAPI routes over `ImageService` (serve_app/service.py)."""
+"""The HTTP face: thin FastAPI routes over `ImageService` (serve_app/service.py).
+
+Each image route authenticates, reads its body into a typed object (serve_app/uploads.py),
+hands it to the service and turns the outcome into JSON, a 202, or server-sent events.
+"""
 
 # No `from __future__ import annotations` here: Serve re-creates the routes in its proxy and
 # FastAPI must see real types, not strings, to build the request models there.
 import asyncio
-import functools
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -16,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.images import MEDIA_TYPES
 from deployments.stage_chain import StageChain
+from serve_app.answers import Accepted, Delivery, Outcome, Streaming
 from serve_app.auth import Principal
 from serve_app.config import AppConfig
 from serve_app.errors import as_api_error, error_response, install_error_handlers
@@ -28,8 +32,18 @@ from serve_app.protocol import (
     JobResponse,
     ModelList,
 )
-from serve_app.service import FILES_ROUTE, Accepted, Delivery, ImageService, Outcome, Streaming
-from serve_app.uploads import form_openapi, json_openapi
+from serve_app.service import ImageService
+from serve_app.signed_files import FILES_ROUTE
+from serve_app.uploads import (
+    UploadLimits,
+    form_openapi,
+    json_openapi,
+    read_edit,
+    read_generation,
+    read_variation,
+)
+
+BodyT = TypeVar("BodyT")
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503)
@@ -100,6 +114,7 @@ def current_request_id() -> str:
 class Ingress:
     def __init__(self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle) -> None:
         self.service = ImageService(config, chain, scheduler)
+        self.upload_limits = UploadLimits.from_config(config.limits)
 
     def __del__(self) -> None:
         self.service.close()
@@ -107,18 +122,22 @@ class Ingress:
     def principal(self, authorization: str | None) -> Principal:
         return self.service.authenticate(authorization)
 
-    async def run(
+    async def answer(
         self,
-        operation: Callable[[Principal, str, Delivery], Awaitable[Outcome]],
+        read_body: Callable[[Request, UploadLimits], Awaitable[BodyT]],
+        operation: Callable[[BodyT, Principal, str, Delivery], Awaitable[Outcome]],
         request: Request,
         authorization: str | None,
         prefer: str | None,
         idempotency_key: str | None,
     ) -> Response:
-        """Authenticate, run one image operation, and answer: JSON, 202, a stream, or an error."""
+        """Authenticate, read the body, run one image operation, and answer: JSON, 202, a stream,
+        or an error. The key is checked before the body is read."""
         delivery = Delivery(str(request.base_url), prefer, idempotency_key)
         try:
-            return respond(await operation(self.principal(authorization), current_request_id(), delivery))
+            principal = self.principal(authorization)
+            body = await read_body(request, self.upload_limits)
+            return respond(await operation(body, principal, current_request_id(), delivery))
         except Exception as exc:  # every failure leaves as the OpenAI error shape
             return error_response(as_api_error(exc))
 
@@ -137,8 +156,9 @@ class Ingress:
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> Response:
-        run = functools.partial(self.service.generate, request)
-        return await self.run(run, request, authorization, prefer, idempotency_key)
+        return await self.answer(
+            read_generation, self.service.generate, request, authorization, prefer, idempotency_key
+        )
 
     @api.post(
         "/v1/images/edits",
@@ -155,8 +175,9 @@ class Ingress:
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> Response:
-        run = functools.partial(self.service.edit, request)
-        return await self.run(run, request, authorization, prefer, idempotency_key)
+        return await self.answer(
+            read_edit, self.service.edit, request, authorization, prefer, idempotency_key
+        )
 
     @api.post(
         "/v1/images/variations",
@@ -173,8 +194,9 @@ class Ingress:
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> Response:
-        run = functools.partial(self.service.variation, request)
-        return await self.run(run, request, authorization, prefer, idempotency_key)
+        return await self.answer(
+            read_variation, self.service.variation, request, authorization, prefer, idempotency_key
+        )
 
     @api.get(
         "/v1/images/jobs/{job_id}", response_model=JobResponse, responses=ERROR_RESPONSES, summary="A job"
@@ -182,7 +204,7 @@ class Ingress:
     async def get_job(
         self, job_id: str, request: Request, authorization: AuthorizationHeader = None
     ) -> Response:
-        job = await self.service.get_job(self.principal(authorization), job_id, str(request.base_url))
+        job = await self.service.jobs.get(self.principal(authorization), job_id, str(request.base_url))
         return JSONResponse(job.model_dump(exclude_none=True))
 
     @api.delete(
@@ -191,7 +213,7 @@ class Ingress:
     async def cancel_job(
         self, job_id: str, request: Request, authorization: AuthorizationHeader = None
     ) -> Response:
-        job = await self.service.cancel_job(self.principal(authorization), job_id, str(request.base_url))
+        job = await self.service.jobs.cancel(self.principal(authorization), job_id, str(request.base_url))
         return JSONResponse(job.model_dump(exclude_none=True))
 
     @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List model variants")
@@ -203,7 +225,7 @@ class Ingress:
     async def get_file(
         self, key: str, expires: Annotated[str, Query()] = "", signature: Annotated[str, Query()] = ""
     ) -> Response:
-        data = await asyncio.to_thread(self.service.read_signed_object, key, expires, signature)
+        data = await asyncio.to_thread(self.service.files.read, key, expires, signature)
         media_type = MEDIA_TYPES[key.rsplit(".", 1)[-1]]
         return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from deployments.contracts import EncodeOptions, ImageRequest
 from deployments.errors import is_storage_failure
-from deployments.generation_log import GenerationLog, generation_rows
+from deployments.generation_log import GenerationLog
 from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore
 from serve_app.admission_policy import RateDecision, SchedulerCore, Ticket, WorkRequest
@@ -279,7 +279,7 @@ class JobLifecycle:
                 JobImage(object_key=item.object_key or "", seed=item.seed, byte_count=item.byte_count)
                 for item in stored
             ]
-            self._log(record, stored=stored)
+            self.log.record(record.image_request, stored)
             status = "succeeded"
         except asyncio.CancelledError:
             status = "cancelled"
@@ -287,7 +287,7 @@ class JobLifecycle:
             error = as_api_error(failure)
             record.error_status, record.error_type = status_and_type(error)
             record.error_code, record.error_message = error.code or record.error_type, error.message
-            self._log(record, error_code=record.error_code)
+            self.log.record(record.image_request, None, error_code=record.error_code)
         finally:
             self._release_job(job_id)
         await self._finish(record, status)
@@ -305,15 +305,6 @@ class JobLifecycle:
                 logger.warning("object store failing; retrying in %.1fs: %r", delay, failure)
             await asyncio.sleep(delay)  # backoff while the store is down
             delay = min(2 * delay, STORE_RETRY_MAX_S)
-
-    def _log(self, record: JobRecord, stored: Any = None, error_code: str | None = None) -> None:
-        if self.config.storage.log.enabled:
-            include_prompt = self.config.storage.log.include_prompt
-            self.log.append(
-                generation_rows(
-                    record.image_request, stored, include_prompt=include_prompt, error_code=error_code
-                )
-            )
 
     async def _finish(self, record: JobRecord, status: JobStatus) -> None:
         """Make a job's outcome final: stored first, then visible, then announced; once per job.
