@@ -38,7 +38,7 @@ from typing import Any
 
 from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, warm_up
 from benchmarks.machine import ForeignLoadMeter
-from benchmarks.report import RunInfo, saturated_throughput, write_report
+from benchmarks.run_report import RunInfo, saturated_throughput, write_report
 from benchmarks.stats import Scenario, summarize
 from benchmarks.workload import (
     RateSchedule,

@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
-from serve_app.protocol import ImageData, ImagesResponse, JobResponse, ResolvedQuality
+from serve_app.protocol import ImageData, ImageOutputFields, ImagesResponse, JobResponse, ResolvedQuality
 from serve_app.streaming import EventPrefix, estimate_usage
 
 RequestPath = Literal["sync", "streamed", "async_job", "idempotent"]
@@ -49,6 +50,14 @@ class Delivery:
         if self.idempotency_key is not None:
             return "idempotent"
         return "streamed" if self.stream else "sync"
+
+    def with_body(self, body_sha256: str, fields: ImageOutputFields | None = None) -> Delivery:
+        """This delivery with the body's digest and, for generations and edits, what their fields
+        ask: streaming, a webhook."""
+        if fields is None:
+            return dataclasses.replace(self, body_sha256=body_sha256)
+        stream, webhook_url = fields.stream, fields.webhook_url
+        return dataclasses.replace(self, body_sha256=body_sha256, stream=stream, webhook_url=webhook_url)
 
     @property
     def as_job(self) -> bool:

@@ -9,9 +9,10 @@ hands it to the service and turns the outcome into JSON, a 202, or server-sent e
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.context import _get_serve_request_context
@@ -44,6 +45,7 @@ from serve_app.uploads import (
 )
 
 BodyT = TypeVar("BodyT")
+RouteT = TypeVar("RouteT", bound=Callable[..., Any])
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503)
@@ -69,6 +71,26 @@ AuthorizationHeader = Annotated[str | None, Header(description="Bearer API key."
 PreferHeader = Annotated[str | None, Header(description="'respond-async' makes it a job (202).")]
 IdempotencyHeader = Annotated[str | None, Header(description="Same key and body, same result.")]
 
+
+@dataclass(frozen=True)
+class AnswerHeaders:
+    """The headers that say who asks and how to answer: the key, async, idempotency."""
+
+    authorization: str | None
+    prefer: str | None
+    idempotency_key: str | None
+
+
+def answer_headers(
+    authorization: AuthorizationHeader = None,
+    prefer: PreferHeader = None,
+    idempotency_key: IdempotencyHeader = None,
+) -> AnswerHeaders:
+    return AnswerHeaders(authorization, prefer, idempotency_key)
+
+
+ImageRequestHeaders = Annotated[AnswerHeaders, Depends(answer_headers)]
+
 api = FastAPI(
     title="imagegen-serve",
     description="OpenAI-compatible image generation on Ray Serve. Extensions are marked in each schema.",
@@ -91,6 +113,18 @@ def openapi_with_json_bodies() -> dict[str, Any]:
 
 
 api.openapi = openapi_with_json_bodies  # type: ignore[method-assign]
+
+
+def image_route(path: str, summary: str, openapi_extra: dict[str, Any]) -> Callable[[RouteT], RouteT]:
+    """An image route: a JSON images response, 202 for a job, or server-sent events; errors."""
+    return api.post(
+        path,
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses=IMAGE_RESPONSES,
+        summary=summary,
+        openapi_extra=openapi_extra,
+    )
 
 
 def respond(outcome: Outcome) -> Response:
@@ -127,76 +161,39 @@ class Ingress:
         read_body: Callable[[Request, UploadLimits], Awaitable[BodyT]],
         operation: Callable[[BodyT, Principal, str, Delivery], Awaitable[Outcome]],
         request: Request,
-        authorization: str | None,
-        prefer: str | None,
-        idempotency_key: str | None,
+        headers: AnswerHeaders,
     ) -> Response:
         """Authenticate, read the body, run one image operation, and answer: JSON, 202, a stream,
         or an error. The key is checked before the body is read."""
-        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
+        delivery = Delivery(str(request.base_url), headers.prefer, headers.idempotency_key)
         try:
-            principal = self.principal(authorization)
+            principal = self.principal(headers.authorization)
             body = await read_body(request, self.upload_limits)
             return respond(await operation(body, principal, current_request_id(), delivery))
         except Exception as exc:  # every failure leaves as the OpenAI error shape
             return error_response(as_api_error(exc))
 
-    @api.post(
-        "/v1/images/generations",
-        response_model=ImagesResponse,
-        response_model_exclude_none=True,
-        responses=IMAGE_RESPONSES,
-        summary="Create images from a prompt",
-        openapi_extra=json_openapi(ImageGenerationRequest),
+    @image_route(
+        "/v1/images/generations", "Create images from a prompt", json_openapi(ImageGenerationRequest)
     )
-    async def create_image(
-        self,
-        request: Request,
-        authorization: AuthorizationHeader = None,
-        prefer: PreferHeader = None,
-        idempotency_key: IdempotencyHeader = None,
-    ) -> Response:
-        return await self.answer(
-            read_generation, self.service.generate, request, authorization, prefer, idempotency_key
-        )
+    async def create_image(self, request: Request, headers: ImageRequestHeaders) -> Response:
+        return await self.answer(read_generation, self.service.generate, request, headers)
 
-    @api.post(
+    @image_route(
         "/v1/images/edits",
-        response_model=ImagesResponse,
-        response_model_exclude_none=True,
-        responses=IMAGE_RESPONSES,
-        summary="Edit images (multipart): image-to-image, or inpainting with a mask",
-        openapi_extra=form_openapi(ImageEditRequest, EDIT_FILES),
+        "Edit images (multipart): image-to-image, or inpainting with a mask",
+        form_openapi(ImageEditRequest, EDIT_FILES),
     )
-    async def create_edit(
-        self,
-        request: Request,
-        authorization: AuthorizationHeader = None,
-        prefer: PreferHeader = None,
-        idempotency_key: IdempotencyHeader = None,
-    ) -> Response:
-        return await self.answer(
-            read_edit, self.service.edit, request, authorization, prefer, idempotency_key
-        )
+    async def create_edit(self, request: Request, headers: ImageRequestHeaders) -> Response:
+        return await self.answer(read_edit, self.service.edit, request, headers)
 
-    @api.post(
+    @image_route(
         "/v1/images/variations",
-        response_model=ImagesResponse,
-        response_model_exclude_none=True,
-        responses=IMAGE_RESPONSES,
-        summary="Create variations of an image (multipart)",
-        openapi_extra=form_openapi(ImageVariationRequest, VARIATION_FILES),
+        "Create variations of an image (multipart)",
+        form_openapi(ImageVariationRequest, VARIATION_FILES),
     )
-    async def create_variation(
-        self,
-        request: Request,
-        authorization: AuthorizationHeader = None,
-        prefer: PreferHeader = None,
-        idempotency_key: IdempotencyHeader = None,
-    ) -> Response:
-        return await self.answer(
-            read_variation, self.service.variation, request, authorization, prefer, idempotency_key
-        )
+    async def create_variation(self, request: Request, headers: ImageRequestHeaders) -> Response:
+        return await self.answer(read_variation, self.service.variation, request, headers)
 
     @api.get(
         "/v1/images/jobs/{job_id}", response_model=JobResponse, responses=ERROR_RESPONSES, summary="A job"

@@ -34,7 +34,8 @@ from deployments.storage import ObjectStore
 from serve_app.admission_policy import RateDecision, SchedulerCore, Ticket, WorkRequest
 from serve_app.config import AppConfig
 from serve_app.errors import IdempotencyConflictError, NotFoundError, as_api_error, status_and_type
-from serve_app.jobs import JobImage, JobRecord, JobStatus, JobStore, deliver_webhook, new_record
+from serve_app.jobs import JobImage, JobRecord, JobStore, new_record, post_webhook
+from serve_app.protocol import JobStatus
 
 logger = logging.getLogger("ray.serve")
 STORE_RETRY_FIRST_S = 0.5
@@ -337,7 +338,7 @@ class JobLifecycle:
         if final.webhook_url and self.config.auth.webhook_secret is not None:  # checked at submission
             payload = {"id": final.id, "object": "image.job", "status": final.status}
             self._spawn(
-                deliver_webhook(
+                post_webhook(
                     final.webhook_url,
                     payload,
                     self.config.auth.webhook_secret.get_secret_value(),

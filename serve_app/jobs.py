@@ -18,7 +18,7 @@ import re
 import socket
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -28,8 +28,8 @@ from deployments.contracts import EncodeOptions, ImageRequest
 from deployments.errors import InvalidRequestError
 from deployments.storage import ObjectStore
 from serve_app.errors import StatusError
+from serve_app.protocol import JobStatus
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 RECORDS = "jobs/records"
 ACTIVE = "jobs/active"
@@ -212,7 +212,7 @@ def sign_webhook(secret: str, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={digest}"
 
 
-async def deliver_webhook(
+async def post_webhook(
     url: str, payload: dict[str, Any], secret: str, *, attempts: int, timeout_s: float, allow_private: bool
 ) -> bool:
     """POST the signed payload, retrying failures with backoff; True once a 2xx is received."""

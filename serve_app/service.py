@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -44,7 +43,7 @@ from serve_app.config import AppConfig
 from serve_app.errors import NotFoundError, as_api_error
 from serve_app.job_client import JobClient
 from serve_app.jobs import check_webhook_url, new_job_id
-from serve_app.planning import plan_edit, plan_generation, plan_variation, resolve_quality
+from serve_app.planning import PlanTarget, plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import ImageData, ModelCard, ModelList
 from serve_app.scheduler import Grant
 from serve_app.signed_files import SignedFiles
@@ -86,6 +85,19 @@ class ImageService:
             )
         return variant
 
+    def plan_target(
+        self, model: str | None, principal: Principal, request_id: str, delivery: Delivery
+    ) -> PlanTarget:
+        """The variant a request runs on, its id (jobs get their own) and its moderation checks."""
+        variant = self.find_variant(model)
+        return PlanTarget(
+            variant,
+            self.config.limits,
+            request_id=self.work_id(request_id, delivery),
+            tenant=principal.tenant,
+            moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
+        )
+
     def work_id(self, request_id: str, delivery: Delivery) -> str:
         """Jobs get their own ids (they outlive the HTTP request); other requests keep Serve's."""
         if delivery.idempotency_key is not None and not 0 < len(delivery.idempotency_key) <= 255:
@@ -102,61 +114,29 @@ class ImageService:
     async def generate(
         self, body: GenerationBody, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
-        request = body.request
-        variant = self.find_variant(request.model)
-        delivery = dataclasses.replace(
-            delivery, stream=request.stream, webhook_url=request.webhook_url, body_sha256=body.body_sha256
-        )
-        image_request, options = plan_generation(
-            request,
-            variant,
-            self.config.limits,
-            request_id=self.work_id(request_id, delivery),
-            tenant=principal.tenant,
-            moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
-        )
+        request, delivery = body.request, delivery.with_body(body.body_sha256, body.request)
+        target = self.plan_target(request.model, principal, request_id, delivery)
         fields = ResponseFields("image_generation", resolve_quality(request.quality), request.prompt)
-        return await self.answer(PlannedRequest(image_request, options, fields), principal, delivery)
+        planned = PlannedRequest(*plan_generation(request, target), fields)
+        return await self.answer(planned, principal, delivery)
 
     async def edit(
         self, upload: EditUpload, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
-        request = upload.request
-        variant = self.find_variant(request.model)
-        delivery = dataclasses.replace(
-            delivery, stream=request.stream, webhook_url=request.webhook_url, body_sha256=upload.body_sha256
-        )
-        image_request, options = plan_edit(
-            request,
-            upload.images,
-            upload.mask,
-            variant,
-            self.config.limits,
-            request_id=self.work_id(request_id, delivery),
-            tenant=principal.tenant,
-            moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
-            markup=upload.markup,
-        )
+        request, delivery = upload.request, delivery.with_body(upload.body_sha256, upload.request)
+        target = self.plan_target(request.model, principal, request_id, delivery)
         fields = ResponseFields("image_edit", resolve_quality(request.quality), request.prompt)
-        return await self.answer(PlannedRequest(image_request, options, fields), principal, delivery)
+        edit = plan_edit(request, upload.images, upload.mask, target, upload.markup)
+        return await self.answer(PlannedRequest(*edit, fields), principal, delivery)
 
     async def variation(
         self, upload: VariationUpload, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
-        request = upload.request
-        variant = self.find_variant(request.model)
-        delivery = dataclasses.replace(delivery, body_sha256=upload.body_sha256)
-        image_request, options = plan_variation(
-            request,
-            upload.images,
-            variant,
-            self.config.limits,
-            request_id=self.work_id(request_id, delivery),
-            tenant=principal.tenant,
-            moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
-        )
+        delivery = delivery.with_body(upload.body_sha256)
+        target = self.plan_target(upload.request.model, principal, request_id, delivery)
         fields = ResponseFields("image_edit", resolve_quality("auto"), None)
-        return await self.answer(PlannedRequest(image_request, options, fields), principal, delivery)
+        planned = PlannedRequest(*plan_variation(upload.request, upload.images, target), fields)
+        return await self.answer(planned, principal, delivery)
 
     # ---- answering: one path per kind of request (docs/architecture.md) ----------------------
 

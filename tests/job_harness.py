@@ -28,7 +28,7 @@ from serve_app.admission_policy import (
 from serve_app.config import AppConfig, SchedulerConfig
 from serve_app.job_lifecycle import JobLifecycle, JobSubmission
 from serve_app.jobs import JobRecord, JobStore, new_job_id
-from serve_app.planning import plan_generation
+from serve_app.planning import PlanTarget, plan_generation
 from serve_app.protocol import ImageGenerationRequest
 from serve_app.scheduler import slots_per_variant
 from tests.conftest import make_test_config
@@ -118,13 +118,8 @@ class JobHarness:
 
 
 def submission(config: AppConfig, prompt: str = "a job") -> JobSubmission:
-    request, options = plan_generation(
-        ImageGenerationRequest(prompt=prompt, size="64x64"),
-        config.variants[0],
-        config.limits,
-        request_id=new_job_id(),
-        tenant="local",
-    )
+    target = PlanTarget(config.variants[0], config.limits, request_id=new_job_id(), tenant="local")
+    request, options = plan_generation(ImageGenerationRequest(prompt=prompt, size="64x64"), target)
     return JobSubmission(work_request(request, "paid"), request, options, quality="standard")
 
 

@@ -20,14 +20,7 @@ from deployments.errors import InvalidRequestError
 from deployments.storage import ObjectStore
 from serve_app.auth import KeyRing
 from serve_app.errors import AuthenticationError
-from serve_app.jobs import (
-    JobStore,
-    body_digest,
-    check_webhook_url,
-    deliver_webhook,
-    new_record,
-    sign_webhook,
-)
+from serve_app.jobs import JobStore, body_digest, check_webhook_url, new_record, post_webhook, sign_webhook
 
 TIERS = {"paid", "free"}
 
@@ -126,7 +119,7 @@ def test_webhooks_are_retried_until_the_receiver_takes_them(
     FlakyReceiver.failures = failures
     payload = {"id": "job_1", "object": "image.job", "status": "succeeded"}
     outcome = asyncio.run(
-        deliver_webhook(flaky_receiver, payload, "secret", attempts=3, timeout_s=10, allow_private=True)
+        post_webhook(flaky_receiver, payload, "secret", attempts=3, timeout_s=10, allow_private=True)
     )
     assert outcome is delivered
     assert len(FlakyReceiver.received) == 3  # two refusals and a success, or three refusals and no more

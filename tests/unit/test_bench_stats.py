@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from benchmarks.loadgen import RequestRecord
-from benchmarks.report import concurrency_table, evaluate_targets, saturated_throughput
+from benchmarks.run_report import concurrency_table, evaluate_targets, saturated_throughput
 from benchmarks.stats import (
     Scenario,
     batch_size_counts,

@@ -17,9 +17,7 @@ import pytest
 from deployments.errors import StorageUnavailableError
 from deployments.moderation import ModerationBlocked
 from serve_app.errors import IdempotencyConflictError
-from serve_app.jobs import ACTIVE, JobRecord, JobStore, new_job_id, new_record
-from serve_app.planning import plan_generation
-from serve_app.protocol import ImageGenerationRequest
+from serve_app.jobs import ACTIVE, JobRecord, JobStore, new_record
 from tests.job_harness import DEADLINE_S, FakeStages, JobHarness, scheduler_config, submission, until
 
 
@@ -168,16 +166,10 @@ def test_recovery_leaves_finished_jobs_alone(tmp_path: Path) -> None:
     async def scenario() -> None:
         config = scheduler_config(tmp_path)
         first = JobHarness(config, FakeStages())
-        request, options = plan_generation(
-            ImageGenerationRequest(prompt="finished", size="64x64"),
-            config.variants[0],
-            config.limits,
-            request_id=new_job_id(),
-            tenant="local",
-        )
+        finished = submission(config, "finished")
         record = new_record(
-            request,
-            options,
+            finished.request,
+            finished.options,
             tier="paid",
             quality="standard",
             idempotency_key=None,
