@@ -60,6 +60,7 @@ class RequestRecord:
     server_queue_ms: float | None = None
     server_model_ms: float | None = None
     error: str | None = None
+    round: int = 0  # which round of an interleaved comparison (A B A B) it ran in
 
     @property
     def latency_s(self) -> float:

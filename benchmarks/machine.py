@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
 
 
-def _process_cpu(own_sessions: set[int]) -> dict[int, float]:
-    """CPU seconds so far of every process whose session is not one of ``own_sessions``."""
+def _processes() -> Iterator[tuple[int, int, float, Path]]:
+    """(pid, session, CPU seconds so far, its /proc folder) of every process still readable."""
     ticks = os.sysconf("SC_CLK_TCK")
-    usage: dict[int, float] = {}
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
@@ -26,10 +27,55 @@ def _process_cpu(own_sessions: set[int]) -> dict[int, float]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # gone, or not readable
-        session, utime, stime = int(fields[3]), int(fields[11]), int(fields[12])
-        if session not in own_sessions:
-            usage[int(entry.name)] = (utime + stime) / ticks
+        yield int(entry.name), int(fields[3]), (int(fields[11]) + int(fields[12])) / ticks, entry
+
+
+def _process_cpu(own_sessions: set[int]) -> dict[int, float]:
+    """CPU seconds so far of every process whose session is not one of ``own_sessions``."""
+    return {pid: cpu for pid, session, cpu, _ in _processes() if session not in own_sessions}
+
+
+def process_label(cmdline: list[str]) -> str:
+    """Ray's actor title (``ray::ServeReplica:app:Ingress``), else the program or script run."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):  # Ray appends the running method: ray::ServeController.run
+        return cmdline[0].split(" ")[0].split(".")[0]
+    program = Path(cmdline[0]).name
+    if "-m" in cmdline[1:-1]:
+        return f"{program} -m {cmdline[cmdline.index('-m') + 1]}"
+    scripts = [Path(arg).name for arg in cmdline[1:] if arg.endswith(".py")]
+    return f"{program} {scripts[0]}" if program.startswith("python") and scripts else program
+
+
+def session_cpu(session: int) -> dict[int, tuple[str, float]]:
+    """A label and the CPU seconds so far of every process in ``session``."""
+    usage: dict[int, tuple[str, float]] = {}
+    for pid, own_session, cpu, entry in _processes():
+        if own_session == session:
+            with suppress(OSError):
+                usage[pid] = (process_label((entry / "cmdline").read_text().split("\0")), cpu)
     return usage
+
+
+@dataclass(frozen=True)
+class ProcessCpu:
+    pid: int
+    label: str
+    share: float  # of one core over the window
+
+
+def measure_idle(session: int, window_s: float) -> tuple[float, list[ProcessCpu]]:
+    before = session_cpu(session)
+    time.sleep(window_s)  # the measurement itself: the service is left alone for the window
+    after = session_cpu(session)
+    rows = [
+        ProcessCpu(pid, label, (seconds - before[pid][1]) / window_s)
+        for pid, (label, seconds) in after.items()
+        if pid in before
+    ]
+    rows.sort(key=lambda row: row.share, reverse=True)
+    return sum(row.share for row in rows), rows
 
 
 def _steal_seconds() -> float:

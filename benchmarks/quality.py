@@ -178,8 +178,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variant",
         action="append",
-        required=True,
+        default=[],
         help="a variant of the config, or one shipped in serve_app/configs/variants (repeat)",
+    )
+    parser.add_argument(
+        "--url", help="a running service: score --model names through it (benchmarks/compare.py)"
+    )
+    parser.add_argument(
+        "--model", action="append", default=[], help="a variant or alias the --url serves (repeat)"
+    )
+    parser.add_argument(
+        "--batch-variant",
+        action="append",
+        default=[],
+        help="a variant run offline with imagegen batch (repeat)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="online and batch runs alternate this many times"
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent online callers (default: 8)")
+    parser.add_argument(
+        "--address", default="local", help="Ray for --batch-variant: 'local', 'auto' or an address"
     )
     parser.add_argument("--config", help="YAML config naming the variants (default: the embedded one)")
     parser.add_argument(
@@ -193,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"), help="report folder")
     args = parser.parse_args(argv)
+    if args.model and not args.url:
+        parser.error("--model needs --url (the running service)")
+    if args.model or args.batch_variant:
+        return compare(args, argv)
+    if not args.variant:
+        parser.error("name at least one --variant (in process), --model with --url, or --batch-variant")
     config = load_config(args.config)
     shipped = [
         VariantConfig(**yaml.safe_load(path.read_text())) for path in CONFIG_DIR.glob("variants/*.yaml")
@@ -219,6 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     command = "imagegen eval " + " ".join(argv if argv is not None else [])
     (args.out / "report.md").write_text(f"{table}\n\nCommand: `{command.strip()}`\n")
     print(table)
+    return 0
+
+
+def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from benchmarks.compare import format_comparison, run_comparison, write_comparison
+
+    rows = run_comparison(
+        prompt_set(args.per_digit, args.seed),
+        digit_reader(),
+        url=args.url,
+        models=args.model,
+        batch_variants=args.batch_variant,
+        rounds=args.rounds,
+        concurrency=args.concurrency,
+        config_path=args.config,
+        address=args.address,
+    )
+    write_comparison(rows, args.out, "imagegen eval " + " ".join(argv if argv is not None else []))
+    print(format_comparison(rows))
+    print(f"written: {args.out}/comparison.md, comparison.parquet, comparison.png")
     return 0
 
 

@@ -34,12 +34,12 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, warm_up
-from benchmarks.machine import ForeignLoadMeter
-from benchmarks.run_report import RunInfo, saturated_throughput, write_report
-from benchmarks.stats import Scenario, summarize
+from benchmarks.machine import ForeignLoadMeter, measure_idle, session_cpu
+from benchmarks.run_report import RunInfo, ServerCpu, saturated_throughput, write_report
+from benchmarks.stats import Scenario, summarize, summarize_runs
 from benchmarks.workload import (
     RateSchedule,
     RequestMix,
@@ -50,6 +50,9 @@ from benchmarks.workload import (
     parse_weighted,
 )
 from serve_app.config import load_config
+
+if TYPE_CHECKING:
+    from benchmarks.systems import BarePipeline, RunningServer
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SYSTEM_ORDER = ("bare", "naive", "litserve", "imagegen")
@@ -68,16 +71,19 @@ QUICK = {
     "bare_batch_sizes": "1,2",
     "bare_one_thread": False,
     "drain": 15.0,  # short scenarios, but no request should fail for want of waiting
+    "rounds": 1,
 }
 FULL = {
-    "duration": 10.0,
+    "duration": 6.0,  # per scenario and round
     "systems": ",".join(SYSTEM_ORDER),
     "clients": "1,8",
     "saturation_clients": 16,
     "load_fractions": "0.3,0.6,0.9,1.2",
     "bare_batch_sizes": "1,2,4,8,16",
     "bare_one_thread": True,
+    "rounds": 2,
 }
+IDLE_WINDOW_S = 20.0
 
 
 def _floats(text: str) -> list[float]:
@@ -101,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out", type=Path, help=f"report directory (default {RESULTS_DIR}, or its quick/ with --quick)"
     )
-    run.add_argument("--duration", type=float, help="seconds per scenario (default 10; 1.5 with --quick)")
+    run.add_argument("--duration", type=float, help="seconds per scenario and round (default 6; 1.5 quick)")
     run.add_argument("--systems", help=f"comma-separated, from {','.join(SYSTEM_ORDER)}")
+    run.add_argument(
+        "--rounds",
+        type=int,
+        help="run every system this many times, interleaved A B A B (default 2; 1 quick)",
+    )
     run.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO for goodput (default 1000)")
     run.add_argument("--seed", type=int, default=0, help="seed of arrivals and request mixes")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed")
@@ -217,23 +228,30 @@ def open_arrivals(
 
 
 class Collector:
-    """Summary rows and records of a run, in the order scenarios ran."""
+    """Records of a run by system and scenario, one list per round, in the order scenarios ran."""
 
     def __init__(self, slo_s: float) -> None:
         self.slo_s = slo_s
-        self.rows: list[dict[str, Any]] = []
+        self.runs: dict[tuple[str, str], tuple[Scenario, list[list[RequestRecord]]]] = {}
         self.records: list[RequestRecord] = []
 
-    def add(self, scenario: Scenario, records: list[RequestRecord]) -> dict[str, Any]:
-        row = summarize(scenario, records, self.slo_s)
-        self.rows.append(row)
+    def add(self, scenario: Scenario, records: list[RequestRecord], round_index: int = 0) -> dict[str, Any]:
+        for record in records:
+            record.round = round_index
+        self.runs.setdefault((scenario.system, scenario.name), (scenario, []))[1].append(records)
         self.records.extend(records)
+        row = summarize(scenario, records, self.slo_s)
         print(
             f"  {scenario.system:9} {scenario.name:14} ok {row['ok']:4}/{row['requests']:<4} "
             f"p50 {_ms(row['p50_ms'])} p99 {_ms(row['p99_ms'])} {row['throughput_img_s']:6.2f} img/s",
             flush=True,
         )
         return row
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per system and scenario over every round so far."""
+        return [summarize_runs(scenario, runs, self.slo_s) for scenario, runs in self.runs.values()]
 
 
 def _ms(value: float | None) -> str:
@@ -243,12 +261,15 @@ def _ms(value: float | None) -> str:
 async def benchmark_server(
     args: argparse.Namespace,
     name: str,
-    base_url: str,
+    server: RunningServer,
     mix: RequestMix,
     reference_rps: float | None,
     collector: Collector,
-) -> float | None:
-    """Every scenario against one running server; returns the reference rate for the open loops."""
+    round_index: int,
+) -> tuple[float | None, ServerCpu]:
+    """Every scenario against one running server; returns the reference rate for the open loops
+    and the server's CPU (idle after warming up, and per image at saturation)."""
+    base_url = server.base_url
     common = {"system": name, "timeout_s": args.timeout, "drain_s": args.drain}
     client_counts = sorted({*_ints(args.clients), args.saturation_clients})
     # The first forward pass at each batch size sets up kernels for its shapes (up to seconds on a
@@ -257,6 +278,8 @@ async def benchmark_server(
     max_batch = load_config().variants[0].batching.max_batch_size
     bursts = [max(client_counts)] if args.quick else [*range(1, max_batch + 1), max(client_counts)]
     await warm_up(base_url, mix, bursts, **common)
+    idle_share, _ = await asyncio.to_thread(measure_idle, server.session, IDLE_WINDOW_S)
+    saturation_cpu: tuple[dict[int, tuple[str, float]], dict[int, tuple[str, float]]] | None = None
 
     async def settle() -> None:
         # An overloaded server may still be working through requests the client gave up on; one
@@ -274,6 +297,7 @@ async def benchmark_server(
 
     for clients in client_counts:
         scenario = Scenario(name, f"closed-{clients}", "closed", clients=clients)
+        cpu_before = session_cpu(server.session)
         records = await run_closed_loop(
             base_url,
             iter_requests(mix, random.Random(args.seed + clients)),
@@ -283,7 +307,10 @@ async def benchmark_server(
             max_requests=args.max_requests,
             **common,
         )
-        collector.add(scenario, records)
+        collector.add(scenario, records, round_index)
+        if clients == max(client_counts):
+            saturation_cpu = (cpu_before, session_cpu(server.session))
+            saturation_images = sum(record.images for record in records)
     capacity = saturated_throughput(collector.rows, name)
     reference_rps = reference_rps or capacity
     # Own-capacity load first, then the common rates from light to overload, so that any backlog
@@ -301,8 +328,10 @@ async def benchmark_server(
         scenario = Scenario(name, scenario_name, "open", offered_rps=rate)
         arrivals = open_arrivals(args, RateSchedule.fixed(rate), mix, args.seed + 1000 * seed_offset)
         records = await run_open_loop(base_url, arrivals, scenario=scenario.name, **common)
-        collector.add(scenario, records)
-    return reference_rps
+        collector.add(scenario, records, round_index)
+    assert saturation_cpu is not None
+    cpu = ServerCpu.from_samples(name, round_index, idle_share, *saturation_cpu, saturation_images)
+    return reference_rps, cpu
 
 
 def free_port() -> int:
@@ -371,6 +400,20 @@ def note_foreign_load(info: RunInfo, name: str, meter: ForeignLoadMeter) -> None
         print(f"  {name}: CPU used outside the benchmark: {load.describe()}", flush=True)
 
 
+def measure_bare(
+    args: argparse.Namespace, bare: BarePipeline, mix: RequestMix
+) -> list[tuple[Scenario, list[RequestRecord]]]:
+    """The in-process pipeline at each batch size (and on one thread, as a 1-CPU Ray worker)."""
+    size = next(iter(mix.sizes))
+    scenarios, records = bare.measure(_ints(args.bare_batch_sizes), args.duration / 2, size)
+    if args.bare_one_thread:
+        # A Ray worker with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS).
+        batch = load_config().variants[0].batching.max_batch_size
+        one_thread = bare.measure([1, batch], args.duration / 2, size, threads=1)
+        scenarios, records = scenarios + one_thread[0], records + one_thread[1]
+    return [(scenario, [r for r in records if r.scenario == scenario.name]) for scenario in scenarios]
+
+
 def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = set(systems) - set(SYSTEM_ORDER)
@@ -381,41 +424,40 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
     mix = request_mix(args)
     meter = ForeignLoadMeter()
     started = time.perf_counter()
+    bare = None
     if "bare" in systems:
         from benchmarks.systems import BarePipeline
 
-        print("bare pipeline, in-process", flush=True)
         bare = BarePipeline()
-        meter.start()
-        size = next(iter(mix.sizes))
-        scenarios, records = bare.measure(_ints(args.bare_batch_sizes), args.duration / 2, size)
-        if args.bare_one_thread:
-            # A Ray worker with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS).
-            batch = load_config().variants[0].batching.max_batch_size
-            one_thread = bare.measure([1, batch], args.duration / 2, size, threads=1)
-            scenarios, records = scenarios + one_thread[0], records + one_thread[1]
-        note_foreign_load(info, "bare", meter)
-        for scenario in scenarios:
-            collector.add(scenario, [r for r in records if r.scenario == scenario.name])
-    reference_rps = saturated_throughput(collector.rows, "bare", "batch-")
     from benchmarks.systems import running_server, server_systems
 
+    reference_rps: float | None = None
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as storage:
         servers = server_systems(port, Path(storage))
-        for name in (name for name in SYSTEM_ORDER if name in systems and name != "bare"):
-            print(f"{LABELS[name]}: starting", flush=True)
-            try:
-                with running_server(servers[name], port) as server:
-                    info.startup_s[name] = server.startup_s
-                    meter.start(server.session)
-                    reference_rps = asyncio.run(
-                        benchmark_server(args, name, server.base_url, mix, reference_rps, collector)
-                    )
-                    note_foreign_load(info, name, meter)
-            except RuntimeError as failure:
-                info.notes.append(f"{name} was skipped: {str(failure).splitlines()[0]}")
-                print(failure, file=sys.stderr, flush=True)
+        for round_index in range(args.rounds):  # A B A B: a slow minute does not favour one system
+            if bare is not None:
+                print(f"round {round_index + 1}/{args.rounds}: bare pipeline, in-process", flush=True)
+                meter.start()
+                for scenario, records in measure_bare(args, bare, mix):
+                    collector.add(scenario, records, round_index)
+                note_foreign_load(info, f"bare, round {round_index + 1}", meter)
+            # The open loops' common rates come from the first round's bare pipeline (or first server).
+            reference_rps = reference_rps or saturated_throughput(collector.rows, "bare", "batch-")
+            for name in (name for name in SYSTEM_ORDER if name in systems and name != "bare"):
+                print(f"round {round_index + 1}/{args.rounds}: {LABELS[name]}: starting", flush=True)
+                try:
+                    with running_server(servers[name], port) as server:
+                        info.startup_s.setdefault(name, server.startup_s)
+                        meter.start(server.session)
+                        reference_rps, cpu = asyncio.run(
+                            benchmark_server(args, name, server, mix, reference_rps, collector, round_index)
+                        )
+                        info.server_cpu.append(cpu)
+                        note_foreign_load(info, f"{name}, round {round_index + 1}", meter)
+                except RuntimeError as failure:
+                    info.notes.append(f"{name} was skipped: {str(failure).splitlines()[0]}")
+                    print(failure, file=sys.stderr, flush=True)
     if reference_rps:
         info.notes.append(
             f"open loops at the same rates for every system: fractions {args.load_fractions} of "

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.loadgen import RequestRecord
-from benchmarks.stats import batch_size_counts
+from benchmarks.stats import batch_size_counts, percentile
 
 REQUEST_SCHEMA = pa.schema(
     [
@@ -41,6 +41,7 @@ REQUEST_SCHEMA = pa.schema(
         ("server_queue_ms", pa.float64()),
         ("server_model_ms", pa.float64()),
         ("error", pa.string()),
+        ("round", pa.int64()),
     ]
 )
 SUMMARY_SCHEMA = pa.schema(
@@ -64,12 +65,54 @@ SUMMARY_SCHEMA = pa.schema(
         ("first_partial_p50_ms", pa.float64()),
         ("mean_batch_size", pa.float64()),
         ("window_s", pa.float64()),
+        ("rounds", pa.int64()),
+        ("round_img_s", pa.list_(pa.float64())),
     ]
 )
-SCENARIO_COLUMNS = "system scenario offered_rps ok/sent errors p50_ms p95_ms p99_ms img/s goodput mean_batch"
+SCENARIO_COLUMNS = (
+    "system scenario offered_rps ok/sent errors p50_ms p95_ms p99_ms img/s img/s_by_round goodput mean_batch"
+)
 PLOTS = ("latency_cdf.png", "throughput_vs_load.png", "latency_vs_load.png")
 TARGET_SYSTEM = "imagegen"
 PEERS = ("naive", "litserve")
+MODEL_PROCESS = "ModelReplica"  # in the process title of imagegen-serve's model replicas
+
+
+@dataclass(frozen=True)
+class ServerCpu:
+    """A server's CPU in one round, from ``/proc``: idle after warming up, and per image at
+    saturation, over all its processes and (imagegen-serve) outside its model replicas."""
+
+    system: str
+    round: int
+    idle_share: float  # of one core, with no requests
+    core_ms_per_image: float | None
+    outside_model_core_ms_per_image: float | None  # None for a server that is one process
+
+    @classmethod
+    def from_samples(
+        cls,
+        system: str,
+        round_index: int,
+        idle_share: float,
+        before: dict[int, tuple[str, float]],
+        after: dict[int, tuple[str, float]],
+        images: int,
+    ) -> ServerCpu:
+        """``before``/``after``: :func:`benchmarks.machine.session_cpu` around the saturated run."""
+        used = {
+            pid: (label, seconds - before[pid][1]) for pid, (label, seconds) in after.items() if pid in before
+        }
+        total = sum(seconds for _, seconds in used.values())
+        outside = sum(seconds for label, seconds in used.values() if MODEL_PROCESS not in label)
+        split = any(MODEL_PROCESS in label for label, _ in used.values())
+        return cls(
+            system,
+            round_index,
+            idle_share,
+            total * 1000 / images if images else None,
+            outside * 1000 / images if images and split else None,
+        )
 
 
 @dataclass
@@ -90,6 +133,7 @@ class RunInfo:
     startup_s: dict[str, float] = field(default_factory=dict)
     foreign_load: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    server_cpu: list[ServerCpu] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -192,6 +236,24 @@ def concurrency_table(rows: Sequence[dict[str, Any]], systems: Sequence[str]) ->
     return table
 
 
+def forward_pass_table(rows: Sequence[dict[str, Any]], records: Sequence[RequestRecord]) -> list[list[str]]:
+    """imagegen-serve's model time per forward pass by batch size against the bare pipeline's."""
+    by_batch: dict[int, list[float]] = {}
+    for record in records:
+        model_ms = record.server_model_ms
+        one_pass = len(record.batch_sizes) == 1  # one image in one pass: that pass's own time
+        if record.system == TARGET_SYSTEM and record.ok and model_ms is not None and one_pass:
+            by_batch.setdefault(record.batch_sizes[0], []).append(model_ms)
+    table = []
+    for size, times in sorted(by_batch.items()):
+        in_replica = percentile(times, 50)
+        bare = _find(rows, "bare", f"batch-{size}")
+        theirs = bare["p50_ms"] if bare else None
+        ratio = in_replica / theirs if in_replica is not None and theirs else None
+        table.append([str(size), str(len(times)), _fmt(in_replica), _fmt(theirs), _fmt(ratio, 2)])
+    return table
+
+
 def _fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -259,6 +321,7 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
                     _fmt(row["p95_ms"]),
                     _fmt(row["p99_ms"]),
                     _fmt(row["throughput_img_s"], 2),
+                    " / ".join(_fmt(value, 2) for value in row["round_img_s"]),
                     _fmt(row["goodput_img_s"], 2),
                     _fmt(row["mean_batch_size"], 1),
                 ]
@@ -280,6 +343,37 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
             batch_rows.append([row["system"], row["scenario"], spread])
     parts.append(
         markdown_table(["system", "scenario", "batch size: images"], batch_rows) if batch_rows else "-"
+    )
+    parts += ["", "## The forward pass inside imagegen-serve against the bare pass", ""]
+    passes = forward_pass_table(rows, records)
+    parts.append(
+        "Model time per pass from `Server-Timing` (the replica's own clock around the pipeline call), "
+        "by batch size, beside the in-process pipeline at the same batch size in the same run "
+        "(goal: at most 1.1x).\n\n"
+        + markdown_table(["batch size", "passes", "in the replica p50 ms", "bare p50 ms", "ratio"], passes)
+        if passes
+        else "-"
+    )
+    parts += ["", "## CPU of each server (from /proc)", ""]
+    parts.append(
+        "Idle: the whole server after warming up, with no requests (goal for imagegen-serve: under 5% "
+        "of one core). Per image: CPU of every process of the server over the saturated closed loop, "
+        "and for imagegen-serve the share outside its model replicas.\n\n"
+        + markdown_table(
+            ["system", "round", "idle, % of one core", "core-ms per image", "outside the model"],
+            [
+                [
+                    cpu.system,
+                    str(cpu.round + 1),
+                    f"{cpu.idle_share:.1%}",
+                    _fmt(cpu.core_ms_per_image),
+                    _fmt(cpu.outside_model_core_ms_per_image),
+                ]
+                for cpu in info.server_cpu
+            ],
+        )
+        if info.server_cpu
+        else "-"
     )
     parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in PLOTS] + [""]
     return "\n".join(parts)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,17 +51,23 @@ def window_s(records: Sequence[RequestRecord]) -> float:
     return max(r.end_s for r in records) - first
 
 
+def images_per_second(
+    runs: Sequence[Sequence[RequestRecord]], counted: Callable[[RequestRecord], bool]
+) -> float:
+    """Images of the ``counted`` successful requests per second of the runs' windows together."""
+    window = sum(window_s(run) for run in runs)
+    images = sum(record.images for run in runs for record in run if counted(record))
+    return images / window if window > 0 else 0.0
+
+
 def throughput(records: Sequence[RequestRecord]) -> float:
     """Images from successful requests per second of the window."""
-    window = window_s(records)
-    return sum(r.images for r in records) / window if window > 0 else 0.0
+    return images_per_second([records], lambda record: True)
 
 
 def goodput(records: Sequence[RequestRecord], slo_s: float) -> float:
     """Images from successful requests answered within ``slo_s``, per second of the window."""
-    window = window_s(records)
-    good = sum(r.images for r in records if r.ok and r.latency_s <= slo_s)
-    return good / window if window > 0 else 0.0
+    return images_per_second([records], lambda record: record.latency_s <= slo_s)
 
 
 def errors_by_status(records: Sequence[RequestRecord]) -> dict[int, int]:
@@ -87,7 +93,16 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def summarize(scenario: Scenario, records: Sequence[RequestRecord], slo_s: float) -> dict[str, Any]:
-    """One report row for one scenario."""
+    """One report row for one scenario run once."""
+    return summarize_runs(scenario, [records], slo_s)
+
+
+def summarize_runs(
+    scenario: Scenario, runs: Sequence[Sequence[RequestRecord]], slo_s: float
+) -> dict[str, Any]:
+    """One report row for a scenario run once per round (A B A B): latencies pooled, throughput
+    over the sum of the runs' windows, and each round's throughput beside it."""
+    records = [record for run in runs for record in run]
     latencies = [r.latency_s for r in records if r.ok]
     partials = [r.first_partial_s for r in records if r.ok and r.first_partial_s is not None]
     errors = errors_by_status(records)
@@ -105,10 +120,12 @@ def summarize(scenario: Scenario, records: Sequence[RequestRecord], slo_s: float
         "p95_ms": _ms(percentile(latencies, 95)),
         "p99_ms": _ms(percentile(latencies, 99)),
         "mean_ms": _ms(sum(latencies) / len(latencies)) if latencies else None,
-        "throughput_img_s": throughput(records),
-        "goodput_img_s": goodput(records, slo_s),
+        "throughput_img_s": images_per_second(runs, lambda record: True),
+        "goodput_img_s": images_per_second(runs, lambda record: record.latency_s <= slo_s),
         "slo_ms": slo_s * 1000,
         "first_partial_p50_ms": _ms(percentile(partials, 50)),
         "mean_batch_size": mean_batch_size(records),
-        "window_s": window_s(records),
+        "window_s": sum(window_s(run) for run in runs),
+        "rounds": len(runs),
+        "round_img_s": [throughput(run) for run in runs],
     }

@@ -103,7 +103,8 @@ def running_server(system: ServerSystem, port: int) -> Iterator[RunningServer]:
 
     threading.Thread(target=drain, daemon=True).start()
     try:
-        if not ready.wait(STARTUP_TIMEOUT_S) or process.poll() is not None:
+        ready.wait(STARTUP_TIMEOUT_S)
+        if not any(system.ready_line in line for line in output):  # timed out, or exited first
             tail = "".join(output)[-3000:]
             raise RuntimeError(f"{system.name} did not start within {STARTUP_TIMEOUT_S}s:\n{tail}")
         yield RunningServer(f"http://127.0.0.1:{port}", time.perf_counter() - started, output, process.pid)

@@ -69,6 +69,8 @@ class ImageRequest:
     moderation: ModerationLevel = "auto"
     moderation_checks: tuple[str, ...] = ()
     """The moderation checks this request runs (by name), chosen by its tier and variant."""
+    alias: str | None = None
+    """The alias the request's ``model`` named, when it named one (``variant`` is its choice)."""
 
     @property
     def input_images(self) -> int:

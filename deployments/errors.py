@@ -70,6 +70,12 @@ class StorageUnavailableError(ServiceUnavailableError):
     default_code = "storage_unavailable"
 
 
+class UpstreamTimeoutError(ServiceUnavailableError):
+    """A stage did not answer within its bound: the work was cancelled; retrying may work."""
+
+    default_code = "upstream_timeout"
+
+
 def unwrap_remote_error(exc: BaseException) -> BaseException:
     """The original exception behind Ray's task wrappers (a stage's error keeps its own type)."""
     for _ in range(MAX_CAUSES):

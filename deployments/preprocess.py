@@ -134,7 +134,8 @@ class Preprocess:
             request = await asyncio.to_thread(self.load_stashed_uploads, request)
         if request.images:  # decoding is CPU work: keep the replica's loop free
             image, mask = await asyncio.to_thread(prepare_inputs, request, self.limits.max_image_pixels)
-        tasks = expand_request(request, image, mask)
+        # Normalising a prompt at the length limit takes milliseconds: off the loop too.
+        tasks = await asyncio.to_thread(expand_request, request, image, mask)
         # Input moderation: the normalized prompt and the starting image the model would see.
         await self.moderator.screen(
             request.request_id,

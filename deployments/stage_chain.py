@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
+from deployments.call_timeouts import bounded
 from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
-from deployments.errors import is_replica_failure
+from deployments.errors import UpstreamTimeoutError, is_replica_failure
 
 RETRY_BACKOFF_S = 0.5
 
@@ -33,28 +34,34 @@ class StageChain:
         request: ImageRequest,
         options: EncodeOptions,
         attempts: int,
+        timeout_s: float,
         on_retry: Callable[[], None] = lambda: None,
     ) -> list[StoredImage]:
         """The request's images, encoded and stored; run again up to ``attempts`` times when a
-        replica dies. ``on_retry`` is called before each run after the first (jobs count them)."""
+        replica dies. Each run is bounded by ``timeout_s`` (then cancelled: UpstreamTimeoutError).
+        ``on_retry`` is called before each run after the first (jobs count them)."""
         for attempt in range(attempts):
             if attempt:
                 on_retry()
             try:
-                return await self.make_images_once(request, options)
+                return await self.make_images_once(request, options, timeout_s)
             except Exception as failure:
                 if attempt == attempts - 1 or not is_replica_failure(failure):
                     raise
                 await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)  # let Serve replace the replica
         raise AssertionError("unreachable: attempts >= 1")
 
-    async def make_images_once(self, request: ImageRequest, options: EncodeOptions) -> list[StoredImage]:
+    async def make_images_once(
+        self, request: ImageRequest, options: EncodeOptions, timeout_s: float
+    ) -> list[StoredImage]:
         """One pass through the chain: preprocess, the request's model replica, postprocess."""
         tasks = self.preprocess.prepare.remote(request)
         generated = self.models[request.variant].generate.remote(tasks)
         try:
-            stored: list[StoredImage] = await self.postprocess.finish.remote(generated, options)
-        except asyncio.CancelledError:
+            stored: list[StoredImage] = await bounded(
+                self.postprocess.finish.remote(generated, options), timeout_s, "The image pipeline"
+            )
+        except (asyncio.CancelledError, UpstreamTimeoutError):
             # Each stage call is its own request: cancel the model's too, so it stops between
             # denoising steps instead of finishing work nobody wants.
             generated.cancel()

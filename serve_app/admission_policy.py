@@ -109,9 +109,10 @@ class RateLimiter:
         self._end_user_buckets: dict[tuple[str, str], TokenBucket] = {}
 
     def check(
-        self, tenant: str, tier: str, cost: float, now: float, end_user: str | None = None
+        self, tenant: str, tier: str, cost: float, now: float, end_user: str | None = None, take: bool = True
     ) -> RateDecision:
-        """``end_user`` is the request's safety identifier (or ``user``), keyed within its tenant."""
+        """``end_user`` is the request's safety identifier (or ``user``), keyed within its tenant;
+        with ``take=False`` the answer is the same and nothing is taken (a look ahead)."""
         config = self.tiers[tier]
         if tenant not in self._buckets:
             self._buckets[tenant] = (
@@ -128,6 +129,8 @@ class RateLimiter:
             wait_s = max(wait_s, end_user_requests.wait_for(1, now))
         if wait_s > 0:
             return RateDecision(False, requests.window(), tokens.window(), retry_after_s=wait_s)
+        if not take:
+            return RateDecision(True, requests.window(), tokens.window())
         requests.take(1)
         tokens.take(cost)
         if end_user_requests is not None:
@@ -250,8 +253,8 @@ class SchedulerCore:
     def predicted_wait_s(self, variant: str, images_ahead: int, now: float) -> float:
         return images_ahead / self.images_per_s(variant, now)
 
-    def admit(self, ticket: Ticket, now: float) -> Admission:
-        """Shed the ticket, or queue it (deferred or not) and say where it stands."""
+    def preview(self, ticket: Ticket, now: float) -> Admission:
+        """The verdict `admit` would give now, without queueing the ticket."""
         tier = self.tiers[ticket.tier]
         backlog = self.backlog(ticket.variant)
         queue = self.variants[ticket.variant]
@@ -265,15 +268,24 @@ class SchedulerCore:
             excess = max(backlog + ticket.images - drain_to, 1)
             retry_after = max(1.0, excess / self.images_per_s(ticket.variant, now))
             return Admission("shed", reason, retry_after_s=retry_after)
+        return Admission(verdict, reason)
+
+    def admit(self, ticket: Ticket, now: float) -> Admission:
+        """Shed the ticket, or queue it (deferred or not) and say where it stands."""
+        preview = self.preview(ticket, now)
+        if preview.verdict == "shed":
+            return preview
+        tier = self.tiers[ticket.tier]
+        queue = self.variants[ticket.variant]
         queue.last_arrival[ticket.tier] = now
         ticket.enqueued_at = now
-        ticket.deferred = verdict == "defer"
+        ticket.deferred = preview.verdict == "defer"
         ticket.order_key = now + tier.queue_delay_s + (tier.deferred_delay_s if ticket.deferred else 0.0)
         heapq.heappush(queue.heap, (ticket.order_key, next(self._sequence), ticket.id))
         self.queued[ticket.id] = ticket
         position = self.queue_position(ticket.id)
         eta = self.predicted_wait_s(ticket.variant, self._images_ahead(ticket), now)
-        return Admission(verdict, reason, queue_position=position, eta_s=eta)
+        return Admission(preview.verdict, preview.reason, queue_position=position, eta_s=eta)
 
     def restore(self, ticket: Ticket) -> None:
         """Queue a recovered ticket with the order it had (no admission checks: it was accepted)."""

@@ -114,6 +114,14 @@ def response_background(options: EncodeOptions) -> Literal["transparent", "opaqu
     return "transparent" if options.background == "transparent" else "opaque"
 
 
+def variant_headers(request: ImageRequest) -> dict[str, str]:
+    """Which variant served the request, and through which alias."""
+    headers = {"x-model-variant": request.variant}
+    if request.alias is not None:
+        headers["x-model-alias"] = request.alias
+    return headers
+
+
 def server_timing(images: list[StoredImage], scheduler_s: float) -> str:
     """A Server-Timing header: the scheduler wait, then each stage's slowest time, in ms."""
     stages: dict[str, float] = {"scheduler": scheduler_s}
@@ -136,4 +144,6 @@ def images_response(
         background=response_background(options),
         usage=estimate_usage(request.prompt, request.width, request.height, request.input_images, len(data)),
         safety_identifier=request.safety_identifier,
+        variant=request.variant,
+        alias=request.alias,
     )

@@ -30,6 +30,7 @@ from deployments.config import (
     VariantConfig,
 )
 from deployments.moderation import ModerationConfig
+from serve_app.aliases import alias_errors
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG_PATH = CONFIG_DIR / "default.yaml"
@@ -139,8 +140,27 @@ class SchedulerConfig(StrictModel):
         ge=0,
         description="How long a running job retries a failing object store (with backoff) before it fails.",
     )
-    webhook_attempts: int = Field(4, ge=1, le=20)
-    webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_retry_for_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long an undelivered webhook is retried (it survives restarts) before it is dropped.",
+    )
+    webhook_first_backoff_s: float = Field(1.0, gt=0, description="First delay between webhook attempts.")
+    webhook_max_backoff_s: float = Field(
+        600.0, gt=0, description="The delay between webhook attempts doubles up to this."
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of one webhook POST.")
+    job_retention_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="A finished job's record and images are deleted from the store this long after it ends.",
+    )
+    idempotency_retention_s: float = Field(
+        24 * 3600.0, gt=0, description="An Idempotency-Key is remembered this long (as Stripe does)."
+    )
+    retention_sweep_interval_s: float = Field(
+        600.0, gt=0, description="How often expired job and idempotency records are pruned from the store."
+    )
     webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private addresses.")
     resources: ResourcesConfig = ResourcesConfig(num_cpus=0.1, max_ongoing_requests=100_000)
 
@@ -179,6 +199,26 @@ def default_tiers() -> dict[str, TierConfig]:
     }
 
 
+class CallTimeoutsConfig(StrictModel):
+    """Bounds on the calls the ingress and the scheduler make through Serve handles (504 after)."""
+
+    scheduler_s: float = Field(
+        30.0, gt=0, description="The ingress's short calls to the scheduler: submit, get, cancel a job."
+    )
+    slot_wait_s: float = Field(
+        900.0, gt=0, description="A synchronous request waiting for its slots (admission, the queue)."
+    )
+    job_wait_s: float = Field(
+        1800.0, gt=0, description="A synchronous request with an Idempotency-Key waiting for its job."
+    )
+    pipeline_s: float = Field(
+        900.0,
+        gt=0,
+        description="One run of preprocess -> model -> postprocess (and a stream's first event); "
+        "set above a variant's max_pass_s and its health check's bound.",
+    )
+
+
 class AppConfig(BaseSettings):
     """The whole service. Built by `load_config()`; passed to every deployment."""
 
@@ -191,12 +231,18 @@ class AppConfig(BaseSettings):
     cache_dir: Path = Field(Path.home() / ".cache" / "imagegen", description="Where built models live.")
     default_model: str | None = Field(None, description="Variant used when a request names none.")
     variants: list[VariantConfig] = Field(min_length=1)
+    aliases: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Model names that split traffic between variants by weight, sticky per caller: "
+        "{alias: {variant: weight}} (see serve_app/aliases.py).",
+    )
     storage: StorageConfig = StorageConfig()
     stages: StageConfig = StageConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     tiers: dict[str, TierConfig] = Field(default_factory=default_tiers)
     scheduler: SchedulerConfig = SchedulerConfig()
+    timeouts: CallTimeoutsConfig = CallTimeoutsConfig()
     moderation: ModerationConfig = Field(
         ModerationConfig(), description="Moderation checks per tier and variant; none by default."
     )
@@ -227,6 +273,12 @@ class AppConfig(BaseSettings):
             raise ValueError(f"default_model {self.default_model!r} is not one of {names}")
         if "paid" not in self.tiers:
             raise ValueError("tiers must include 'paid' (the tier of the open local mode)")
+        return self
+
+    @model_validator(mode="after")
+    def _aliases_valid(self) -> AppConfig:
+        if errors := alias_errors(self.aliases, [variant.name for variant in self.variants]):
+            raise ValueError("; ".join(errors))
         return self
 
     @model_validator(mode="after")
@@ -283,11 +335,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
-    """Read the YAML config (variant entries may be paths to variant YAML files, relative to it)."""
+    """Read the YAML config (variant entries, and ``aliases``, may be paths to YAML files relative to it)."""
     config_path = Path(path or os.environ.get("IMAGEGEN_CONFIG") or DEFAULT_CONFIG_PATH)
     data = _read_yaml(config_path)
     data["variants"] = [
         _read_yaml(config_path.parent / entry) if isinstance(entry, str) else entry
         for entry in data.get("variants", [])
     ]
+    if isinstance(data.get("aliases"), str):
+        data["aliases"] = _read_yaml(config_path.parent / data["aliases"])
     return AppConfig(**data)

@@ -23,6 +23,7 @@ from deployments.errors import (
     InvalidRequestError,
     ServiceUnavailableError,
     UnsupportedMediaTypeError,
+    UpstreamTimeoutError,
     is_replica_failure,
     unwrap_remote_error,
 )
@@ -146,9 +147,10 @@ HTTP_STATUS_AND_TYPE: dict[type[APIError], tuple[int, str]] = {
     RateLimitError: (429, "requests"),
     OverloadedError: (429, "server_overloaded"),
     ServiceUnavailableError: (503, "server_error"),
+    UpstreamTimeoutError: (504, "server_error"),
 }
 # Kinds after which OpenAI's SDKs should retry even where they would not by status alone.
-SHOULD_RETRY: tuple[type[APIError], ...] = (OverloadedError, ModelStartingError)
+SHOULD_RETRY: tuple[type[APIError], ...] = (OverloadedError, ModelStartingError, UpstreamTimeoutError)
 
 
 def status_and_type(error: APIError) -> tuple[int, str]:

@@ -9,8 +9,9 @@ order stay in `SchedulerCore` (serve_app/admission_policy.py), which it is given
 2. ``start``, once ``SchedulerCore`` grants its slots: the job runs the stage chain with its
    stable object keys; storage failures are retried until ``job_store_retry_s``, a replica that
    dies under it is run again up to ``job_attempts`` times.
-3. ``finish``: the outcome is stored first, then visible to pollers and waiters, then announced
-   by webhook; once per job. A cancelled job finishes the same way.
+3. ``finish``: the webhook (when asked for) goes to the durable outbox, then the outcome is
+   stored, then visible to pollers and waiters, then the webhook is sent; once per job. A
+   cancelled job finishes the same way.
 4. ``recover``, at start: every job whose record is not finished is queued again.
 """
 
@@ -34,8 +35,9 @@ from deployments.storage import ObjectStore
 from serve_app.admission_policy import RateDecision, SchedulerCore, Ticket, WorkRequest
 from serve_app.config import AppConfig
 from serve_app.errors import IdempotencyConflictError, NotFoundError, as_api_error, status_and_type
-from serve_app.jobs import JobImage, JobRecord, JobStore, new_record, post_webhook
+from serve_app.jobs import JobImage, JobRecord, JobStore, new_record
 from serve_app.protocol import JobStatus
+from serve_app.webhook_outbox import WebhookDelivery, WebhookOutbox, delivery_for_job
 
 logger = logging.getLogger("ray.serve")
 STORE_RETRY_FIRST_S = 0.5
@@ -79,6 +81,7 @@ class JobLifecycle:
         core: SchedulerCore,
         admit: Admit,
         dispatch: Callable[[], None],
+        outbox: WebhookOutbox | None = None,
     ) -> None:
         self.config = config
         self.chain = chain
@@ -88,6 +91,7 @@ class JobLifecycle:
         self.core = core
         self.admit = admit
         self.dispatch = dispatch
+        self.outbox = outbox  # None: webhooks are refused at submission
         self.records: dict[str, JobRecord] = {}
         self.finished: dict[str, asyncio.Event] = {}
         self.running_jobs: dict[str, asyncio.Task[None]] = {}
@@ -273,6 +277,7 @@ class JobLifecycle:
                 record.image_request,
                 options,
                 self.config.scheduler.job_attempts,
+                self.config.timeouts.pipeline_s,
                 on_retry=count_attempt,
             )
             stored = await self._retry_storage(run, deadline)
@@ -317,7 +322,11 @@ class JobLifecycle:
         if record.id in self.finishing or record.is_terminal:
             return
         self.finishing.add(record.id)
+        webhook = self._webhook_for(record, status)
         try:
+            if webhook is not None:  # stored before the outcome, so no restart can lose it
+                save_webhook = functools.partial(asyncio.to_thread, self._outbox().save, webhook)
+                await self._retry_storage(save_webhook, deadline=float("inf"))
             final = record.model_copy(update={"status": status})
             await self._retry_storage(
                 functools.partial(asyncio.to_thread, self.job_store.save, final), deadline=float("inf")
@@ -335,18 +344,23 @@ class JobLifecycle:
         if self.log.is_due():
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.log.flush)
-        if final.webhook_url and self.config.auth.webhook_secret is not None:  # checked at submission
-            payload = {"id": final.id, "object": "image.job", "status": final.status}
-            self._spawn(
-                post_webhook(
-                    final.webhook_url,
-                    payload,
-                    self.config.auth.webhook_secret.get_secret_value(),
-                    attempts=self.config.scheduler.webhook_attempts,
-                    timeout_s=self.config.scheduler.webhook_timeout_s,
-                    allow_private=self.config.scheduler.webhook_allow_private,
-                )
-            )
+        if webhook is not None:
+            self._outbox().arm(webhook)
+
+    def _webhook_for(self, record: JobRecord, status: JobStatus) -> WebhookDelivery | None:
+        """The webhook announcing ``status``, when the job asked for one (and webhooks are on)."""
+        if record.webhook_url is None or self.outbox is None:  # checked at submission
+            return None
+        payload = {"id": record.id, "object": "image.job", "status": status}
+        return delivery_for_job(record.id, record.webhook_url, payload, time.time())
+
+    def _outbox(self) -> WebhookOutbox:
+        assert self.outbox is not None, "a job's webhook is only made when the outbox exists"
+        return self.outbox
+
+    def _is_final(self, job_id: str) -> bool:
+        record = self.job_store.load(job_id)
+        return record is not None and record.is_terminal
 
     async def recover(self) -> None:
         """Queue again every job a previous scheduler accepted but did not finish."""
@@ -376,6 +390,8 @@ class JobLifecycle:
                 )
             if records:
                 logger.info("recovered %d unfinished jobs", len(records))
+            if self.outbox is not None:
+                await self.outbox.recover(self._is_final)
         except Exception:
             logger.exception("job recovery failed; new work is still accepted")
 

@@ -1,4 +1,4 @@
-"""Async jobs: their durable records in the object store, and signed webhook deliveries.
+"""Async jobs: their durable records in the object store, and how webhooks are checked and signed.
 
 A record is one JSON object at ``jobs/records/<id>.json``; while a job is not finished an empty
 marker sits at ``jobs/active/<id>``, so a restarted scheduler finds what to resume by listing
@@ -7,13 +7,11 @@ the markers alone.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import hmac
 import ipaddress
 import json
-import logging
 import re
 import socket
 import time
@@ -21,7 +19,6 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from pydantic import BaseModel, Field
 
 from deployments.contracts import EncodeOptions, ImageRequest
@@ -35,7 +32,6 @@ RECORDS = "jobs/records"
 ACTIVE = "jobs/active"
 IDEMPOTENCY = "jobs/idempotency"
 JOB_ID = re.compile(r"job_[0-9a-f]{32}")
-logger = logging.getLogger("imagegen.jobs")
 
 
 class JobImage(BaseModel):
@@ -210,29 +206,3 @@ def sign_webhook(secret: str, body: bytes, timestamp: int) -> str:
     """``t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">``: receivers recompute and compare."""
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={digest}"
-
-
-async def post_webhook(
-    url: str, payload: dict[str, Any], secret: str, *, attempts: int, timeout_s: float, allow_private: bool
-) -> bool:
-    """POST the signed payload, retrying failures with backoff; True once a 2xx is received."""
-    body = json.dumps(payload).encode()
-    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
-        for attempt in range(attempts):
-            try:
-                # again at delivery (DNS may have changed), in a thread: resolving can be slow
-                await asyncio.to_thread(check_webhook_url, url, allow_private)
-                timestamp = int(time.time())
-                headers = {
-                    "content-type": "application/json",
-                    "x-imagegen-signature": sign_webhook(secret, body, timestamp),
-                }
-                response = await client.post(url, content=body, headers=headers)
-                if response.is_success:
-                    return True
-                logger.warning("webhook %s answered %d", payload.get("id"), response.status_code)
-            except (httpx.HTTPError, InvalidRequestError) as failure:
-                logger.warning("webhook %s failed: %r", payload.get("id"), failure)
-            if attempt < attempts - 1:
-                await asyncio.sleep(0.5 * 2**attempt)  # backoff between delivery attempts
-    return False

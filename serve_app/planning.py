@@ -47,6 +47,8 @@ class PlanTarget:
     request_id: str
     tenant: str
     moderation_checks: tuple[str, ...] = ()
+    alias: str | None = None
+    """The alias the request's ``model`` named, when it named one (``variant`` is its choice)."""
 
 
 def resolve_quality(quality: str) -> ResolvedQuality:
@@ -251,6 +253,7 @@ def plan_images(
         safety_identifier=request.end_user,
         moderation=request.moderation,
         moderation_checks=target.moderation_checks,
+        alias=target.alias,
     )
     options = EncodeOptions(
         output_format=cast(OutputFormat, request.output_format),  # gif and svg are refused above

@@ -189,6 +189,10 @@ class ImagesResponse(BaseModel):
     background: Literal["opaque", "transparent"] | None = None
     usage: ImageUsage | None = None
     safety_identifier: str | None = Field(None, description="The effective end-user id, when one was sent.")
+    variant: str | None = Field(None, description="The variant that made the images (extension).")
+    alias: str | None = Field(
+        None, description="The alias the request named, when its `model` was one (extension)."
+    )
 
 
 class JobResponse(BaseModel):
@@ -210,6 +214,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "imagegen-serve"
+    family: str | None = Field(None, description="A variant's model family (extension).")
+    variants: dict[str, float] | None = Field(
+        None, description="An alias's variants and their weights; requests split by them (extension)."
+    )
 
 
 class ModelList(BaseModel):

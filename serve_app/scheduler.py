@@ -27,10 +27,19 @@ from deployments.generation_log import GenerationLog
 from deployments.metrics import stage_metrics
 from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore
-from serve_app.admission_policy import RateDecision, RateLimiter, SchedulerCore, Ticket, WorkRequest
+from serve_app.admission_policy import (
+    Admission,
+    RateDecision,
+    RateLimiter,
+    SchedulerCore,
+    Ticket,
+    WorkRequest,
+)
 from serve_app.config import AppConfig
 from serve_app.errors import ModelStartingError, OverloadedError, RateLimitError, retry_after_header
 from serve_app.job_lifecycle import JobLifecycle, JobSubmission, JobView
+from serve_app.retention import RetentionPolicy, sweep_periodically
+from serve_app.webhook_outbox import outbox_from_config
 
 logger = logging.getLogger("ray.serve")
 LEASE_CHECK_INTERVAL_S = 5.0
@@ -55,6 +64,15 @@ def rate_limited(decision: RateDecision) -> RateLimitError:
     )
 
 
+def overloaded(admission: Admission, decision: RateDecision) -> OverloadedError:
+    return OverloadedError(
+        f"The service is overloaded ({admission.reason}); retry after "
+        f"{retry_after_header(admission.retry_after_s)}s.",
+        retry_after_s=admission.retry_after_s,
+        rate_limit_headers=decision.headers(),
+    )
+
+
 def slots_per_replica(config: AppConfig, variant: VariantConfig) -> int:
     return config.scheduler.slots_per_replica or 2 * variant.batching.max_batch_size
 
@@ -72,6 +90,11 @@ def slots_per_variant(config: AppConfig) -> dict[str, int]:
         variant.name: slots_per_replica(config, variant) * starting_replicas(variant)
         for variant in config.variants
     }
+
+
+def autoscaled_variants(config: AppConfig) -> list[VariantConfig]:
+    """The variants whose slots follow their running replicas; a fixed ``num_replicas`` never moves."""
+    return [variant for variant in config.variants if variant.autoscaling is not None]
 
 
 def running_replicas(status: ServeStatus, app_name: str, deployment: str) -> int | None:
@@ -121,7 +144,10 @@ class Scheduler:
         self.limiter = RateLimiter(config.tiers)
         store = ObjectStore(config.storage)
         self.log = GenerationLog(store, config.storage.log, on_drop=stage_metrics().count_dropped_log_rows)
-        self.jobs = JobLifecycle(config, chain, store, self.log, self.core, self.admit, self._dispatch)
+        outbox = outbox_from_config(config, store)  # None: webhooks are refused
+        self.jobs = JobLifecycle(
+            config, chain, store, self.log, self.core, self.admit, self._dispatch, outbox
+        )
         self.metrics = SchedulerMetrics()
         self.waiters: dict[str, asyncio.Future[None]] = {}
         self.abandoned: dict[str, float] = {}  # tickets released before they were granted, by time
@@ -129,7 +155,13 @@ class Scheduler:
         self._recovered = asyncio.Event()
         self._spawn(self._recover())
         self._spawn(self._tidy_periodically())
-        self._spawn(self._follow_replicas())
+        if autoscaled_variants(config):  # polling Serve costs a core's 5% at idle: only when needed
+            self._spawn(self._follow_replicas())
+        retention = RetentionPolicy.from_config(config.scheduler)
+        sweep_every_s = config.scheduler.retention_sweep_interval_s
+        self._spawn(sweep_periodically(self.jobs.job_store, retention, sweep_every_s))
+        if outbox is not None:
+            self._spawn(outbox.run())
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -164,7 +196,7 @@ class Scheduler:
             except Exception:  # keep the last capacity; the controller may be restarting
                 logger.warning("could not read the replica count from serve.status()", exc_info=True)
             else:
-                for variant in self.config.variants:
+                for variant in autoscaled_variants(self.config):
                     replicas = running_replicas(status, app_name, variant.deployment_name)
                     if replicas is not None:
                         slots = replicas * slots_per_replica(self.config, variant)
@@ -238,12 +270,7 @@ class Scheduler:
         admission = self.core.admit(ticket, now)
         if admission.verdict == "shed":
             self.metrics.shed.inc(tags={"tier": ticket.tier})
-            raise OverloadedError(
-                f"The service is overloaded ({admission.reason}); retry after "
-                f"{retry_after_header(admission.retry_after_s)}s.",
-                retry_after_s=admission.retry_after_s,
-                rate_limit_headers=decision.headers(),
-            )
+            raise overloaded(admission, decision)
         if admission.verdict == "defer":
             self.metrics.deferred.inc(tags={"tier": ticket.tier})
         self._update_queue_metrics()
@@ -283,6 +310,18 @@ class Scheduler:
         self._dispatch()
 
     # ---- jobs: JobLifecycle, on the scheduler's one replica ----------------------------------
+
+    async def check_admission(self, work: WorkRequest) -> None:
+        """Raise the 429 that `submit` would raise now, taking nothing: a job's uploads are
+        written to the store only once this passes."""
+        await self._recovered.wait()
+        now = time.monotonic()
+        decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user, take=False)
+        if not decision.allowed:
+            raise rate_limited(decision)
+        ticket = Ticket(work.ticket_id, work.tenant, work.tier, work.variant, work.images, is_job=True)
+        if (admission := self.core.preview(ticket, now)).verdict == "shed":
+            raise overloaded(admission, decision)
 
     async def submit(self, submission: JobSubmission) -> JobView:
         """Accept a job (or return the one an Idempotency-Key already names)."""

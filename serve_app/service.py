@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.call_timeouts import bounded, each_within
 from deployments.config import VariantConfig
 from deployments.contracts import StoredImage
-from deployments.errors import InvalidRequestError, StorageUnavailableError, is_storage_failure
+from deployments.errors import (
+    InvalidRequestError,
+    StorageUnavailableError,
+    UpstreamTimeoutError,
+    is_storage_failure,
+)
 from deployments.generation_log import GenerationLog
 from deployments.metrics import stage_metrics
 from deployments.resilience import CircuitOpenError
 from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore
 from serve_app.admission_policy import work_request
+from serve_app.aliases import caller_identity, resolve_model
 from serve_app.answers import (
     Completed,
     Delivery,
@@ -36,6 +44,7 @@ from serve_app.answers import (
     images_response,
     response_background,
     server_timing,
+    variant_headers,
     wants_async,
 )
 from serve_app.auth import KeyRing, Principal
@@ -44,7 +53,7 @@ from serve_app.errors import NotFoundError, as_api_error
 from serve_app.job_client import JobClient
 from serve_app.jobs import check_webhook_url, new_job_id
 from serve_app.planning import PlanTarget, plan_edit, plan_generation, plan_variation, resolve_quality
-from serve_app.protocol import ImageData, ModelCard, ModelList
+from serve_app.protocol import ImageData, ImageFields, ModelCard, ModelList
 from serve_app.scheduler import Grant
 from serve_app.signed_files import SignedFiles
 from serve_app.streaming import StreamDescription, estimate_usage, event_stream
@@ -63,7 +72,8 @@ class ImageService:
         self.keyring = KeyRing.load(config.auth.keys_file, set(config.tiers))
         self.store = ObjectStore(config.storage)
         self.files = SignedFiles(self.store, config.storage)
-        self.jobs = JobClient(scheduler, self.store, self.files)
+        self.timeouts = config.timeouts
+        self.jobs = JobClient(scheduler, self.store, self.files, config.timeouts)
         self.created = int(time.time())
         self.log = GenerationLog(
             self.store, config.storage.log, on_drop=stage_metrics().count_dropped_log_rows
@@ -75,27 +85,41 @@ class ImageService:
 
     # ---- planning: typed request -> PlannedRequest -----------------------------------------
 
-    def find_variant(self, model: str | None) -> VariantConfig:
-        variant = self.config.variant(model)
-        if variant is None:
+    def find_variant(
+        self, model: str | None, end_user: str | None, tenant: str
+    ) -> tuple[VariantConfig, str | None]:
+        """The variant a request's ``model`` (a variant, an alias, or none: the default) runs on,
+        and the alias it was chosen through."""
+        names = [variant.name for variant in self.config.variants]
+        wanted = model or self.config.default_model or names[0]
+        choice = resolve_model(wanted, names, self.config.aliases, caller_identity(end_user, tenant))
+        if choice is None:
             raise NotFoundError(
                 f"The model {model!r} does not exist. See GET /v1/models.",
                 param="model",
                 code="model_not_found",
             )
-        return variant
+        variant = self.config.variant(choice.variant)
+        assert variant is not None  # resolve_model returns configured variants only
+        return variant, choice.alias
 
     def plan_target(
-        self, model: str | None, principal: Principal, request_id: str, delivery: Delivery
+        self,
+        request: ImageFields,
+        end_user: str | None,
+        principal: Principal,
+        request_id: str,
+        delivery: Delivery,
     ) -> PlanTarget:
-        """The variant a request runs on, its id (jobs get their own) and its moderation checks."""
-        variant = self.find_variant(model)
+        """The variant (and alias) a request runs on, its id (jobs get their own), its moderation."""
+        variant, alias = self.find_variant(request.model, end_user, principal.tenant)
         return PlanTarget(
             variant,
             self.config.limits,
             request_id=self.work_id(request_id, delivery),
             tenant=principal.tenant,
             moderation_checks=self.config.moderation.checks_for(principal.tier, variant.name),
+            alias=alias,
         )
 
     def work_id(self, request_id: str, delivery: Delivery) -> str:
@@ -115,7 +139,7 @@ class ImageService:
         self, body: GenerationBody, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
         request, delivery = body.request, delivery.with_body(body.body_sha256, body.request)
-        target = self.plan_target(request.model, principal, request_id, delivery)
+        target = self.plan_target(request, request.end_user, principal, request_id, delivery)
         fields = ResponseFields("image_generation", resolve_quality(request.quality), request.prompt)
         planned = PlannedRequest(*plan_generation(request, target), fields)
         return await self.answer(planned, principal, delivery)
@@ -124,7 +148,7 @@ class ImageService:
         self, upload: EditUpload, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
         request, delivery = upload.request, delivery.with_body(upload.body_sha256, upload.request)
-        target = self.plan_target(request.model, principal, request_id, delivery)
+        target = self.plan_target(request, request.end_user, principal, request_id, delivery)
         fields = ResponseFields("image_edit", resolve_quality(request.quality), request.prompt)
         edit = plan_edit(request, upload.images, upload.mask, target, upload.markup)
         return await self.answer(PlannedRequest(*edit, fields), principal, delivery)
@@ -133,7 +157,7 @@ class ImageService:
         self, upload: VariationUpload, principal: Principal, request_id: str, delivery: Delivery
     ) -> Outcome:
         delivery = delivery.with_body(upload.body_sha256)
-        target = self.plan_target(upload.request.model, principal, request_id, delivery)
+        target = self.plan_target(upload.request, upload.request.user, principal, request_id, delivery)
         fields = ResponseFields("image_edit", resolve_quality("auto"), None)
         planned = PlannedRequest(*plan_variation(upload.request, upload.images, target), fields)
         return await self.answer(planned, principal, delivery)
@@ -145,25 +169,27 @@ class ImageService:
         if delivery.webhook_url is not None:
             await self.check_webhook(delivery.webhook_url)
         stores = delivery.as_job or planned.options.response_format == "url"  # job images are stored
+        outcome: Outcome
         with self.storage_guard() if stores else contextlib.nullcontext():
             match delivery.path:
                 case "async_job":
-                    return await self.jobs.submit(planned, principal, delivery)
+                    outcome = await self.jobs.submit(planned, principal, delivery)
                 case "idempotent":
-                    return await self.jobs.submit_and_wait(planned, principal, delivery)
+                    outcome = await self.jobs.submit_and_wait(planned, principal, delivery)
                 case "streamed" | "sync":
-                    return await self._run_now(planned, principal, delivery)
+                    outcome = await self._run_now(planned, principal, delivery)
+        return dataclasses.replace(outcome, headers={**outcome.headers, **variant_headers(planned.request)})
 
     async def check_webhook(self, url: str) -> None:
         """A 400 for a URL we would not call, or when no secret is configured to sign the call with."""
-        # Resolving the host can be slow: in a thread, never on the ingress's event loop.
-        await asyncio.to_thread(check_webhook_url, url, self.config.scheduler.webhook_allow_private)
-        if self.config.auth.webhook_secret is None:
+        if self.config.auth.webhook_secret is None:  # the cheap check first: no DNS lookup for nothing
             raise InvalidRequestError(
                 "Webhooks are not enabled on this server (the operator sets auth.webhook_secret).",
                 param="webhook_url",
                 code="webhooks_disabled",
             )
+        # Resolving the host can be slow: in a thread, never on the ingress's event loop.
+        await asyncio.to_thread(check_webhook_url, url, self.config.scheduler.webhook_allow_private)
 
     async def _run_now(
         self, planned: PlannedRequest, principal: Principal, delivery: Delivery
@@ -171,16 +197,19 @@ class ImageService:
         image_request, options = planned.request, planned.options
         work = work_request(image_request, principal.tier)
         try:
-            grant: Grant = await self.scheduler.acquire.remote(work)
-        except asyncio.CancelledError:
-            # The client left: the slots may have been granted as the call was cancelled.
+            grant: Grant = await bounded(
+                self.scheduler.acquire.remote(work), self.timeouts.slot_wait_s, "The scheduler"
+            )
+        except (asyncio.CancelledError, UpstreamTimeoutError):
+            # The client left (or waited too long): the slots may have been granted meanwhile.
             self.scheduler.release.remote(work.ticket_id, 0)
             raise
         if delivery.stream:
             return await self._stream(planned, grant)
         completed = 0
         try:
-            stored = await self.chain.make_images(image_request, options, self.config.scheduler.job_attempts)
+            attempts, timeout_s = self.config.scheduler.job_attempts, self.timeouts.pipeline_s
+            stored = await self.chain.make_images(image_request, options, attempts, timeout_s)
             completed = len(stored)
         except Exception as failure:
             error = as_api_error(failure)
@@ -228,7 +257,7 @@ class ImageService:
         )
         events = self.chain.stream_events(image_request, options)
         try:
-            first = await events.__anext__()
+            first = await bounded(events.__anext__(), self.timeouts.pipeline_s, "The image pipeline")
         except BaseException:
             events.cancel()
             self.scheduler.release.remote(grant.ticket_id, 0)
@@ -236,7 +265,8 @@ class ImageService:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in event_stream(first, events, description, events.cancel):
+                rest = each_within(events, self.timeouts.pipeline_s, "The image stream")
+                async for chunk in event_stream(first, rest, description, events.cancel):
                     yield chunk
             finally:
                 self.scheduler.release.remote(grant.ticket_id, image_request.n)
@@ -292,7 +322,15 @@ class ImageService:
     # ---- discovery and health ------------------------------------------------------------
 
     def model_list(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=v.name, created=self.created) for v in self.config.variants])
+        variants = [
+            ModelCard(id=variant.name, created=self.created, family=variant.family)
+            for variant in self.config.variants
+        ]
+        aliases = [
+            ModelCard(id=alias, created=self.created, variants=dict(weights))
+            for alias, weights in self.config.aliases.items()
+        ]
+        return ModelList(data=[*variants, *aliases])
 
     async def readiness(self) -> dict[str, bool]:
         # A cold variant at zero replicas is ready by design: probing it would start a replica.

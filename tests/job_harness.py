@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
 from deployments.errors import StorageUnavailableError
@@ -30,10 +31,11 @@ from serve_app.job_lifecycle import JobLifecycle, JobSubmission
 from serve_app.jobs import JobRecord, JobStore, new_job_id
 from serve_app.planning import PlanTarget, plan_generation
 from serve_app.protocol import ImageGenerationRequest
-from serve_app.scheduler import slots_per_variant
+from serve_app.scheduler import Scheduler, slots_per_variant
 from tests.conftest import make_test_config
 
 DEADLINE_S = 30.0
+SchedulerClass: Any = Scheduler.func_or_class  # type: ignore[attr-defined]
 
 
 class FakeStages(StageChain):
@@ -47,7 +49,9 @@ class FakeStages(StageChain):
         self.failure = failure or StorageUnavailableError("Image storage is unavailable; retry shortly.")
         self.gate: asyncio.Event | None = None
 
-    async def make_images_once(self, request: ImageRequest, options: EncodeOptions) -> list[StoredImage]:
+    async def make_images_once(
+        self, request: ImageRequest, options: EncodeOptions, timeout_s: float
+    ) -> list[StoredImage]:
         self.runs += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -87,6 +91,11 @@ def scheduler_config(tmp_path: Path) -> AppConfig:
     config = make_test_config(tmp_path / "store")
     scheduler = SchedulerConfig(slots_per_replica=1, defer_at_backlog=0, shed_at_backlog=8, max_backlog=64)
     return config.model_copy(update={"scheduler": scheduler})
+
+
+def start_scheduler(config: AppConfig, stages: FakeStages) -> Any:
+    """The scheduler deployment's class on this event loop, with ``stages`` as its chain."""
+    return SchedulerClass(config, stages)
 
 
 class JobHarness:

@@ -8,6 +8,7 @@ object stored once, each webhook received once.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import threading
@@ -20,12 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from pydantic import SecretStr
 from ray import serve
 
 from deployments.config import GenerationLogConfig
 from serve_app.app import build_app
-from serve_app.config import AppConfig, SchedulerConfig
+from serve_app.config import AppConfig, SchedulerConfig, TierConfig
 from tests.integration.conftest import ProxiedS3, RunningService
 from tests.integration.tcp_proxy import TcpProxy
 
@@ -36,6 +38,7 @@ PREFIX = "images"
 WEBHOOK_SECRET = "faults-webhook-secret"
 API_KEY = "sk-faults-tenant-0001"
 TENANT = "faults"
+TRICKLE_KEY = "sk-faults-trickle-0001"  # a tenant allowed one request a minute
 DEADLINE_S = 120.0
 SMALL = {"prompt": "a small square", "size": "64x64"}
 SLOW_BODY_TIMEOUT_S = 3.0
@@ -46,6 +49,16 @@ SLOW = {"prompt": "a slow square", "size": "128x128", "n": 4, "num_inference_ste
 class WebhookLog:
     deliveries: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ids_for_job(self, job_id: str) -> set[str]:
+        """The ``webhook-id`` headers of every delivery about ``job_id``."""
+        with self.lock:
+            deliveries = list(self.deliveries)
+        return {
+            {name.lower(): value for name, value in headers.items()}["webhook-id"]
+            for headers, body in deliveries
+            if json.loads(body)["id"] == job_id
+        }
 
     def for_job(self, job_id: str) -> list[dict[str, Any]]:
         with self.lock:
@@ -61,8 +74,8 @@ class FaultService:
     webhooks: WebhookLog
     webhook_url: str
 
-    def client(self, timeout: float = DEADLINE_S) -> httpx.Client:
-        headers = {"authorization": f"Bearer {API_KEY}"}
+    def client(self, timeout: float = DEADLINE_S, key: str = API_KEY) -> httpx.Client:
+        headers = {"authorization": f"Bearer {key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def object_keys(self, prefix: str) -> list[str]:
@@ -92,7 +105,11 @@ def faults(
     service: RunningService, proxied_s3: ProxiedS3, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FaultService]:
     keys_file = tmp_path_factory.mktemp("faults") / "keys.yaml"
-    keys_file.write_text(json.dumps({"keys": [{"key": API_KEY, "tenant": TENANT, "tier": "paid"}]}))
+    keys = [
+        {"key": API_KEY, "tenant": TENANT, "tier": "paid"},
+        {"key": TRICKLE_KEY, "tenant": "trickle", "tier": "trickle"},
+    ]
+    keys_file.write_text(json.dumps({"keys": keys}))
     webhooks = WebhookLog()
     receiver = webhook_receiver(webhooks)
     try:
@@ -111,7 +128,13 @@ def faults(
             webhook_allow_private=True,
         )
         config: AppConfig = service.config.model_copy(
-            update={"storage": storage, "auth": auth, "scheduler": scheduler, "limits": limits}
+            update={
+                "storage": storage,
+                "auth": auth,
+                "scheduler": scheduler,
+                "limits": limits,
+                "tiers": {**service.config.tiers, "trickle": TierConfig(requests_per_minute=1)},
+            }
         )
         serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE)
         yield FaultService(
@@ -220,7 +243,26 @@ def test_a_job_running_through_a_store_outage_succeeds_once(faults: FaultService
         assert time.monotonic() < deadline, "no webhook arrived"
         time.sleep(0.1)  # polling the receiver for the delivery
     assert faults.webhooks.for_job(job_id) == [{"id": job_id, "object": "image.job", "status": "succeeded"}]
+    assert faults.webhooks.ids_for_job(job_id) == {f"whk_{job_id}"}  # receivers drop repeats by it
     wait_until_idle()
+
+
+def test_a_rate_limited_edit_job_leaves_no_uploads_in_the_store(faults: FaultService) -> None:
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(image, format="PNG")
+    form = {"prompt": "a small square", "size": "64x64"}
+    files = {"image": ("image.png", image.getvalue(), "image/png")}
+    headers = {"prefer": "respond-async"}
+    uploads = f"{PREFIX}/jobs/uploads/"
+    with faults.client(key=TRICKLE_KEY) as client:
+        accepted = client.post("/v1/images/edits", data=form, files=files, headers=headers)
+        assert accepted.status_code == 202, accepted.text
+        assert wait_for_job(client, accepted.json()["id"])["status"] == "succeeded"
+        assert faults.object_keys(uploads) == []  # a finished job's uploads are deleted
+        limited = client.post("/v1/images/edits", data=form, files=files, headers=headers)
+    assert limited.status_code == 429, limited.text
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert faults.object_keys(uploads) == []  # refused before its uploads were written
 
 
 def test_slots_all_come_back_after_cancels_and_disconnects_under_saturation(faults: FaultService) -> None:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
@@ -20,7 +15,7 @@ from deployments.errors import InvalidRequestError
 from deployments.storage import ObjectStore
 from serve_app.auth import KeyRing
 from serve_app.errors import AuthenticationError
-from serve_app.jobs import JobStore, body_digest, check_webhook_url, new_record, post_webhook, sign_webhook
+from serve_app.jobs import JobStore, body_digest, check_webhook_url, new_record, sign_webhook
 
 TIERS = {"paid", "free"}
 
@@ -79,54 +74,6 @@ def test_webhook_private_allowed_when_configured_and_signature() -> None:
     signature = sign_webhook("secret", b'{"id": 1}', 1700000000)
     assert signature == documented_signature("secret", b'{"id": 1}', 1700000000)
     assert sign_webhook("other", b'{"id": 1}', 1700000000) != signature
-
-
-class FlakyReceiver(BaseHTTPRequestHandler):
-    """Answers 503 to its first ``failures`` POSTs, then 204; keeps every delivery."""
-
-    failures: ClassVar[int] = 0
-    received: ClassVar[list[tuple[str, bytes]]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["content-length"]))
-        FlakyReceiver.received.append((self.headers["x-imagegen-signature"], body))
-        self.send_response(503 if len(FlakyReceiver.received) <= FlakyReceiver.failures else 204)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def flaky_receiver() -> Iterator[str]:
-    FlakyReceiver.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyReceiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-@pytest.mark.parametrize(("failures", "delivered"), [(2, True), (3, False)])
-def test_webhooks_are_retried_until_the_receiver_takes_them(
-    flaky_receiver: str, failures: int, delivered: bool
-) -> None:
-    FlakyReceiver.failures = failures
-    payload = {"id": "job_1", "object": "image.job", "status": "succeeded"}
-    outcome = asyncio.run(
-        post_webhook(flaky_receiver, payload, "secret", attempts=3, timeout_s=10, allow_private=True)
-    )
-    assert outcome is delivered
-    assert len(FlakyReceiver.received) == 3  # two refusals and a success, or three refusals and no more
-    for signature, body in FlakyReceiver.received:
-        assert json.loads(body) == payload
-        timestamp = int(signature.split(",")[0].removeprefix("t="))
-        assert hmac.compare_digest(signature, documented_signature("secret", body, timestamp))
 
 
 def test_job_records_round_trip_and_active_markers(tmp_path: Path) -> None:

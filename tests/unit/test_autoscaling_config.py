@@ -12,6 +12,7 @@ from autoscaling.policy import BacklogPolicy
 from deployments.config import ModelAutoscalingConfig, VariantConfig
 from serve_app.app import _deployment_options, application_autoscaling_policy
 from serve_app.config import AppConfig, StageAutoscalingConfig
+from serve_app.scheduler import autoscaled_variants
 
 VARIANT: dict[str, Any] = {
     "name": "v",
@@ -82,3 +83,11 @@ def test_without_autoscaling_blocks_replicas_stay_fixed() -> None:
     config = AppConfig(variants=[VARIANT])
     assert application_autoscaling_policy(config) is None
     assert _deployment_options(config.variants[0].resources)["num_replicas"] == 1
+
+
+def test_only_autoscaled_variants_have_their_slots_follow_serve() -> None:
+    fixed = VariantConfig(**VARIANT)
+    scaled = VariantConfig(**{**VARIANT, "name": "w"}, autoscaling={"max_replicas": 4})
+    assert autoscaled_variants(AppConfig(variants=[fixed], default_model="v")) == []
+    config = AppConfig(variants=[fixed, scaled], default_model="v")
+    assert [variant.name for variant in autoscaled_variants(config)] == ["w"]

@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from benchmarks.loadgen import RequestRecord
-from benchmarks.run_report import concurrency_table, evaluate_targets, saturated_throughput
+from benchmarks.run_report import (
+    ServerCpu,
+    concurrency_table,
+    evaluate_targets,
+    forward_pass_table,
+    saturated_throughput,
+)
 from benchmarks.stats import (
     Scenario,
     batch_size_counts,
@@ -16,16 +22,23 @@ from benchmarks.stats import (
     mean_batch_size,
     percentile,
     summarize,
+    summarize_runs,
     throughput,
     window_s,
 )
 
 
 def record(
-    start: float, end: float, status: int = 200, n: int = 1, scheduled: float | None = None, **extra: Any
+    start: float,
+    end: float,
+    status: int = 200,
+    n: int = 1,
+    scheduled: float | None = None,
+    system: str = "s",
+    **extra: Any,
 ) -> RequestRecord:
     return RequestRecord(
-        system="s", scenario="x", index=0, endpoint="generations", size="64x64", n=n, stream=False,
+        system=system, scenario="x", index=0, endpoint="generations", size="64x64", n=n, stream=False,
         tier="default", scheduled_s=scheduled, start_s=start, end_s=end, status=status, bytes=10, **extra,
     )  # fmt: skip
 
@@ -138,3 +151,42 @@ def test_concurrency_table_reads_bare_batches_as_clients() -> None:
         ["bare, 1 thread", "4.50", "6.50", "6.50"],
         ["imagegen", "4.00", "6.00", "6.20"],
     ]
+
+
+def test_rounds_pool_latencies_and_count_throughput_over_both_windows() -> None:
+    first = [record(0.0, 1.0), record(0.0, 2.0)]  # 2 images in a 2 s window
+    second = [record(0.0, 0.5), record(0.5, 1.0), record(0.5, 1.0, status=503)]  # 2 in 1 s
+    row = summarize_runs(Scenario("imagegen", "closed-1", "closed", clients=1), [first, second], 0.75)
+    assert row["rounds"] == 2 and row["requests"] == 5 and row["ok"] == 4
+    assert row["throughput_img_s"] == pytest.approx(4 / 3.0)
+    assert row["round_img_s"] == pytest.approx([1.0, 2.0])
+    assert row["goodput_img_s"] == pytest.approx(2 / 3.0)  # the two 0.5 s answers
+    assert row["p50_ms"] == pytest.approx(750.0)
+
+
+def test_the_forward_pass_in_the_replica_is_set_beside_the_bare_pass_of_its_batch_size() -> None:
+    ours = [record(0, 1, system="imagegen", batch_sizes=[1], server_model_ms=ms) for ms in (110, 130, 120)]
+    ours.append(record(0, 1, system="imagegen", batch_sizes=[4], server_model_ms=400.0))
+    ours.append(record(0, 1, system="imagegen", n=2, batch_sizes=[4, 4], server_model_ms=1.0))  # 2 passes
+    ours.append(record(0, 1, system="imagegen", status=503, batch_sizes=[1], server_model_ms=1.0))
+    rows = [row("bare", "batch-1", "in-process", 8.0, p50=100.0)]
+    assert forward_pass_table(rows, ours) == [["1", "3", "120", "100", "1.20"], ["4", "1", "400", "-", "-"]]
+
+
+def test_server_cpu_per_image_splits_the_model_replicas_from_the_rest() -> None:
+    before = {
+        1: ("ray::ServeReplica:imagegen:ModelReplica-digits", 10.0),
+        2: ("ray::ProxyActor", 1.0),
+        3: ("raylet", 5.0),
+    }
+    after = {
+        1: ("ray::ServeReplica:imagegen:ModelReplica-digits", 18.0),
+        2: ("ray::ProxyActor", 2.0),
+        3: ("raylet", 5.5),
+        4: ("new", 9.0),
+    }
+    cpu = ServerCpu.from_samples("imagegen", 0, 0.04, before, after, images=10)
+    assert cpu.core_ms_per_image == pytest.approx(950.0)
+    assert cpu.outside_model_core_ms_per_image == pytest.approx(150.0)
+    single = ServerCpu.from_samples("litserve", 1, 0.0, {7: ("python", 1.0)}, {7: ("python", 3.0)}, images=4)
+    assert (single.core_ms_per_image, single.outside_model_core_ms_per_image) == (500.0, None)

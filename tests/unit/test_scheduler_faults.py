@@ -12,17 +12,8 @@ from typing import Any
 
 import pytest
 
-from serve_app.config import AppConfig
 from serve_app.jobs import JobStore
-from serve_app.scheduler import Scheduler
-from tests.job_harness import DEADLINE_S, FakeStages, scheduler_config, submission, until
-
-SchedulerClass: Any = Scheduler.func_or_class  # type: ignore[attr-defined]
-
-
-def start_scheduler(config: AppConfig, stages: FakeStages) -> Any:
-    scheduler = SchedulerClass(config, stages)
-    return scheduler
+from tests.job_harness import DEADLINE_S, FakeStages, scheduler_config, start_scheduler, submission, until
 
 
 async def is_idle(scheduler: Any) -> bool:

@@ -51,7 +51,7 @@ SDK_REQUEST_TYPES: dict[Route, list[type]] = {
 }
 VARIANT_SIZES = {"auto", "64x64", "128x128"}
 NEVER_HONOURED = {"complexity", "frame_count", "frame_duration_ms", "svg", "markup"}
-RESPONSE_EXTENSIONS = {"data.seed"}
+RESPONSE_EXTENSIONS = {"data.seed", "variant", "alias"}
 """Fields our responses add to OpenAI's (documented extensions); any other extra is a bug."""
 
 

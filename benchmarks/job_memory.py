@@ -1,0 +1,185 @@
+"""Memory of the scheduler and of the whole service over many async jobs (issue 11).
+
+Starts Ray and the service in this process (the embedded models, local storage in a temporary
+directory), then submits async jobs on the smallest size with the fewest steps, at most
+``--concurrency`` in flight (each client submits, then polls its job to the end). It records the
+resident memory (RSS) of the scheduler's replica and the sum over every process of this Ray
+cluster (the children of this process: GCS, raylet, Serve's controller and proxy, every replica)
+before the first job, after the last, and once more after ``--job-memory-s`` has passed, when the
+scheduler has forgotten the finished jobs. Stops after ``--jobs`` jobs or ``--max-seconds``,
+whichever comes first, and says which.
+
+    python -m benchmarks.job_memory --jobs 10000 --max-seconds 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import ray
+from pydantic import SecretStr
+from ray import serve
+from ray._private import state as ray_state
+
+from benchmarks.run import RESULTS_DIR, free_port, git_commit, machine_description
+from serve_app.app import build_app
+from serve_app.config import AppConfig, load_config
+
+APP_NAME = "imagegen-job-memory"
+MIB = 1024 * 1024
+BODY = {"model": "digits-ar", "prompt": "7", "size": "64x64", "quality": "low"}
+
+
+def service_config(storage: Path, job_memory_s: float) -> AppConfig:
+    config = load_config()
+    return config.model_copy(
+        update={
+            "storage": config.storage.model_copy(
+                update={"url": f"file://{storage}", "signing_key": SecretStr("bench")}
+            ),
+            "scheduler": config.scheduler.model_copy(update={"job_memory_s": job_memory_s}),
+            "tiers": {
+                name: tier.model_copy(update={"requests_per_minute": 1_000_000, "cost_per_minute": 1e9})
+                for name, tier in config.tiers.items()
+            },
+        }
+    )
+
+
+def scheduler_pid() -> int:
+    wanted = f"ServeReplica:{APP_NAME}:Scheduler"
+    actors = ray_state.actors(actor_state_name="ALIVE").values()
+    return next(actor["Pid"] for actor in actors if actor["ActorClassName"] == wanted)
+
+
+def rss_mib(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / MIB
+
+
+def service_rss_mib() -> float:
+    """Every process of this Ray cluster: the children of this driver, recursively."""
+    total = 0
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total / MIB
+
+
+def snapshot(label: str, done: int) -> dict[str, Any]:
+    return {
+        "label": label,
+        "jobs": done,
+        "scheduler_rss_mib": round(rss_mib(scheduler_pid()), 1),
+        "service_rss_mib": round(service_rss_mib(), 1),
+    }
+
+
+async def run_jobs(base_url: str, jobs: int, concurrency: int, max_seconds: float) -> tuple[int, int]:
+    """Submit and follow jobs until ``jobs`` are done or time is up; (succeeded, other)."""
+    deadline = time.monotonic() + max_seconds
+    counts = {"succeeded": 0, "other": 0, "started": 0}
+
+    async def one_client(client: httpx.AsyncClient) -> None:
+        while counts["started"] < jobs and time.monotonic() < deadline:
+            counts["started"] += 1
+            accepted = await client.post(
+                "/v1/images/generations", json=BODY, headers={"prefer": "respond-async"}
+            )
+            if accepted.status_code != 202:
+                counts["other"] += 1
+                continue
+            job_id = accepted.json()["id"]
+            while True:
+                status = (await client.get(f"/v1/images/jobs/{job_id}")).json()["status"]
+                if status in ("succeeded", "failed", "cancelled"):
+                    break
+                await asyncio.sleep(0.2)  # polling, as a client of the jobs API does
+            counts["succeeded" if status == "succeeded" else "other"] += 1
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        await asyncio.gather(*(one_client(client) for _ in range(concurrency)))
+    return counts["succeeded"], counts["other"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-seconds", type=float, default=600.0)
+    parser.add_argument("--job-memory-s", type=float, default=60.0, help="scheduler.job_memory_s")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "job_memory")
+    args = parser.parse_args()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as storage:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(service_config(Path(storage), args.job_memory_s)), name=APP_NAME)
+            base_url = f"http://127.0.0.1:{port}"
+            httpx.post(f"{base_url}/v1/images/generations", json=BODY, timeout=300).raise_for_status()
+            rows = [snapshot("before", 0)]
+            started = time.monotonic()
+            succeeded, other = asyncio.run(run_jobs(base_url, args.jobs, args.concurrency, args.max_seconds))
+            elapsed = time.monotonic() - started
+            done = succeeded + other
+            rows.append(snapshot("after the jobs", done))
+            time.sleep(args.job_memory_s + 10)  # the scheduler forgets finished jobs by age
+            rows.append(snapshot(f"after job_memory_s ({args.job_memory_s:.0f} s) more", done))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    write_report(args, rows, succeeded, other, elapsed)
+
+
+def write_report(
+    args: argparse.Namespace, rows: list[dict[str, Any]], succeeded: int, other: int, elapsed: float
+) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = succeeded + other
+    stopped = "all jobs done" if done >= args.jobs else f"stopped by --max-seconds {args.max_seconds:.0f}"
+    growth = rows[1]["scheduler_rss_mib"] - rows[0]["scheduler_rss_mib"]
+    lines = [
+        "# Memory over async jobs",
+        "",
+        f"`python -m benchmarks.job_memory --jobs {args.jobs} --concurrency {args.concurrency} "
+        f"--max-seconds {args.max_seconds:.0f} --job-memory-s {args.job_memory_s:.0f}`",
+        "",
+        f"Commit {git_commit()}; {machine_description()}.",
+        f"{done} jobs ({succeeded} succeeded, {other} not) in {elapsed:.0f} s ({stopped}); "
+        f"`{json.dumps(BODY)}`, {args.concurrency} clients.",
+        "",
+        "| when | jobs | scheduler RSS (MiB) | whole service RSS (MiB) |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {row['label']} | {row['jobs']} | {row['scheduler_rss_mib']} | {row['service_rss_mib']} |"
+            for row in rows
+        ),
+        "",
+        f"Scheduler growth over the jobs: {growth:+.1f} MiB "
+        f"({1024 * growth / max(done, 1):.1f} KiB per job while finished jobs are still remembered).",
+    ]
+    if done < args.jobs:
+        lines.append(
+            f"Extrapolated linearly to {args.jobs} jobs: {growth * args.jobs / max(done, 1):+.1f} MiB "
+            "(whether the growth levels off once job_memory_s has passed is not shown by a run this short: "
+            "RSS did not fall after the jobs were forgotten, and CPython rarely hands freed memory back "
+            "to the system)."
+        )
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    (args.out / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Bounds on every call made through a Ray Serve handle, so no caller waits forever.
+
+A ``DeploymentResponse`` can be awaited for ever: a wedged replica (a stopped process, a hung
+forward pass) never answers. `bounded` awaits a call for at most its timeout, cancels it (Serve
+passes the cancellation on to the stages behind it) and raises `UpstreamTimeoutError` (the face
+answers it with a 504 in OpenAI's shape). Serve's health check replaces the wedged replica
+meanwhile; the timeouts here are the caller's backstop, set above the health check's own bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol, TypeVar
+
+from deployments.errors import UpstreamTimeoutError
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+RETRY_AFTER_S = 5
+
+
+class CancellableStream(Protocol[T_co]):
+    def __aiter__(self) -> AsyncIterator[T_co]: ...
+    def cancel(self) -> None: ...
+
+
+async def bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
+    """``await call``, for at most ``timeout_s``; then cancel it and raise UpstreamTimeoutError."""
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except TimeoutError:
+        cancel: Any = getattr(call, "cancel", None)
+        if callable(cancel):
+            cancel()
+        raise UpstreamTimeoutError(
+            f"{what} did not answer within {math.ceil(timeout_s)}s; the work was cancelled. Retry shortly.",
+            retry_after_s=RETRY_AFTER_S,
+        ) from None
+
+
+async def each_within(stream: CancellableStream[T], timeout_s: float, what: str) -> AsyncIterator[T]:
+    """The events of ``stream``, each awaited for at most ``timeout_s``; a stall cancels the stream."""
+    events = aiter(stream)
+    while True:
+        try:
+            yield await bounded(anext(events), timeout_s, what)
+        except StopAsyncIteration:
+            return
+        except UpstreamTimeoutError:
+            stream.cancel()
+            raise
