@@ -19,6 +19,7 @@ from ray.serve.context import _get_serve_request_context
 from ray.serve.handle import DeploymentHandle
 
 from deployments.images import MEDIA_TYPES
+from deployments.resilience import BreakerState
 from deployments.stage_chain import StageChain
 from serve_app.answers import Accepted, Delivery, Outcome, Streaming
 from serve_app.auth import Principal
@@ -155,6 +156,12 @@ class Ingress:
 
     def principal(self, authorization: str | None) -> Principal:
         return self.service.authenticate(authorization)
+
+    def storage_breaker_state(self) -> BreakerState:
+        """The state of this replica's object-store circuit breaker (for operators and tests,
+        through a deployment handle): `closed`, `open` (requests for a URL are refused before
+        any model work) or `half_open` (the next one probes the store)."""
+        return self.service.store.breaker.state
 
     async def answer(
         self,

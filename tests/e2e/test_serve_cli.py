@@ -83,6 +83,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
         # Every port of this cluster is on loopback; token auth would only stand between the test's
         # own REST calls and its dashboard.
         "RAY_AUTH_MODE": "disabled",
+        # Workers export their metrics every second instead of every ten, so a scrape sees them soon.
+        "RAY_metrics_report_interval_ms": "1000",
     }
     log = directory / "ray.log"
     command = [
@@ -167,14 +169,22 @@ def test_serve_run_serves_the_app(ray_head: RayHead, tmp_path: Path) -> None:
     assert not answers(f"{ray_head.base_url}/healthz"), "serve run's app outlived its Ctrl-C"
 
 
-def deploy(ray_head: RayHead, tmp_path: Path, user_config: dict[str, Any] | None = None) -> None:
-    """`serve deploy` of the shipped Serve config: our HTTP port and model, and ``user_config`` if given."""
+def deploy(
+    ray_head: RayHead,
+    tmp_path: Path,
+    user_config: dict[str, Any] | None = None,
+    env_vars: dict[str, str] | None = None,
+) -> None:
+    """`serve deploy` of the shipped Serve config: our HTTP port and model, and ``user_config`` and
+    the application's ``IMAGEGEN_*`` settings (its runtime environment) if given."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"]["port"] = ray_head.http_port
     model: dict[str, Any] = {"name": MODEL_DEPLOYMENT}  # the config's own entries name the digit models
     if user_config is not None:
         model["user_config"] = user_config
     config["applications"][0]["deployments"] = [model]
+    if env_vars is not None:
+        config["applications"][0]["runtime_env"] = {"env_vars": env_vars}
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     subprocess.run(
@@ -270,3 +280,73 @@ def test_readme_metrics_are_exported_after_traffic(deployed: RayHead) -> None:
     assert {"preprocess", "model", "postprocess"} <= stages
     assert any('variant="tiny-sd"' in line for line in families["imagegen_images_generated_total"])
     assert any('tier="paid"' in line for line in families["imagegen_queue_depth_images"])
+
+
+PAID_KEY = "sk-metrics-paid"
+FREE_KEY = "sk-metrics-free"
+MAX_BACKLOG = 8
+OVERLOAD_METRICS = ("imagegen_deferred_total", "imagegen_shed_total", "imagegen_log_rows_dropped_total")
+
+
+def metric_total(families: dict[str, list[str]], name: str) -> float:
+    """The sum of a metric's samples over every process that exports it (0 before any)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in families.get(name, []))
+
+
+def generate_as(ray_head: RayHead, key: str, n: int) -> httpx.Response:
+    return httpx.post(
+        f"{ray_head.base_url}/v1/images/generations",
+        json={"prompt": "counted", "size": "64x64", "n": n},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=DEADLINE_S,
+    )
+
+
+def application_running(ray_head: RayHead) -> bool:
+    applications = httpx.get(f"{ray_head.dashboard_url}/api/serve/applications/", timeout=30).json()
+    application = applications["applications"]["imagegen"]
+    assert application["status"] != "DEPLOY_FAILED", application["message"]
+    return bool(application["status"] == "RUNNING")
+
+
+def test_deferred_shed_and_dropped_log_rows_are_counted_on_the_metrics_endpoint(
+    deployed: RayHead, tmp_path: Path
+) -> None:
+    ray_head = deployed
+    keys = tmp_path / "keys.yaml"
+    tenants = [
+        {"key": PAID_KEY, "tenant": "payer", "tier": "paid"},
+        {"key": FREE_KEY, "tenant": "guest", "tier": "free"},
+    ]
+    keys.write_text(yaml.safe_dump({"keys": tenants}))
+    settings = {
+        "IMAGEGEN_AUTH__KEYS_FILE": str(keys),
+        "IMAGEGEN_SCHEDULER__DEFER_AT_BACKLOG": "0",  # free work is deferred at any backlog
+        "IMAGEGEN_SCHEDULER__SHED_AT_BACKLOG": str(MAX_BACKLOG),
+        "IMAGEGEN_SCHEDULER__MAX_BACKLOG": str(MAX_BACKLOG),  # a request for more images is shed
+        "IMAGEGEN_STORAGE__LOG__MAX_BUFFERED_ROWS": "1",  # a request's second log row overflows
+    }
+    deploy(ray_head, tmp_path, env_vars=settings)
+    # Live once an unknown key is refused (the open app took any) and the rollout is over.
+    wait_until(
+        lambda: (
+            application_running(ray_head) and generate_as(ray_head, "sk-unknown-key", 1).status_code == 401
+        ),
+        "the app with API keys",
+    )
+    exported = scraped_metrics(ray_head)
+    before = {name: metric_total(exported, name) for name in OVERLOAD_METRICS}
+
+    assert_png(generate_as(ray_head, FREE_KEY, 1))  # deferred, then served
+    shed = generate_as(ray_head, PAID_KEY, MAX_BACKLOG + 1)
+    assert shed.status_code == 429 and int(shed.headers["retry-after"]) >= 1, shed.text
+    assert generate_as(ray_head, PAID_KEY, 2).status_code == 200  # two rows for a buffer of one
+
+    def all_grew() -> dict[str, list[str]] | None:
+        families = scraped_metrics(ray_head)
+        grew = all(metric_total(families, name) > before[name] for name in OVERLOAD_METRICS)
+        return families if grew else None
+
+    families = wait_until(all_grew, f"{OVERLOAD_METRICS} to grow on {ray_head.metrics_url}")
+    assert any('tier="free"' in line for line in families["imagegen_deferred_total"])
+    assert any('tier="paid"' in line for line in families["imagegen_shed_total"])

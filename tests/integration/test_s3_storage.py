@@ -98,6 +98,11 @@ def images_generated() -> int:
     return stats.generated
 
 
+def ingress_breaker_state() -> str:
+    ingress = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+    return str(ingress.storage_breaker_state.remote().result())
+
+
 def assert_storage_unavailable(response: httpx.Response) -> str:
     assert response.status_code == 503, response.text
     error = response.json()["error"]
@@ -114,12 +119,14 @@ def test_store_outage_fails_fast_keeps_b64_and_recovers(http: httpx.Client, s3_s
         deadline = time.monotonic() + RECOVERY_DEADLINE_S
         while FAIL_FAST_MESSAGE not in assert_storage_unavailable(generate_url(http, s3_service.base_url)):
             assert time.monotonic() < deadline, "the circuit never opened"
+        assert ingress_breaker_state() == "open"
         # While it is open, requests for a url are refused before any model work.
         generated = images_generated()
         for _ in range(3):
             message = assert_storage_unavailable(generate_url(http, s3_service.base_url))
             assert FAIL_FAST_MESSAGE in message
         assert images_generated() == generated
+        assert ingress_breaker_state() == "open"  # refused by the open circuit, not by spent retries
         b64 = http.post(
             f"{s3_service.base_url}/v1/images/generations",
             json={"prompt": "still here", "size": "64x64"},
@@ -133,6 +140,7 @@ def test_store_outage_fails_fast_keeps_b64_and_recovers(http: httpx.Client, s3_s
     while (response := generate_url(http, s3_service.base_url)).status_code == 503:
         assert time.monotonic() < deadline, "the store came back but requests still fail"
     assert response.status_code == 200, response.text
+    assert ingress_breaker_state() == "closed"  # the probe that succeeded closed it
     for key in s3_service.object_keys(f"{PREFIX}/local/"):  # no partial objects: every image decodes whole
         body = s3_service.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()  # type: ignore[attr-defined]
         assert KEY_PATTERN.match(key)
