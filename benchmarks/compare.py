@@ -112,9 +112,10 @@ def run_offline_batch(
     variant_name: str, cases: list[PromptCase], reader: Any, config_path: str | None, round_: int
 ) -> ComparisonRow:
     """The prompts through ``imagegen batch`` on the connected Ray, into a fresh temporary store."""
+    from deployments.config import StorageConfig
     from deployments.storage import ObjectStore
     from serve_app.batch import batch_settings, read_results, run_batch
-    from serve_app.config import StorageConfig, load_config
+    from serve_app.config import load_config
 
     config = load_config(config_path)
     variant = config.variant(variant_name)

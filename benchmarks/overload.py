@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, warm_up
-from benchmarks.report import REQUEST_SCHEMA, markdown_table
 from benchmarks.run import RESULTS_DIR, free_port, git_commit, machine_description
+from benchmarks.run_report import REQUEST_SCHEMA, markdown_table
 from benchmarks.stats import Scenario, percentile, summarize, throughput
 from benchmarks.systems import running_server, server_systems
 from benchmarks.workload import RateSchedule, RequestMix, RequestSpec, Tier, arrival_offsets, iter_requests

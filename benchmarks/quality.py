@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from deployments.config import VariantConfig
 from deployments.contracts import ImageTask
 from deployments.models.registry import ImageFamily, load_family
-from serve_app.config import CONFIG_DIR, VariantConfig, load_config
+from serve_app.config import CONFIG_DIR, load_config
 from training.data import PROMPT_TEMPLATES, pixels_to_ink, prompt_for
 
 DIGITS_DATASET = "sklearn-digits"

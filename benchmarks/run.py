@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, warm_up
 from benchmarks.machine import ForeignLoadMeter, measure_idle, session_cpu
-from benchmarks.report import RunInfo, ServerCpu, saturated_throughput, write_report
+from benchmarks.run_report import RunInfo, ServerCpu, saturated_throughput, write_report
 from benchmarks.stats import Scenario, summarize, summarize_runs
 from benchmarks.workload import (
     RateSchedule,

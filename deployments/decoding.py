@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from serve_app.errors import InvalidRequestError, UnsupportedMediaTypeError
+from deployments.errors import InvalidRequestError, UnsupportedMediaTypeError
 
 # A bomb that slips under our own pixel limit still trips Pillow's check, as an error.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)

@@ -21,9 +21,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deployments.config import GenerationLogConfig
 from deployments.contracts import ImageRequest, StoredImage
 from deployments.storage import ObjectStore
-from serve_app.config import GenerationLogConfig
 
 LOG_PREFIX = "generation_log"
 STAGES = ("queue", "preprocess", "model", "postprocess", "upload")
@@ -138,6 +138,16 @@ class GenerationLog:
                 self._oldest_at = self._clock()
             self._rows.extend(rows)
             self._drop_overflow()
+
+    def record(
+        self, request: ImageRequest, stored: list[StoredImage] | None, error_code: str | None = None
+    ) -> None:
+        """Append one request's rows (a row per image, or one for a failure), when the log is on."""
+        if self.config.enabled:
+            include_prompt = self.config.include_prompt
+            self.append(
+                generation_rows(request, stored, include_prompt=include_prompt, error_code=error_code)
+            )
 
     def _drop_overflow(self) -> None:
         overflow = len(self._rows) - self.config.max_buffered_rows

@@ -33,11 +33,11 @@ from typing import Any, TypeVar, cast
 import numpy as np
 from ray import serve
 
+from deployments.config import BatchingConfig, VariantConfig
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
+from deployments.errors import quiet_client_errors
 from deployments.metrics import stage_metrics
 from deployments.models.registry import DenoisingHooks, PassCancelled, load_family
-from serve_app.config import BatchingConfig, VariantConfig
-from serve_app.errors import quiet_client_errors
 
 logger = logging.getLogger("ray.serve")
 

@@ -1,4 +1,4 @@
-"""Postprocess stage: encode each image and deliver it as base64 or as a stored object.
+"""Postprocess stage: encode each image and return it as base64 or as a stored object.
 
 Streaming requests run through here too: ``stream`` calls the request's model replica with
 ``options(stream=True)`` and encodes each preview and image as it arrives, so every output pixel
@@ -17,6 +17,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from deployments.config import StorageConfig
 from deployments.contracts import (
     EncodedPartialImage,
     EncodeOptions,
@@ -26,15 +27,14 @@ from deployments.contracts import (
     StoredImage,
     StreamEvent,
 )
+from deployments.errors import quiet_client_errors
 from deployments.images import encode_image
 from deployments.metrics import stage_metrics
 from deployments.moderation import ModerationConfig, Moderator
 from deployments.storage import ObjectStore, build_object_key
-from serve_app.config import StorageConfig
-from serve_app.errors import quiet_client_errors
 
 
-def deliver(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -> StoredImage:
+def encode_and_store(image: GeneratedImage, options: EncodeOptions, store: ObjectStore) -> StoredImage:
     """Encode one image and either inline it or write it to the store (blocking; run in a thread)."""
     started = time.perf_counter()
     data = encode_image(image.pixels, options.output_format, options.compression)
@@ -100,7 +100,7 @@ class Postprocess:
         # Every image is screened before any is stored: a blocked request leaves nothing behind.
         await asyncio.gather(*(self.screen(image.task, image.pixels) for image in images))
         stored = await asyncio.gather(
-            *(asyncio.to_thread(deliver, image, options, self.store) for image in images)
+            *(asyncio.to_thread(encode_and_store, image, options, self.store) for image in images)
         )
         for item in stored:
             for stage in ("postprocess", "upload"):
@@ -124,7 +124,7 @@ class Postprocess:
                 if isinstance(event, PartialImage):
                     yield await asyncio.to_thread(encode_partial, event, options)
                 else:
-                    stored = await asyncio.to_thread(deliver, event, options, self.store)
+                    stored = await asyncio.to_thread(encode_and_store, event, options, self.store)
                     seconds = stored.timings["postprocess"]
                     self.metrics.observe_stage("postprocess", event.task.variant, seconds)
                     yield stored

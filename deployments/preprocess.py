@@ -12,13 +12,13 @@ import numpy as np
 from PIL import Image, ImageOps
 from ray import serve
 
+from deployments.config import LimitsConfig, StorageConfig
 from deployments.contracts import MASK_EDIT_THRESHOLD, ImageRequest, ImageTask
 from deployments.decoding import mask_from_alpha, open_upload, to_rgb_array
+from deployments.errors import InvalidRequestError, quiet_client_errors
 from deployments.metrics import stage_metrics
 from deployments.moderation import ModerationConfig, Moderator
 from deployments.storage import ObjectStore
-from serve_app.config import LimitsConfig, StorageConfig
-from serve_app.errors import InvalidRequestError, quiet_client_errors
 
 
 def normalize_prompt(text: str) -> str:

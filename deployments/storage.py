@@ -8,7 +8,6 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import math
 import os
 import posixpath
 import re
@@ -19,9 +18,9 @@ from typing import TypeVar
 
 import fsspec
 
+from deployments.config import StorageConfig
+from deployments.errors import StorageUnavailableError
 from deployments.resilience import CircuitBreaker, CircuitOpenError, call_with_retries
-from serve_app.config import StorageConfig
-from serve_app.errors import StorageUnavailableError
 
 T = TypeVar("T")
 logger = logging.getLogger("imagegen.storage")
@@ -106,7 +105,7 @@ class ObjectStore:
         except CircuitOpenError as open_circuit:
             raise StorageUnavailableError(
                 "Image storage is unavailable; retry shortly.",
-                headers={"retry-after": str(math.ceil(open_circuit.retry_after_s))},
+                retry_after_s=open_circuit.retry_after_s,
             ) from open_circuit
         except Exception as failure:
             if not is_transient(failure):
@@ -114,7 +113,7 @@ class ObjectStore:
             logger.warning("object store call failed: %r", failure)
             raise StorageUnavailableError(
                 "Image storage is unavailable; retry shortly.",
-                headers={"retry-after": str(math.ceil(self.config.breaker_reset_s))},
+                retry_after_s=self.config.breaker_reset_s,
             ) from failure
 
     def put(self, key: str, data: bytes) -> None:

@@ -11,18 +11,13 @@ from typing import Any
 from ray.serve import Application, Deployment
 
 from autoscaling.policy import BacklogPolicy
+from deployments.config import ModelAutoscalingConfig, ResourcesConfig
 from deployments.model_replica import ModelReplica
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
-from serve_app.config import (
-    AppConfig,
-    ModelAutoscalingConfig,
-    ResourcesConfig,
-    StageAutoscalingConfig,
-    load_config,
-)
+from deployments.stage_chain import StageChain
+from serve_app.config import AppConfig, StageAutoscalingConfig, load_config
 from serve_app.ingress import Ingress
-from serve_app.pipeline import StageHandles
 from serve_app.scheduler import Scheduler
 
 # Serve reads the scheduler's backlog report this often and averages it over this window: short,
@@ -132,13 +127,13 @@ def build_app(config: AppConfig) -> Application:
     if autoscales(config):
         scheduler_options.pop("num_replicas")
         scheduler_options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, **BACKLOG_METRICS}
-    scheduler = (
-        _deployment(Scheduler).options(**scheduler_options).bind(config, preprocess, postprocess, models)
-    )
-    # Bound applications now; Serve hands the deployments handles in their place at run time.
-    stage_handles = StageHandles(preprocess, postprocess, models)  # type: ignore[arg-type]
+    # The one stage chain, shared by the ingress (synchronous and streamed requests) and the
+    # scheduler (jobs). Bound applications now; Serve hands the deployments handles in their
+    # place at run time.
+    chain = StageChain(preprocess, postprocess, models)  # type: ignore[arg-type]
+    scheduler = _deployment(Scheduler).options(**scheduler_options).bind(config, chain)
     ingress = _deployment(Ingress).options(**_deployment_options(stages.ingress, stages.ingress.autoscaling))
-    return ingress.bind(config, stage_handles, scheduler)
+    return ingress.bind(config, chain, scheduler)
 
 
 def __getattr__(name: str) -> Application:

@@ -29,12 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deployments.config import StorageConfig, VariantConfig, parse_size
 from deployments.contracts import ImageTask
+from deployments.errors import InvalidRequestError
 from deployments.images import encode_image
 from deployments.models.registry import load_family
 from deployments.storage import ObjectStore
-from serve_app.config import StorageConfig, VariantConfig, load_config, parse_size
-from serve_app.errors import InvalidRequestError
+from serve_app.config import load_config
 from serve_app.planning import resolve_steps
 
 BATCH_PREFIX = "batch"

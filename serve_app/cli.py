@@ -77,7 +77,13 @@ def serve_config_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     from deployments.storage import ObjectStore
     from serve_app.config import load_config
-    from serve_app.report import format_report, parse_duration, plot_report, read_generation_log, summarize
+    from serve_app.log_report import (
+        format_report,
+        parse_duration,
+        plot_report,
+        read_generation_log,
+        summarize,
+    )
 
     config = load_config(args.config)
     since = dt.datetime.now(dt.UTC) - parse_duration(args.since) if args.since else None

@@ -1,8 +1,14 @@
-"""One mapping from every failure to OpenAI's error JSON and its status code."""
+"""One mapping from every failure to OpenAI's error JSON, its status code and headers.
+
+The kinds of failure the stages raise live in deployments/errors.py, without HTTP; here are the
+face's own (authentication, rate limits, idempotency, ...) and the one table from each kind to
+OpenAI's error type and an HTTP status. Every error body is built by `error_info`.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,58 +17,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.errors import (
+    APIError,
+    ClientError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+    UnsupportedMediaTypeError,
+    UpstreamTimeoutError,
+    is_replica_failure,
+    unwrap_remote_error,
+)
 from deployments.moderation import ModerationBlocked, ModerationUnavailable
 from serve_app.protocol import ErrorInfo, ErrorResponse, ModerationDetails
 
 logger = logging.getLogger("imagegen.errors")
 
 
-class APIError(Exception):
-    """An error the client should see as it is. Subclasses fix the status and type."""
-
-    status_code = 500
-    error_type = "server_error"
-    default_code: str | None = None
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code or self.default_code
-        self.headers = headers or {}
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only arguments need this to survive pickling between Ray processes.
-        return (_rebuild_api_error, (type(self), self.message, self.param, self.code, self.headers))
-
-    def info(self) -> ErrorInfo:
-        """The ``error`` object of OpenAI's error body."""
-        return ErrorInfo(message=self.message, type=self.error_type, param=self.param, code=self.code)
-
-
-def _rebuild_api_error(
-    cls: type[APIError], message: str, param: str | None, code: str | None, headers: dict[str, str]
-) -> APIError:
-    return cls(message, param=param, code=code, headers=headers)
-
-
-class InvalidRequestError(APIError):
-    status_code = 400
-    error_type = "invalid_request_error"
-
-
-class ModerationBlockedError(APIError):
+class ModerationBlockedError(ClientError):
     """OpenAI's ``moderation_blocked``: a moderation check flagged the prompt, an upload or an image."""
 
-    status_code = 400
-    error_type = "image_generation_user_error"
     default_code = "moderation_blocked"
 
     def __init__(self, blocked: ModerationBlocked) -> None:
@@ -76,128 +49,153 @@ class ModerationBlockedError(APIError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.blocked,))
 
-    def info(self) -> ErrorInfo:
-        details = ModerationDetails(
-            moderation_stage=self.blocked.stage, categories=list(self.blocked.categories)
-        )
-        return super().info().model_copy(update={"moderation_details": details})
 
-
-class AuthenticationError(APIError):
-    status_code = 401
-    error_type = "invalid_request_error"
+class AuthenticationError(ClientError):
     default_code = "invalid_api_key"
 
 
-class ForbiddenError(APIError):
-    status_code = 403
-    error_type = "invalid_request_error"
+class ForbiddenError(ClientError):
+    pass
 
 
-class NotFoundError(APIError):
-    status_code = 404
-    error_type = "invalid_request_error"
+class NotFoundError(ClientError):
+    pass
 
 
-class RequestTimeoutError(APIError):
-    status_code = 408
-    error_type = "invalid_request_error"
+class RequestTimeoutError(ClientError):
     default_code = "request_timeout"
 
 
-class PayloadTooLargeError(APIError):
-    status_code = 413
-    error_type = "invalid_request_error"
+class PayloadTooLargeError(ClientError):
     default_code = "payload_too_large"
 
 
-class UnsupportedMediaTypeError(APIError):
-    status_code = 415
-    error_type = "invalid_request_error"
-    default_code = "unsupported_media_type"
-
-
-class IdempotencyConflictError(APIError):
-    status_code = 422
-    error_type = "invalid_request_error"
+class IdempotencyConflictError(ClientError):
     default_code = "idempotency_key_reused"
 
 
-class RateLimitError(APIError):
-    status_code = 429
-    error_type = "requests"
+class RateLimitError(ClientError):
+    """A rate limit was hit; ``rate_limit_headers`` are OpenAI's ``x-ratelimit-*`` for the caller."""
+
     default_code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        rate_limit_headers: dict[str, str] | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
+        self.rate_limit_headers = rate_limit_headers or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_rate_limit_error,
+            (type(self), self.message, self.retry_after_s, self.rate_limit_headers),
+        )
+
+
+def _rebuild_rate_limit_error(
+    cls: type[RateLimitError], message: str, retry_after_s: float, rate_limit_headers: dict[str, str]
+) -> RateLimitError:
+    return cls(message, retry_after_s=retry_after_s, rate_limit_headers=rate_limit_headers)
 
 
 class OverloadedError(RateLimitError):
     """Work shed at peak: it was not accepted, so the client should retry later."""
 
-    error_type = "server_overloaded"
     default_code = "overloaded"
 
 
-class ServiceUnavailableError(APIError):
-    status_code = 503
-    error_type = "server_error"
-    default_code = "service_unavailable"
+class ModelStartingError(ServiceUnavailableError):
+    """A variant at zero replicas did not start in time; it usually is up soon after."""
+
+    default_code = "model_starting"
 
 
-class StorageUnavailableError(ServiceUnavailableError):
-    default_code = "storage_unavailable"
+class StatusError(APIError):
+    """An error whose status and type were decided elsewhere: a job's recorded failure, a bad route."""
+
+    def __init__(self, message: str, *, status: int, error_type: str, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.error_type = error_type
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_status_error, (self.message, self.status, self.error_type, self.code))
 
 
-class ClientErrorLogFilter(logging.Filter):
-    """Drops Serve's "Request failed." traceback when the failure is the client's (a 4xx APIError).
-
-    A stage that rejects bad input raises, and Serve logs every raised exception with its
-    traceback; without this, each hostile upload would write one. Access logs still show them.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, APIError) and error.status_code < 500)
+def _rebuild_status_error(message: str, status: int, error_type: str, code: str | None) -> StatusError:
+    return StatusError(message, status=status, error_type=error_type, code=code)
 
 
-def quiet_client_errors() -> None:
-    """Install ClientErrorLogFilter on Serve's logger in this process (once)."""
-    serve_logger = logging.getLogger("ray.serve")
-    if not any(isinstance(existing, ClientErrorLogFilter) for existing in serve_logger.filters):
-        serve_logger.addFilter(ClientErrorLogFilter())
+# Each kind of failure as OpenAI reports it: (HTTP status, error type). A kind not listed takes
+# the entry of its nearest listed base class.
+HTTP_STATUS_AND_TYPE: dict[type[APIError], tuple[int, str]] = {
+    APIError: (500, "server_error"),
+    InvalidRequestError: (400, "invalid_request_error"),
+    ModerationBlockedError: (400, "image_generation_user_error"),
+    AuthenticationError: (401, "invalid_request_error"),
+    ForbiddenError: (403, "invalid_request_error"),
+    NotFoundError: (404, "invalid_request_error"),
+    RequestTimeoutError: (408, "invalid_request_error"),
+    PayloadTooLargeError: (413, "invalid_request_error"),
+    UnsupportedMediaTypeError: (415, "invalid_request_error"),
+    IdempotencyConflictError: (422, "invalid_request_error"),
+    RateLimitError: (429, "requests"),
+    OverloadedError: (429, "server_overloaded"),
+    ServiceUnavailableError: (503, "server_error"),
+    UpstreamTimeoutError: (504, "server_error"),
+}
+# Kinds after which OpenAI's SDKs should retry even where they would not by status alone.
+SHOULD_RETRY: tuple[type[APIError], ...] = (OverloadedError, ModelStartingError, UpstreamTimeoutError)
 
 
-def unwrap_remote_error(exc: BaseException) -> BaseException:
-    """The original exception behind Ray's task wrappers (a stage's error keeps its own type)."""
-    seen = 0
-    while (
-        seen < 8 and getattr(exc, "cause", None) is not None and type(exc).__name__.startswith("RayTaskError")
-    ):
-        exc = exc.cause  # type: ignore[attr-defined]
-        seen += 1
-    return exc
+def status_and_type(error: APIError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of ``error``."""
+    if isinstance(error, StatusError):
+        return error.status, error.error_type
+    kind = next(cls for cls in type(error).__mro__ if cls in HTTP_STATUS_AND_TYPE)
+    return HTTP_STATUS_AND_TYPE[kind]
 
 
-def is_storage_failure(error: BaseException) -> bool:
-    """The object store failed (or its circuit is open): worth retrying once the store is back."""
-    return isinstance(unwrap_remote_error(error), StorageUnavailableError)
+def http_status(error: APIError) -> int:
+    return status_and_type(error)[0]
 
 
-def is_replica_failure(error: BaseException) -> bool:
-    """A replica died or became unreachable: the work itself may well succeed elsewhere.
+def retry_after_header(seconds: float) -> str:
+    """``retry-after`` in whole seconds, at least one."""
+    return str(max(1, math.ceil(seconds)))
 
-    Serve reports a dead upstream stage as a RayServeException whose ``__cause__`` is Ray's
-    actor error, so the whole cause chain is searched.
-    """
-    from ray import exceptions as ray_exceptions
 
-    cause: BaseException | None = error
-    for _ in range(8):
-        if cause is None:
-            return False
-        cause = unwrap_remote_error(cause)
-        if isinstance(cause, ray_exceptions.RayActorError | ray_exceptions.ActorUnavailableError):
-            return True
-        cause = cause.__cause__
-    return False
+def error_info(error: APIError) -> ErrorInfo:
+    """The ``error`` object of OpenAI's error body (a failed job's ``error`` too)."""
+    info = ErrorInfo(
+        message=error.message, type=status_and_type(error)[1], param=error.param, code=error.code
+    )
+    if isinstance(error, ModerationBlockedError):
+        details = ModerationDetails(
+            moderation_stage=error.blocked.stage, categories=list(error.blocked.categories)
+        )
+        return info.model_copy(update={"moderation_details": details})
+    return info
+
+
+def error_body(error: APIError) -> ErrorResponse:
+    """OpenAI's error body, as a JSON response and a stream's ``error`` event both send it."""
+    return ErrorResponse(error=error_info(error))
+
+
+def error_headers(error: APIError) -> dict[str, str]:
+    """The response headers an error carries: rate limits, when to retry, whether to."""
+    headers = dict(error.rate_limit_headers) if isinstance(error, RateLimitError) else {}
+    if error.retry_after_s is not None:
+        headers["retry-after"] = retry_after_header(error.retry_after_s)
+    if isinstance(error, SHOULD_RETRY):
+        headers["x-should-retry"] = "true"
+    return headers
 
 
 def as_api_error(exc: BaseException) -> APIError:
@@ -214,23 +212,21 @@ def as_api_error(exc: BaseException) -> APIError:
         return ServiceUnavailableError(
             "Moderation is unavailable, so the request was not run; retry shortly.",
             code="moderation_unavailable",
-            headers={"retry-after": "1"},
+            retry_after_s=1,
         )
     if isinstance(exc, serve_exceptions.BackPressureError):
         return ServiceUnavailableError(
-            "The service is at capacity; retry shortly.", code="overloaded", headers={"retry-after": "1"}
+            "The service is at capacity; retry shortly.", code="overloaded", retry_after_s=1
         )
     if is_replica_failure(exc):
-        return ServiceUnavailableError(
-            "A model replica became unavailable; retry shortly.", headers={"retry-after": "1"}
-        )
+        return ServiceUnavailableError("A model replica became unavailable; retry shortly.", retry_after_s=1)
     logger.error("unhandled error", exc_info=exc)
     return APIError("The server had an error while processing your request.")
 
 
 def error_response(error: APIError) -> JSONResponse:
-    body = ErrorResponse(error=error.info())
-    return JSONResponse(body.model_dump(), status_code=error.status_code, headers=error.headers)
+    body = error_body(error).model_dump()
+    return JSONResponse(body, status_code=http_status(error), headers=error_headers(error))
 
 
 def is_json(content_type: str | None) -> bool:
@@ -282,9 +278,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        error_class = {404: NotFoundError, 405: InvalidRequestError}.get(exc.status_code, APIError)
-        error = error_class(f"Invalid URL ({request.method} {request.url.path}): {exc.detail}")
-        error.status_code = exc.status_code
+        error = StatusError(
+            f"Invalid URL ({request.method} {request.url.path}): {exc.detail}",
+            status=exc.status_code,
+            error_type="invalid_request_error" if exc.status_code < 500 else "server_error",
+        )
         return error_response(error)
 
     app.add_exception_handler(APIError, on_api_error)

@@ -1,14 +1,18 @@
-"""The HTTP face: thin FastAPI routes over `ImageService` (serve_app/service.py)."""
+"""The HTTP face: thin FastAPI routes over `ImageService` (serve_app/service.py).
+
+Each image route authenticates, reads its body into a typed object (serve_app/uploads.py),
+hands it to the service and turns the outcome into JSON, a 202, or server-sent events.
+"""
 
 # No `from __future__ import annotations` here: Serve re-creates the routes in its proxy and
 # FastAPI must see real types, not strings, to build the request models there.
 import asyncio
-import functools
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.context import _get_serve_request_context
@@ -16,10 +20,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.images import MEDIA_TYPES
 from deployments.resilience import BreakerState
+from deployments.stage_chain import StageChain
+from serve_app.answers import Accepted, Delivery, Outcome, Streaming
 from serve_app.auth import Principal
 from serve_app.config import AppConfig
 from serve_app.errors import as_api_error, error_response, install_error_handlers
-from serve_app.pipeline import StageHandles
 from serve_app.protocol import (
     ErrorResponse,
     ImageEditRequest,
@@ -29,8 +34,19 @@ from serve_app.protocol import (
     JobResponse,
     ModelList,
 )
-from serve_app.service import FILES_ROUTE, Accepted, Delivery, ImageService, Outcome, Streaming
-from serve_app.uploads import form_openapi, json_openapi
+from serve_app.service import ImageService
+from serve_app.signed_files import FILES_ROUTE
+from serve_app.uploads import (
+    UploadLimits,
+    form_openapi,
+    json_openapi,
+    read_edit,
+    read_generation,
+    read_variation,
+)
+
+BodyT = TypeVar("BodyT")
+RouteT = TypeVar("RouteT", bound=Callable[..., Any])
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503)
@@ -56,6 +72,26 @@ AuthorizationHeader = Annotated[str | None, Header(description="Bearer API key."
 PreferHeader = Annotated[str | None, Header(description="'respond-async' makes it a job (202).")]
 IdempotencyHeader = Annotated[str | None, Header(description="Same key and body, same result.")]
 
+
+@dataclass(frozen=True)
+class AnswerHeaders:
+    """The headers that say who asks and how to answer: the key, async, idempotency."""
+
+    authorization: str | None
+    prefer: str | None
+    idempotency_key: str | None
+
+
+def answer_headers(
+    authorization: AuthorizationHeader = None,
+    prefer: PreferHeader = None,
+    idempotency_key: IdempotencyHeader = None,
+) -> AnswerHeaders:
+    return AnswerHeaders(authorization, prefer, idempotency_key)
+
+
+ImageRequestHeaders = Annotated[AnswerHeaders, Depends(answer_headers)]
+
 api = FastAPI(
     title="imagegen-serve",
     description="OpenAI-compatible image generation on Ray Serve. Extensions are marked in each schema.",
@@ -80,6 +116,18 @@ def openapi_with_json_bodies() -> dict[str, Any]:
 api.openapi = openapi_with_json_bodies  # type: ignore[method-assign]
 
 
+def image_route(path: str, summary: str, openapi_extra: dict[str, Any]) -> Callable[[RouteT], RouteT]:
+    """An image route: a JSON images response, 202 for a job, or server-sent events; errors."""
+    return api.post(
+        path,
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses=IMAGE_RESPONSES,
+        summary=summary,
+        openapi_extra=openapi_extra,
+    )
+
+
 def respond(outcome: Outcome) -> Response:
     if isinstance(outcome, Streaming):
         headers = {**outcome.headers, "cache-control": "no-cache"}
@@ -99,8 +147,9 @@ def current_request_id() -> str:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: AppConfig, stages: StageHandles, scheduler: DeploymentHandle) -> None:
-        self.service = ImageService(config, stages, scheduler)
+    def __init__(self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle) -> None:
+        self.service = ImageService(config, chain, scheduler)
+        self.upload_limits = UploadLimits.from_config(config.limits)
 
     def __del__(self) -> None:
         self.service.close()
@@ -114,74 +163,44 @@ class Ingress:
         any model work) or `half_open` (the next one probes the store)."""
         return self.service.store.breaker.state
 
-    async def run(
+    async def answer(
         self,
-        operation: Callable[[Principal, str, Delivery], Awaitable[Outcome]],
+        read_body: Callable[[Request, UploadLimits], Awaitable[BodyT]],
+        operation: Callable[[BodyT, Principal, str, Delivery], Awaitable[Outcome]],
         request: Request,
-        authorization: str | None,
-        prefer: str | None,
-        idempotency_key: str | None,
+        headers: AnswerHeaders,
     ) -> Response:
-        """Authenticate, run one image operation, and answer: JSON, 202, a stream, or an error."""
-        delivery = Delivery(str(request.base_url), prefer, idempotency_key)
+        """Authenticate, read the body, run one image operation, and answer: JSON, 202, a stream,
+        or an error. The key is checked before the body is read."""
+        delivery = Delivery(str(request.base_url), headers.prefer, headers.idempotency_key)
         try:
-            return respond(await operation(self.principal(authorization), current_request_id(), delivery))
+            principal = self.principal(headers.authorization)
+            body = await read_body(request, self.upload_limits)
+            return respond(await operation(body, principal, current_request_id(), delivery))
         except Exception as exc:  # every failure leaves as the OpenAI error shape
             return error_response(as_api_error(exc))
 
-    @api.post(
-        "/v1/images/generations",
-        response_model=ImagesResponse,
-        response_model_exclude_none=True,
-        responses=IMAGE_RESPONSES,
-        summary="Create images from a prompt",
-        openapi_extra=json_openapi(ImageGenerationRequest),
+    @image_route(
+        "/v1/images/generations", "Create images from a prompt", json_openapi(ImageGenerationRequest)
     )
-    async def create_image(
-        self,
-        request: Request,
-        authorization: AuthorizationHeader = None,
-        prefer: PreferHeader = None,
-        idempotency_key: IdempotencyHeader = None,
-    ) -> Response:
-        run = functools.partial(self.service.generate, request)
-        return await self.run(run, request, authorization, prefer, idempotency_key)
+    async def create_image(self, request: Request, headers: ImageRequestHeaders) -> Response:
+        return await self.answer(read_generation, self.service.generate, request, headers)
 
-    @api.post(
+    @image_route(
         "/v1/images/edits",
-        response_model=ImagesResponse,
-        response_model_exclude_none=True,
-        responses=IMAGE_RESPONSES,
-        summary="Edit images (multipart): image-to-image, or inpainting with a mask",
-        openapi_extra=form_openapi(ImageEditRequest, EDIT_FILES),
+        "Edit images (multipart): image-to-image, or inpainting with a mask",
+        form_openapi(ImageEditRequest, EDIT_FILES),
     )
-    async def create_edit(
-        self,
-        request: Request,
-        authorization: AuthorizationHeader = None,
-        prefer: PreferHeader = None,
-        idempotency_key: IdempotencyHeader = None,
-    ) -> Response:
-        run = functools.partial(self.service.edit, request)
-        return await self.run(run, request, authorization, prefer, idempotency_key)
+    async def create_edit(self, request: Request, headers: ImageRequestHeaders) -> Response:
+        return await self.answer(read_edit, self.service.edit, request, headers)
 
-    @api.post(
+    @image_route(
         "/v1/images/variations",
-        response_model=ImagesResponse,
-        response_model_exclude_none=True,
-        responses=IMAGE_RESPONSES,
-        summary="Create variations of an image (multipart)",
-        openapi_extra=form_openapi(ImageVariationRequest, VARIATION_FILES),
+        "Create variations of an image (multipart)",
+        form_openapi(ImageVariationRequest, VARIATION_FILES),
     )
-    async def create_variation(
-        self,
-        request: Request,
-        authorization: AuthorizationHeader = None,
-        prefer: PreferHeader = None,
-        idempotency_key: IdempotencyHeader = None,
-    ) -> Response:
-        run = functools.partial(self.service.variation, request)
-        return await self.run(run, request, authorization, prefer, idempotency_key)
+    async def create_variation(self, request: Request, headers: ImageRequestHeaders) -> Response:
+        return await self.answer(read_variation, self.service.variation, request, headers)
 
     @api.get(
         "/v1/images/jobs/{job_id}", response_model=JobResponse, responses=ERROR_RESPONSES, summary="A job"
@@ -189,7 +208,7 @@ class Ingress:
     async def get_job(
         self, job_id: str, request: Request, authorization: AuthorizationHeader = None
     ) -> Response:
-        job = await self.service.get_job(self.principal(authorization), job_id, str(request.base_url))
+        job = await self.service.jobs.get(self.principal(authorization), job_id, str(request.base_url))
         return JSONResponse(job.model_dump(exclude_none=True))
 
     @api.delete(
@@ -198,7 +217,7 @@ class Ingress:
     async def cancel_job(
         self, job_id: str, request: Request, authorization: AuthorizationHeader = None
     ) -> Response:
-        job = await self.service.cancel_job(self.principal(authorization), job_id, str(request.base_url))
+        job = await self.service.jobs.cancel(self.principal(authorization), job_id, str(request.base_url))
         return JSONResponse(job.model_dump(exclude_none=True))
 
     @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List model variants")
@@ -210,7 +229,7 @@ class Ingress:
     async def get_file(
         self, key: str, expires: Annotated[str, Query()] = "", signature: Annotated[str, Query()] = ""
     ) -> Response:
-        data = await asyncio.to_thread(self.service.read_signed_object, key, expires, signature)
+        data = await asyncio.to_thread(self.service.files.read, key, expires, signature)
         media_type = MEDIA_TYPES[key.rsplit(".", 1)[-1]]
         return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
 

@@ -16,16 +16,17 @@ import re
 import socket
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 
 from deployments.contracts import EncodeOptions, ImageRequest
+from deployments.errors import InvalidRequestError
 from deployments.storage import ObjectStore
-from serve_app.errors import InvalidRequestError
+from serve_app.errors import StatusError
+from serve_app.protocol import JobStatus
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 RECORDS = "jobs/records"
 ACTIVE = "jobs/active"
@@ -62,6 +63,16 @@ class JobRecord(BaseModel):
     error_code: str | None = None
     error_message: str | None = None
     error_status: int | None = None
+
+    @property
+    def failure(self) -> StatusError:
+        """The error a failed job ended with, as its client sees it."""
+        return StatusError(
+            self.error_message or "The job failed.",
+            status=self.error_status or 500,
+            error_type=self.error_type or "server_error",
+            code=self.error_code,
+        )
 
     @property
     def image_request(self) -> ImageRequest:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from dataclasses import dataclass
 from typing import cast
 
+from deployments.config import LimitsConfig, VariantConfig, parse_size
 from deployments.contracts import EncodeOptions, ImageRequest, OutputFormat, TaskKind
-from serve_app.config import LimitsConfig, VariantConfig, parse_size
-from serve_app.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError
 from serve_app.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
@@ -35,6 +36,19 @@ EDIT_STRENGTH = 0.8
 """How much an edit changes by default (diffusers' image-to-image default)."""
 VARIATION_STRENGTH = 0.7
 """How far a variation strays from its image by default."""
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """Where a request will run and for whom: its variant and limits, ids, and moderation checks."""
+
+    variant: VariantConfig
+    limits: LimitsConfig
+    request_id: str
+    tenant: str
+    moderation_checks: tuple[str, ...] = ()
+    alias: str | None = None
+    """The alias the request's ``model`` named, when it named one (``variant`` is its choice)."""
 
 
 def resolve_quality(quality: str) -> ResolvedQuality:
@@ -87,35 +101,22 @@ def resolve_size(size: str, variant: VariantConfig) -> tuple[int, int]:
 
 
 def plan_generation(
-    request: ImageGenerationRequest,
-    variant: VariantConfig,
-    limits: LimitsConfig,
-    *,
-    request_id: str,
-    tenant: str,
-    moderation_checks: tuple[str, ...] = (),
+    request: ImageGenerationRequest, target: PlanTarget
 ) -> tuple[ImageRequest, EncodeOptions]:
-    """Validate ``request`` against ``variant`` and fill every default; raises InvalidRequestError."""
-    check_prompt(request.prompt, limits)
-    image_request, options = plan_images(
-        request, variant, limits, "generate", prompt=request.prompt, request_id=request_id, tenant=tenant
-    )
-    return dataclasses.replace(image_request, moderation_checks=moderation_checks), options
+    """Validate ``request`` against the variant and fill every default; raises InvalidRequestError."""
+    check_prompt(request.prompt, target.limits)
+    return plan_images(request, target, "generate", prompt=request.prompt)
 
 
 def plan_edit(
     request: ImageEditRequest,
     images: list[bytes],
     mask: bytes | None,
-    variant: VariantConfig,
-    limits: LimitsConfig,
-    *,
-    request_id: str,
-    tenant: str,
-    moderation_checks: tuple[str, ...] = (),
+    target: PlanTarget,
     markup: bytes | None = None,
 ) -> tuple[ImageRequest, EncodeOptions]:
     """Validate an edit: 1 to ``max_input_images`` images, an optional mask, and the output fields."""
+    variant, limits = target.variant, target.limits
     check_prompt(request.prompt, limits)
     if markup is not None:
         raise InvalidRequestError(
@@ -135,29 +136,14 @@ def plan_edit(
             param="image",
             code="too_many_images",
         )
-    image_request, options = plan_images(
-        request, variant, limits, "edit", prompt=request.prompt, request_id=request_id, tenant=tenant
-    )
+    image_request, options = plan_images(request, target, "edit", prompt=request.prompt)
     strength = check_strength(request.strength, EDIT_STRENGTH, image_request.steps)
-    image_request = dataclasses.replace(
-        image_request,
-        strength=strength,
-        images=tuple(images),
-        mask=mask,
-        moderation_checks=moderation_checks,
-    )
+    image_request = dataclasses.replace(image_request, strength=strength, images=tuple(images), mask=mask)
     return image_request, options
 
 
 def plan_variation(
-    request: ImageVariationRequest,
-    images: list[bytes],
-    variant: VariantConfig,
-    limits: LimitsConfig,
-    *,
-    request_id: str,
-    tenant: str,
-    moderation_checks: tuple[str, ...] = (),
+    request: ImageVariationRequest, images: list[bytes], target: PlanTarget
 ) -> tuple[ImageRequest, EncodeOptions]:
     """Validate a variation: exactly one image, PNG out, the variant's medium steps."""
     if len(images) != 1:
@@ -166,22 +152,10 @@ def plan_variation(
             param="image",
             code="missing_image" if not images else "too_many_images",
         )
-    output_fields = ImageOutputFields(
-        model=request.model,
-        n=request.n,
-        size=request.size,
-        response_format=request.response_format,
-        user=request.user,
-        seed=request.seed,
-    )
-    image_request, options = plan_images(
-        output_fields, variant, limits, "variation", request_id=request_id, tenant=tenant, prompt=""
-    )
+    output_fields = ImageOutputFields.model_validate(request.model_dump(exclude={"strength"}))
+    image_request, options = plan_images(output_fields, target, "variation", prompt="")
     strength = check_strength(request.strength, VARIATION_STRENGTH, image_request.steps)
-    image_request = dataclasses.replace(
-        image_request, strength=strength, images=tuple(images), moderation_checks=moderation_checks
-    )
-    return image_request, options
+    return dataclasses.replace(image_request, strength=strength, images=tuple(images)), options
 
 
 def check_prompt(prompt: str, limits: LimitsConfig) -> None:
@@ -222,16 +196,10 @@ def check_streaming(request: ImageOutputFields) -> None:
 
 
 def plan_images(
-    request: ImageOutputFields,
-    variant: VariantConfig,
-    limits: LimitsConfig,
-    kind: TaskKind,
-    *,
-    request_id: str,
-    tenant: str,
-    prompt: str,
+    request: ImageOutputFields, target: PlanTarget, kind: TaskKind, *, prompt: str
 ) -> tuple[ImageRequest, EncodeOptions]:
     """The checks and defaults generations, edits and variations share."""
+    variant, limits = target.variant, target.limits
     if request.n > limits.max_images_per_request:
         raise InvalidRequestError(
             f"n must be at most {limits.max_images_per_request}.", param="n", code="invalid_value"
@@ -267,8 +235,8 @@ def plan_images(
     if seed + request.n - 1 > MAX_SEED:
         raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED}.", param="seed")
     image_request = ImageRequest(
-        request_id=request_id,
-        tenant=tenant,
+        request_id=target.request_id,
+        tenant=target.tenant,
         variant=variant.name,
         kind=kind,
         prompt=prompt,
@@ -284,6 +252,8 @@ def plan_images(
         partial_images=(request.partial_images or 0) if request.stream else 0,
         safety_identifier=request.end_user,
         moderation=request.moderation,
+        moderation_checks=target.moderation_checks,
+        alias=target.alias,
     )
     options = EncodeOptions(
         output_format=cast(OutputFormat, request.output_format),  # gif and svg are refused above

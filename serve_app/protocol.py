@@ -18,6 +18,8 @@ ResolvedQuality = Literal["low", "medium", "high", "xhigh", "max"]
 RequestedFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
 """Every ``output_format`` the SDK sends; planning refuses the ones no variant encodes (gif, svg)."""
 NOT_SUPPORTED = "Accepted by the SDK, refused here with a 400 naming this field: no variant supports it."
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+"""A job's state; the last three are final."""
 
 
 class OpenAIModel(BaseModel):
@@ -33,19 +35,29 @@ class OpenAIModel(BaseModel):
         return data
 
 
-class ImageOutputFields(OpenAIModel):
-    """The fields generations and edits share: which model, how many images, and how they come back."""
+class ImageFields(OpenAIModel):
+    """The fields every image request takes, variations included: which model, how many images,
+    what size, how they come back, for whom, and the seed."""
 
     model: str | None = Field(None, description="A variant id from /v1/models; the default when omitted.")
     n: int = Field(1, ge=1, le=10, description="How many images (1-10).")
     size: str = Field("auto", description="'WxH' from the variant's sizes, or 'auto' for its default.")
+    response_format: Literal["url", "b64_json"] = Field(
+        "b64_json", description="Base64 in the body, or a signed URL that expires."
+    )
+    user: str | None = Field(None, max_length=256, description="Deprecated end-user id: `safety_identifier`.")
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="Extension: image i uses seed+i; same seed, same bytes."
+    )
+
+
+class ImageOutputFields(ImageFields):
+    """The fields generations and edits share beyond those: quality, format, streaming, extensions."""
+
     quality: Quality = Field(
         "auto",
         description="Maps to the variant's denoising steps: low, medium, high, and xhigh/max where the "
         "variant offers them; 'auto'/'standard' mean medium, 'hd' means high.",
-    )
-    response_format: Literal["url", "b64_json"] = Field(
-        "b64_json", description="Base64 in the body, or a signed URL that expires."
     )
     output_format: RequestedFormat = Field("png", description="png, jpeg or webp (gif and svg are refused).")
     output_compression: int | None = Field(None, ge=0, le=100, description="0-100, for jpeg/webp (and png).")
@@ -63,7 +75,6 @@ class ImageOutputFields(OpenAIModel):
         description="A stable id of your end user (hash it); takes precedence over `user`. Logged, echoed "
         "in the response, and a rate-limit key where the tier sets one.",
     )
-    user: str | None = Field(None, max_length=256, description="Deprecated end-user id: `safety_identifier`.")
     stream: bool = Field(
         False, description="Stream server-sent events: partial images, then the image (n must be 1)."
     )
@@ -77,9 +88,6 @@ class ImageOutputFields(OpenAIModel):
     frame_count: int | None = Field(None, description=NOT_SUPPORTED + " (GIF output)")
     frame_duration_ms: int | None = Field(None, description=NOT_SUPPORTED + " (GIF output)")
     svg: dict[str, Any] | None = Field(None, description=NOT_SUPPORTED + " (SVG output)")
-    seed: int | None = Field(
-        None, ge=0, le=2**32 - 1, description="Extension: image i uses seed+i; same seed, same bytes."
-    )
     negative_prompt: str | None = Field(None, description="Extension: what to steer away from.")
     num_inference_steps: int | None = Field(
         None, ge=1, description="Extension: denoising steps; overrides `quality`."
@@ -142,19 +150,9 @@ class ImageEditRequest(ImageOutputFields):
     )
 
 
-class ImageVariationRequest(OpenAIModel):
+class ImageVariationRequest(ImageFields):
     """Text fields of ``POST /v1/images/variations`` (multipart); the file is ``image``."""
 
-    model: str | None = Field(None, description="A variant id from /v1/models; the default when omitted.")
-    n: int = Field(1, ge=1, le=10, description="How many images (1-10).")
-    size: str = Field("auto", description="'WxH' from the variant's sizes, or 'auto' for its default.")
-    response_format: Literal["url", "b64_json"] = Field(
-        "b64_json", description="Base64 in the body, or a signed URL that expires."
-    )
-    user: str | None = Field(None, max_length=256, description="End-user id, for abuse monitoring.")
-    seed: int | None = Field(
-        None, ge=0, le=2**32 - 1, description="Extension: image i uses seed+i; same seed, same bytes."
-    )
     strength: float | None = Field(
         None, gt=0.0, le=1.0, description="Extension: how far a variation strays, 0-1 (default 0.7)."
     )
@@ -202,7 +200,7 @@ class JobResponse(BaseModel):
 
     id: str
     object: Literal["image.job"] = "image.job"
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     created_at: int
     completed_at: float | None = Field(None, description="When it ended (UNIX seconds), once ended.")
     queue_position: int | None = Field(None, description="Jobs ahead of this one in its model's queue.")

@@ -1,85 +1,51 @@
-"""The scheduler deployment: admission, slots and async jobs. Control state only.
+"""The scheduler deployment: slot admission for every request, and the jobs. Control state only.
 
-Synchronous requests ask for slots (`acquire`), run the stage chain themselves and give the
-slots back (`release`). Jobs (``Prefer: respond-async`` or an ``Idempotency-Key``) are recorded
-in the object store first, then run here when their turn comes; their images are stored, so
-only object keys come back to the scheduler. A restarted scheduler resumes every job whose
-record is not finished; a job whose replica dies is run again (bounded), with stable object
-keys, so each image is stored exactly once.
+Synchronous and streamed requests ask for slots (`acquire`), run the stage chain themselves and
+give the slots back (`release`). Jobs (``Prefer: respond-async`` or an ``Idempotency-Key``) are
+submitted here and run here when their turn comes; `JobLifecycle` (serve_app/job_lifecycle.py)
+holds their records and runs them, `SchedulerCore` (serve_app/admission_policy.py) decides who
+gets slots when. This module wires the two to Ray: the one replica, its timers, its metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ray import serve
 from ray.serve import metrics
-from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState, ServeStatus
 
 from autoscaling.policy import QUEUED_IMAGES, RUNNING_IMAGES, backlog_metric
-from deployments.contracts import EncodeOptions, ImageRequest
-from deployments.generation_log import GenerationLog, generation_rows
+from deployments.config import VariantConfig
+from deployments.errors import ServiceUnavailableError
+from deployments.generation_log import GenerationLog
 from deployments.metrics import stage_metrics
+from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore
-from serve_app.config import AppConfig, VariantConfig
-from serve_app.errors import (
-    IdempotencyConflictError,
-    NotFoundError,
-    OverloadedError,
-    RateLimitError,
-    ServiceUnavailableError,
-    as_api_error,
-    is_storage_failure,
-)
-from serve_app.jobs import JobImage, JobRecord, JobStatus, JobStore, new_record
-from serve_app.pipeline import StageHandles
-from serve_app.retention import RetentionPolicy, sweep_periodically
-from serve_app.scheduling import (
+from serve_app.admission_policy import (
     Admission,
     RateDecision,
     RateLimiter,
     SchedulerCore,
     Ticket,
-    image_cost,
-    retry_after_header,
+    WorkRequest,
 )
-from serve_app.webhook_outbox import WebhookDelivery, WebhookOutbox, delivery_for_job, outbox_from_config
+from serve_app.config import AppConfig
+from serve_app.errors import ModelStartingError, OverloadedError, RateLimitError, retry_after_header
+from serve_app.job_lifecycle import JobLifecycle, JobSubmission, JobView
+from serve_app.retention import RetentionPolicy, sweep_periodically
+from serve_app.webhook_outbox import outbox_from_config
 
 logger = logging.getLogger("ray.serve")
 LEASE_CHECK_INTERVAL_S = 5.0
-STORE_RETRY_FIRST_S = 0.5
-STORE_RETRY_MAX_S = 30.0
-CANCEL_WAIT_S = 10.0
-T = TypeVar("T")
 REPLICA_CHECK_INTERVAL_S = 1.0
 COLD_START_RETRY_AFTER_S = 10.0  # a replica that missed the timeout is usually up soon after
 WAIT_BOUNDARIES_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
-
-
-@dataclass(frozen=True)
-class WorkRequest:
-    """What the ingress asks the scheduler for: slots for ``images`` images of ``variant``.
-
-    The caller names the ticket, so it can give the slots back even when it never saw the grant.
-    """
-
-    tenant: str
-    tier: str
-    variant: str
-    images: int
-    cost: float
-    end_user: str | None = None
-    ticket_id: str = dataclasses.field(default_factory=lambda: f"tkt_{uuid.uuid4().hex}")
 
 
 @dataclass(frozen=True)
@@ -90,31 +56,11 @@ class Grant:
     rate_limit_headers: dict[str, str]
 
 
-@dataclass(frozen=True)
-class JobSubmission:
-    work: WorkRequest
-    request: ImageRequest
-    options: EncodeOptions
-    quality: str
-    idempotency_key: str | None = None
-    body_sha256: str | None = None
-    webhook_url: str | None = None
-
-
-@dataclass(frozen=True)
-class JobView:
-    """A job as its tenant may see it, plus where it stands in the queue."""
-
-    record: JobRecord
-    queue_position: int | None
-    eta_s: float | None
-    rate_limit_headers: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
 def rate_limited(decision: RateDecision) -> RateLimitError:
     return RateLimitError(
         f"Rate limit reached for this API key; retry in {decision.retry_after_s:.1f}s.",
-        headers={**decision.headers(), "retry-after": retry_after_header(decision.retry_after_s)},
+        retry_after_s=decision.retry_after_s,
+        rate_limit_headers=decision.headers(),
     )
 
 
@@ -122,11 +68,8 @@ def overloaded(admission: Admission, decision: RateDecision) -> OverloadedError:
     return OverloadedError(
         f"The service is overloaded ({admission.reason}); retry after "
         f"{retry_after_header(admission.retry_after_s)}s.",
-        headers={
-            **decision.headers(),
-            "retry-after": retry_after_header(admission.retry_after_s),
-            "x-should-retry": "true",
-        },
+        retry_after_s=admission.retry_after_s,
+        rate_limit_headers=decision.headers(),
     )
 
 
@@ -163,12 +106,11 @@ def running_replicas(status: ServeStatus, app_name: str, deployment: str) -> int
     return overview.replica_states.get(ReplicaState.RUNNING, 0)
 
 
-def cold_start_timeout(error_variant: str, timeout_s: float) -> ServiceUnavailableError:
-    return ServiceUnavailableError(
+def cold_start_timeout(error_variant: str, timeout_s: float) -> ModelStartingError:
+    return ModelStartingError(
         f"Model {error_variant!r} is starting from zero replicas and was not ready within "
         f"{timeout_s:.0f}s; retry shortly.",
-        code="model_starting",
-        headers={"retry-after": retry_after_header(COLD_START_RETRY_AFTER_S), "x-should-retry": "true"},
+        retry_after_s=COLD_START_RETRY_AFTER_S,
     )
 
 
@@ -195,49 +137,43 @@ class SchedulerMetrics:
 
 @serve.deployment
 class Scheduler:
-    def __init__(
-        self,
-        config: AppConfig,
-        preprocess: DeploymentHandle,
-        postprocess: DeploymentHandle,
-        models: dict[str, DeploymentHandle],
-    ) -> None:
+    def __init__(self, config: AppConfig, chain: StageChain) -> None:
         self.config = config
-        self.stages = StageHandles(preprocess, postprocess, models)
+        self.chain = chain
         self.core = SchedulerCore(config.tiers, config.scheduler, slots_per_variant(config))
         self.limiter = RateLimiter(config.tiers)
-        self.store = ObjectStore(config.storage)
-        self.jobs = JobStore(self.store)
-        self.log = GenerationLog(
-            self.store, config.storage.log, on_drop=stage_metrics().count_dropped_log_rows
+        store = ObjectStore(config.storage)
+        self.log = GenerationLog(store, config.storage.log, on_drop=stage_metrics().count_dropped_log_rows)
+        outbox = outbox_from_config(config, store)  # None: webhooks are refused
+        self.jobs = JobLifecycle(
+            config, chain, store, self.log, self.core, self.admit, self._dispatch, outbox
         )
         self.metrics = SchedulerMetrics()
         self.waiters: dict[str, asyncio.Future[None]] = {}
         self.abandoned: dict[str, float] = {}  # tickets released before they were granted, by time
-        self.records: dict[str, JobRecord] = {}
-        self.finished: dict[str, asyncio.Event] = {}
-        self.running_jobs: dict[str, asyncio.Task[None]] = {}
-        self.pending_saves: dict[str, asyncio.Future[bool]] = {}  # accepted jobs not yet durable
-        self.finishing: set[str] = set()
-        self.idempotency: dict[tuple[str, str], str] = {}
-        self.waiting_callers = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._recovered = asyncio.Event()
-        self._idempotency_lock = asyncio.Lock()
         self._spawn(self._recover())
         self._spawn(self._tidy_periodically())
         if autoscaled_variants(config):  # polling Serve costs a core's 5% at idle: only when needed
             self._spawn(self._follow_replicas())
         retention = RetentionPolicy.from_config(config.scheduler)
-        self._spawn(sweep_periodically(self.jobs, retention, config.scheduler.retention_sweep_interval_s))
-        self.outbox = outbox_from_config(config, self.store)  # None: webhooks are refused
-        if self.outbox is not None:
-            self._spawn(self.outbox.run())
+        sweep_every_s = config.scheduler.retention_sweep_interval_s
+        self._spawn(sweep_periodically(self.jobs.job_store, retention, sweep_every_s))
+        if outbox is not None:
+            self._spawn(outbox.run())
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _recover(self) -> None:
+        try:
+            await self.jobs.recover()
+        finally:
+            self._recovered.set()
+            self._dispatch()
 
     async def ready(self) -> bool:
         await self._recovered.wait()
@@ -273,8 +209,8 @@ class Scheduler:
         running, and callers waiting for a job to finish (synchronous requests made jobs)."""
         return {
             "variants": self.core.snapshot(),
-            "jobs_running": len(self.running_jobs),
-            "waiting_callers": self.waiting_callers,
+            "jobs_running": len(self.jobs.running_jobs),
+            "waiting_callers": self.jobs.waiting_callers,
         }
 
     # ---- synchronous requests -------------------------------------------------------------
@@ -285,11 +221,8 @@ class Scheduler:
         if work.ticket_id in self.abandoned:  # its caller left before this call even started
             raise asyncio.CancelledError()
         now = time.monotonic()
-        decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user)
-        if not decision.allowed:
-            raise rate_limited(decision)
         ticket = Ticket(work.ticket_id, work.tenant, work.tier, work.variant, work.images)
-        self._admit_or_shed(ticket, now, decision)
+        decision = self.admit(work, ticket)
         waiter = asyncio.get_running_loop().create_future()
         self.waiters[ticket.id] = waiter
         self._dispatch()
@@ -328,7 +261,12 @@ class Scheduler:
             self.abandoned[ticket_id] = now
         self._dispatch()
 
-    def _admit_or_shed(self, ticket: Ticket, now: float, decision: RateDecision) -> None:
+    def admit(self, work: WorkRequest, ticket: Ticket) -> RateDecision:
+        """Rate-check ``work`` and queue its ticket; raises RateLimitError or OverloadedError (429)."""
+        now = time.monotonic()
+        decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user)
+        if not decision.allowed:
+            raise rate_limited(decision)
         admission = self.core.admit(ticket, now)
         if admission.verdict == "shed":
             self.metrics.shed.inc(tags={"tier": ticket.tier})
@@ -336,11 +274,12 @@ class Scheduler:
         if admission.verdict == "defer":
             self.metrics.deferred.inc(tags={"tier": ticket.tier})
         self._update_queue_metrics()
+        return decision
 
     def _dispatch(self) -> None:
         for ticket in self.core.grant(time.monotonic()):
             if ticket.is_job:
-                self._start_job(ticket.id)
+                self.jobs.start(ticket.id)
                 continue
             waiter = self.waiters.pop(ticket.id, None)
             if waiter is None or waiter.done():
@@ -359,33 +298,18 @@ class Scheduler:
         while True:
             await asyncio.sleep(LEASE_CHECK_INTERVAL_S)  # a timer: leases and memory expire by age
             self._reclaim_expired_leases(time.monotonic())
-            self.forget_finished_jobs(time.time())
-
-    def forget_finished_jobs(self, now: float) -> None:
-        """Drop jobs finished over ``job_memory_s`` ago from memory (the store keeps them)."""
-        cutoff = now - self.config.scheduler.job_memory_s
-        forgotten = {
-            job_id
-            for job_id, record in self.records.items()
-            if record.is_terminal and record.completed_at is not None and record.completed_at <= cutoff
-        }
-        for job_id in forgotten:
-            del self.records[job_id]
-            self.finished.pop(job_id, None)
-        self.idempotency = {
-            key: job_id for key, job_id in self.idempotency.items() if job_id not in forgotten
-        }
+            self.jobs.forget_finished_jobs(time.time())
 
     def _reclaim_expired_leases(self, now: float) -> None:
         for ticket_id in self.core.expired_leases(now):
-            if ticket_id not in self.running_jobs:
+            if ticket_id not in self.jobs.running_jobs:
                 logger.warning("reclaiming slots of %s: lease expired", ticket_id)
                 self.core.release(ticket_id, now, 0)
         lease_s = self.config.scheduler.lease_s
         self.abandoned = {ticket_id: at for ticket_id, at in self.abandoned.items() if now - at < lease_s}
         self._dispatch()
 
-    # ---- jobs ----------------------------------------------------------------------------
+    # ---- jobs: JobLifecycle, on the scheduler's one replica ----------------------------------
 
     async def check_admission(self, work: WorkRequest) -> None:
         """Raise the 429 that `submit` would raise now, taking nothing: a job's uploads are
@@ -402,318 +326,19 @@ class Scheduler:
     async def submit(self, submission: JobSubmission) -> JobView:
         """Accept a job (or return the one an Idempotency-Key already names)."""
         await self._recovered.wait()
-        if submission.idempotency_key is None:
-            return await self._accept(submission)
-        async with self._idempotency_lock:  # check-then-register must not interleave
-            existing = await self._idempotent_match(submission)
-            if existing is not None:
-                return self._view(existing)
-            return await self._accept(submission)
-
-    async def _accept(self, submission: JobSubmission) -> JobView:
-        work = submission.work
-        now = time.monotonic()
-        decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user)
-        if not decision.allowed:
-            raise rate_limited(decision)
-        record = new_record(
-            submission.request,
-            submission.options,
-            tier=work.tier,
-            quality=submission.quality,
-            idempotency_key=submission.idempotency_key,
-            body_sha256=submission.body_sha256,
-            webhook_url=submission.webhook_url,
-        )
-        ticket = Ticket(record.id, work.tenant, work.tier, work.variant, work.images, is_job=True)
-        self._admit_or_shed(ticket, now, decision)
-        record.order_key = ticket.order_key
-        self.records[record.id] = record
-        self.finished[record.id] = asyncio.Event()
-        idempotency = (work.tenant, submission.idempotency_key) if submission.idempotency_key else None
-        if idempotency:
-            self.idempotency[idempotency] = record.id  # before any await: a concurrent repeat attaches
-        # The job may be granted while its record is saved: it starts only once the save is done.
-        saved = self.pending_saves[record.id] = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.to_thread(self.jobs.save, record)  # durable before it is acknowledged
-            if idempotency:
-                await asyncio.to_thread(self.jobs.remember_idempotency_key, *idempotency, record.id)
-        except Exception:
-            saved.set_result(False)
-            self.core.cancel(ticket.id)
-            self.records.pop(record.id, None)
-            self.finished.pop(record.id, None)
-            if idempotency:
-                self.idempotency.pop(idempotency, None)
-            raise
-        else:
-            saved.set_result(True)
-        finally:
-            del self.pending_saves[record.id]
-        self._dispatch()
-        return dataclasses.replace(self._view(record), rate_limit_headers=decision.headers())
-
-    async def _idempotent_match(self, submission: JobSubmission) -> JobRecord | None:
-        key = submission.idempotency_key
-        if key is None:
-            return None
-        tenant = submission.work.tenant
-        job_id = self.idempotency.get((tenant, key))
-        if job_id is None:
-            job_id = await asyncio.to_thread(self.jobs.job_for_idempotency_key, tenant, key)
-        if job_id is None:
-            return None
-        record = await self._record(job_id)
-        if record is None:
-            return None
-        if record.body_sha256 != submission.body_sha256:
-            raise IdempotencyConflictError(
-                "This Idempotency-Key was already used with a different request body.",
-                param="Idempotency-Key",
-            )
-        return record
-
-    async def _record(self, job_id: str) -> JobRecord | None:
-        record = self.records.get(job_id)
-        if record is None:
-            record = await asyncio.to_thread(self.jobs.load, job_id)
-        return record
+        return await self.jobs.submit(submission)
 
     async def get(self, tenant: str, job_id: str) -> JobView:
-        record = await self._record(job_id)
-        if record is None or record.tenant != tenant:  # another tenant's job does not exist for you
-            raise NotFoundError(f"No job with id {job_id!r}.", param="job_id", code="job_not_found")
-        return self._view(record)
+        return await self.jobs.get(tenant, job_id)
 
     async def wait(self, tenant: str, job_id: str) -> JobView:
         """Wait until the job is finished, then return it."""
-        view = await self.get(tenant, job_id)
-        event = self.finished.get(job_id)
-        if not view.record.is_terminal and event is not None:
-            self.waiting_callers += 1
-            try:
-                await event.wait()
-            finally:
-                self.waiting_callers -= 1
-        return await self.get(tenant, job_id)
+        return await self.jobs.wait(tenant, job_id)
 
     async def cancel(self, tenant: str, job_id: str) -> JobView:
         """Cancel a queued job at once, or a running one (its work stops at the next step)."""
-        view = await self.get(tenant, job_id)
-        record = self.records.get(job_id)
-        if record is None or record.is_terminal:
-            return view
-        if self.core.cancel(job_id):
-            await self._finish_within(record, "cancelled")
-        elif (task := self.running_jobs.get(job_id)) is not None:
-            task.cancel()  # a job that had not started yet ends without running a step
-            await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
-            if task.done() and job_id not in self.finishing and not self.records[job_id].is_terminal:
-                await self._finish_within(record, "cancelled")
-        return await self.get(tenant, job_id)
-
-    async def _finish_within(self, record: JobRecord, status: JobStatus) -> None:
-        """Finish a job, waiting a bounded time for its record to be stored (it keeps trying after)."""
-        finishing = asyncio.get_running_loop().create_task(self._finish(record, status))
-        self._background.add(finishing)
-        finishing.add_done_callback(self._background.discard)
-        await asyncio.wait({finishing}, timeout=CANCEL_WAIT_S)
-
-    def _view(self, record: JobRecord) -> JobView:
-        record = record.model_copy(deep=True)  # a snapshot: the live record keeps changing
-        if record.status != "queued":
-            return JobView(record, None, None)
-        ticket = self.core.queued.get(record.id)
-        if ticket is None:  # granted a moment ago: it starts now
-            return JobView(record, 0, 0.0)
-        ahead = self.core.backlog(ticket.variant) - ticket.images
-        eta = self.core.predicted_wait_s(ticket.variant, max(ahead, 0), time.monotonic())
-        return JobView(record, self.core.queue_position(record.id), eta)
-
-    def _start_job(self, job_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_job(job_id))
-        self.running_jobs[job_id] = task
-        # Also when the task is cancelled before its first step (its `finally` never runs then).
-        task.add_done_callback(lambda _: self._release_job(job_id))
-
-    def _release_job(self, job_id: str) -> None:
-        """Give a job's slots back; once per grant, however often it is called."""
-        self.running_jobs.pop(job_id, None)
-        record = self.records.get(job_id)
-        if self.core.release(job_id, time.monotonic(), len(record.images) if record else 0):
-            self._dispatch()
-
-    async def _run_job(self, job_id: str) -> None:
-        pending_save = self.pending_saves.get(job_id)
-        if pending_save is not None and not await pending_save:
-            return  # its record could not be saved: the client was told, and it must not run
-        record = self.records.get(job_id)
-        if record is None or record.is_terminal or job_id in self.finishing:
-            return
-        deadline = time.monotonic() + self.config.scheduler.job_store_retry_s
-        status: JobStatus = "failed"
-        try:
-            record.status = "running"
-            record.attempts += 1
-            await self._retry_storage(functools.partial(asyncio.to_thread, self.jobs.save, record), deadline)
-            options = dataclasses.replace(
-                record.encode_options,
-                response_format="url",
-                job_id=record.id,
-                job_created_at=record.created_at,
-            )
-
-            def count_attempt() -> None:
-                record.attempts += 1
-
-            run = functools.partial(
-                self.stages.run,
-                record.image_request,
-                options,
-                self.config.scheduler.job_attempts,
-                self.config.timeouts.pipeline_s,
-                on_retry=count_attempt,
-            )
-            stored = await self._retry_storage(run, deadline)
-            record.images = [
-                JobImage(object_key=item.object_key or "", seed=item.seed, byte_count=item.byte_count)
-                for item in stored
-            ]
-            self._log(record, stored=stored)
-            status = "succeeded"
-        except asyncio.CancelledError:
-            status = "cancelled"
-        except Exception as failure:
-            error = as_api_error(failure)
-            record.error_type, record.error_code = error.error_type, error.code or error.error_type
-            record.error_message, record.error_status = error.message, error.status_code
-            self._log(record, error_code=record.error_code)
-        finally:
-            self._release_job(job_id)
-        await self._finish(record, status)
-
-    @staticmethod
-    async def _retry_storage(call: Callable[[], Awaitable[T]], deadline: float) -> T:
-        """Run ``call``, retrying storage failures with backoff until ``deadline`` (monotonic)."""
-        delay = STORE_RETRY_FIRST_S
-        while True:
-            try:
-                return await call()
-            except Exception as failure:
-                if not is_storage_failure(failure) or time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("object store failing; retrying in %.1fs: %r", delay, failure)
-            await asyncio.sleep(delay)  # backoff while the store is down
-            delay = min(2 * delay, STORE_RETRY_MAX_S)
-
-    def _log(self, record: JobRecord, stored: Any = None, error_code: str | None = None) -> None:
-        if self.config.storage.log.enabled:
-            include_prompt = self.config.storage.log.include_prompt
-            self.log.append(
-                generation_rows(
-                    record.image_request, stored, include_prompt=include_prompt, error_code=error_code
-                )
-            )
-
-    async def _finish(self, record: JobRecord, status: JobStatus) -> None:
-        """Make a job's outcome final: stored first, then visible, then announced; once per job.
-
-        The terminal record is saved until the store takes it (a restart before then runs the
-        job again, which is safe: nobody has seen an outcome). Only then do pollers and waiters
-        see it and is the webhook sent, so an outcome never changes and is announced once.
-        """
-        if record.id in self.finishing or record.is_terminal:
-            return
-        self.finishing.add(record.id)
-        webhook = self._webhook_for(record, status)
-        try:
-            if webhook is not None:  # stored before the outcome, so no restart can lose it
-                await self._retry_storage(
-                    functools.partial(asyncio.to_thread, self._outbox().save, webhook), deadline=float("inf")
-                )
-            final = record.model_copy(update={"status": status})
-            await self._retry_storage(
-                functools.partial(asyncio.to_thread, self.jobs.save, final), deadline=float("inf")
-            )
-            self.records[record.id] = final
-        finally:
-            self.finishing.discard(record.id)
-        request = final.image_request
-        uploads = [*request.input_keys, *([request.mask_key] if request.mask_key else [])]
-        for key in uploads:  # a finished job never runs again: its stashed uploads can go
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.store.delete, key)
-        if (event := self.finished.get(record.id)) is not None:
-            event.set()
-        if self.log.is_due():
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.log.flush)
-        if webhook is not None:
-            self._outbox().arm(webhook)
-
-    def _webhook_for(self, record: JobRecord, status: JobStatus) -> WebhookDelivery | None:
-        """The webhook announcing ``status``, when the job asked for one (and webhooks are on)."""
-        if record.webhook_url is None or self.outbox is None:  # checked at submission
-            return None
-        payload = {"id": record.id, "object": "image.job", "status": status}
-        return delivery_for_job(record.id, record.webhook_url, payload, time.time())
-
-    def _outbox(self) -> WebhookOutbox:
-        assert self.outbox is not None, "a job's webhook is only made when the outbox exists"
-        return self.outbox
-
-    def _is_final(self, job_id: str) -> bool:
-        record = self.jobs.load(job_id)
-        return record is not None and record.is_terminal
-
-    async def _recover(self) -> None:
-        """Queue again every job a previous scheduler accepted but did not finish."""
-        try:
-            records = await asyncio.to_thread(self.jobs.active)
-            for record in records:
-                if record.is_terminal:  # it finished, but the scheduler stopped before the marker went
-                    await asyncio.to_thread(self.jobs.forget_active, record.id)
-                    continue
-                record.status = "queued"
-                self.records[record.id] = record
-                self.finished[record.id] = asyncio.Event()
-                if record.idempotency_key:
-                    self.idempotency[(record.tenant, record.idempotency_key)] = record.id
-                request = record.image_request
-                self.core.restore(
-                    Ticket(
-                        record.id,
-                        record.tenant,
-                        record.tier,
-                        request.variant,
-                        request.n,
-                        is_job=True,
-                        enqueued_at=time.monotonic(),
-                        order_key=time.monotonic(),
-                    )
-                )
-            if records:
-                logger.info("recovered %d unfinished jobs", len(records))
-            if self.outbox is not None:
-                await self.outbox.recover(self._is_final)
-        except Exception:
-            logger.exception("job recovery failed; new work is still accepted")
-        finally:
-            self._recovered.set()
-            self._dispatch()
+        return await self.jobs.cancel(tenant, job_id)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.log.flush()
-
-
-def work_request(request: ImageRequest, tier: str) -> WorkRequest:
-    return WorkRequest(
-        tenant=request.tenant,
-        tier=tier,
-        variant=request.variant,
-        images=request.n,
-        cost=image_cost(request.width, request.height, request.steps, request.n),
-        end_user=request.safety_identifier,
-    )

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from deployments.contracts import EncodedPartialImage, StreamEvent
-from serve_app.errors import APIError, as_api_error
+from deployments.errors import APIError
+from serve_app.errors import as_api_error, error_body
 from serve_app.protocol import (
-    ErrorResponse,
     ImageCompletedEvent,
     ImagePartialImageEvent,
     ImageUsage,
@@ -102,7 +102,7 @@ def image_event(event: StreamEvent, description: StreamDescription) -> bytes:
 
 
 def error_event(error: APIError) -> bytes:
-    return server_sent_event("error", ErrorResponse(error=error.info()).model_dump_json())
+    return server_sent_event("error", error_body(error).model_dump_json())
 
 
 async def event_stream(

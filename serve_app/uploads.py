@@ -10,6 +10,7 @@ them to preprocess once, where they are decoded safely.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,16 +22,11 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from serve_app.config import LimitsConfig
-from serve_app.errors import (
-    InvalidRequestError,
-    PayloadTooLargeError,
-    RequestTimeoutError,
-    UnsupportedMediaTypeError,
-    field_error,
-    is_json,
-    validation_error,
-)
+from deployments.config import LimitsConfig
+from deployments.errors import InvalidRequestError, UnsupportedMediaTypeError
+from serve_app.errors import PayloadTooLargeError, RequestTimeoutError, field_error, is_json, validation_error
+from serve_app.jobs import body_digest
+from serve_app.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -191,6 +187,71 @@ async def read_form(request: Request, limits: UploadLimits) -> UploadedForm:
             "The multipart body ended before its closing boundary.", code="invalid_multipart"
         )
     return collector.form
+
+
+@dataclass(frozen=True)
+class GenerationBody:
+    """A generations request as the route read it: the typed body and its digest."""
+
+    request: ImageGenerationRequest
+    body_sha256: str
+
+
+@dataclass(frozen=True)
+class EditUpload:
+    """An edits request as the route read it: the typed fields, the files, and their digest."""
+
+    request: ImageEditRequest
+    images: list[bytes]
+    mask: bytes | None
+    markup: bytes | None
+    body_sha256: str
+
+
+@dataclass(frozen=True)
+class VariationUpload:
+    """A variations request as the route read it: the typed fields, the image, and their digest."""
+
+    request: ImageVariationRequest
+    images: list[bytes]
+    body_sha256: str
+
+
+def upload_digest(fields: dict[str, str], files: list[bytes]) -> str:
+    """A digest of a multipart request's text fields and files, for idempotency checks."""
+    digest = hashlib.sha256(body_digest(fields).encode())
+    for data in files:
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+async def read_generation(request: Request, limits: UploadLimits) -> GenerationBody:
+    body = await read_json(request, ImageGenerationRequest, limits)
+    return GenerationBody(body, body_digest(body.model_dump(mode="json", exclude_unset=True)))
+
+
+async def read_edit(request: Request, limits: UploadLimits) -> EditUpload:
+    form = await read_form(request, limits)
+    form.only_files("image", "image[]", "mask", "markup")
+    fields = parse_fields(ImageEditRequest, form.fields)
+    images, masks, markups = form.files_of("image", "image[]"), form.files_of("mask"), form.files_of("markup")
+    if len(masks) > 1:
+        raise InvalidRequestError("Send at most one mask.", param="mask")
+    return EditUpload(
+        fields,
+        images,
+        masks[0] if masks else None,
+        markups[0] if markups else None,
+        upload_digest(form.fields, [*images, *masks]),
+    )
+
+
+async def read_variation(request: Request, limits: UploadLimits) -> VariationUpload:
+    form = await read_form(request, limits)
+    form.only_files("image")
+    fields = parse_fields(ImageVariationRequest, form.fields)
+    images = form.files_of("image")
+    return VariationUpload(fields, images, upload_digest(form.fields, images))
 
 
 async def body_chunks(request: Request, max_bytes: int, timeout_s: float) -> AsyncIterator[bytes]:

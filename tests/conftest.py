@@ -9,7 +9,8 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from serve_app.config import CONFIG_DIR, AppConfig, VariantConfig, load_config
+from deployments.config import VariantConfig
+from serve_app.config import CONFIG_DIR, AppConfig, load_config
 
 TEST_SIGNING_KEY = "test-signing-key"
 

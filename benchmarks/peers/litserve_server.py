@@ -20,9 +20,10 @@ import numpy as np
 from fastapi import HTTPException
 from pydantic import BaseModel
 
+from deployments.config import VariantConfig
 from deployments.contracts import ImageTask
 from deployments.images import encode_image
-from serve_app.config import VariantConfig, load_config
+from serve_app.config import load_config
 
 Item = tuple[str, int, int]  # prompt, width, height
 

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from deployments.contracts import MASK_EDIT_THRESHOLD, ImageTask
+from deployments.errors import InvalidRequestError
 from deployments.images import to_uint8
 from deployments.models.registry import DenoisingHooks, ImageFamily
-from serve_app.errors import InvalidRequestError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]

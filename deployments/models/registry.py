@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from deployments.config import VariantConfig
 from deployments.contracts import ImageTask
 from deployments.models.builtin import resolve_weights
-from serve_app.config import VariantConfig
 
 FAMILIES: dict[str, str] = {
     "diffusion": "deployments.models.diffusion:DiffusionFamily",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from benchmarks.report import PLOTS, REQUEST_SCHEMA, SUMMARY_SCHEMA
+from benchmarks.run_report import PLOTS, REQUEST_SCHEMA, SUMMARY_SCHEMA
 
 RUN_TIMEOUT_S = 240
 

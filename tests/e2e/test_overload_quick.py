@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from benchmarks.report import REQUEST_SCHEMA
+from benchmarks.run_report import REQUEST_SCHEMA
 
 RUN_TIMEOUT_S = 240
 

@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
+from deployments.config import StorageConfig
 from deployments.storage import ObjectStore
-from serve_app.config import StorageConfig
-from serve_app.report import read_generation_log
+from serve_app.log_report import read_generation_log
 from tests.conftest import free_port
 
 STARTUP_TIMEOUT_S = 180

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import httpx
 import pytest
 import ray
@@ -13,9 +19,11 @@ from openai import OpenAI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.config import LimitsConfig, StorageConfig
 from serve_app.app import build_app
-from serve_app.config import AppConfig, LimitsConfig
+from serve_app.config import AppConfig
 from tests.conftest import free_port, make_test_config
+from tests.integration.tcp_proxy import TcpProxy
 
 AWS_TEST_ENVIRONMENT = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -76,3 +84,57 @@ def openai_client(service: RunningService) -> OpenAI:
 def model_replica(service: RunningService) -> DeploymentHandle:
     """The embedded default's ModelReplica, to read its scheduling state (``stats``)."""
     return serve.get_deployment_handle("ModelReplica-tiny-sd", app_name="imagegen")
+
+
+@dataclass(frozen=True)
+class ProxiedS3:
+    """moto's S3 server on loopback, reached through a TcpProxy the tests cut and restore.
+
+    ``client`` is a boto3 client that talks to moto directly, never through the proxy, so a test
+    can look at the bucket while the service's way to it is cut.
+    """
+
+    proxy: TcpProxy
+    client: Any
+
+    def storage(self, bucket: str, prefix: str, **settings: Any) -> StorageConfig:
+        """A new bucket, and storage in it through the proxy, with fast retries and breaker."""
+        self.client.create_bucket(Bucket=bucket)
+        fast: dict[str, Any] = {"attempts": 2, "backoff_s": 0.05, "timeout_s": 1.0, "breaker_failures": 2}
+        return StorageConfig(
+            url=f"s3://{bucket}/{prefix}",
+            endpoint_url=f"http://127.0.0.1:{self.proxy.port}",
+            **{**fast, **settings},
+        )
+
+
+def wait_for_port(port: int, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listening on {port}"
+            time.sleep(0.1)  # polling until a freshly started server accepts connections
+
+
+@pytest.fixture(scope="module")
+def proxied_s3(service: RunningService) -> Iterator[ProxiedS3]:
+    # The shared `service` fixture exported AWS test credentials before Ray started, so replicas see them.
+    port = free_port()
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proxy = TcpProxy(port)
+    try:
+        wait_for_port(port)
+        proxy.restore()
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+        yield ProxiedS3(proxy, client)
+    finally:
+        proxy.cut()
+        moto.terminate()
+        moto.wait(timeout=30)

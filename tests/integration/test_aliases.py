@@ -14,10 +14,11 @@ import pytest
 from openai import OpenAI
 from ray import serve
 
+from deployments.config import GenerationLogConfig
 from deployments.storage import ObjectStore
 from serve_app.aliases import caller_identity, choose_variant
-from serve_app.config import AppConfig, GenerationLogConfig
-from serve_app.report import read_generation_log
+from serve_app.config import AppConfig
+from serve_app.log_report import read_generation_log
 from tests.integration.conftest import RunningService
 
 APP_NAME = "imagegen-aliases"

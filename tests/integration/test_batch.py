@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from deployments.config import StorageConfig
 from deployments.models.registry import load_family
 from deployments.storage import ObjectStore
 from serve_app.batch import BatchSettings, batch_settings, read_results, run_batch, seed_from_prompt
-from serve_app.config import StorageConfig
 from tests.conftest import load_variant
 from tests.integration.conftest import RunningService
 

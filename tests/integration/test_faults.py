@@ -11,8 +11,6 @@ import contextlib
 import io
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,17 +19,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 from PIL import Image
 from pydantic import SecretStr
 from ray import serve
 
+from deployments.config import GenerationLogConfig
 from serve_app.app import build_app
-from serve_app.config import AppConfig, GenerationLogConfig, SchedulerConfig, StorageConfig, TierConfig
-from tests.conftest import free_port
-from tests.integration.conftest import RunningService
+from serve_app.config import AppConfig, SchedulerConfig, TierConfig
+from tests.integration.conftest import ProxiedS3, RunningService
 from tests.integration.tcp_proxy import TcpProxy
 
 APP_NAME = "imagegen-faults"
@@ -86,17 +83,6 @@ class FaultService:
         return [item["Key"] for item in listing.get("Contents", [])]
 
 
-def wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 30.0
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-            return
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, f"nothing listening on {port}"
-            time.sleep(0.1)  # polling until a freshly started server accepts connections
-
-
 def webhook_receiver(log: WebhookLog) -> ThreadingHTTPServer:
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -115,36 +101,20 @@ def webhook_receiver(log: WebhookLog) -> ThreadingHTTPServer:
 
 
 @pytest.fixture(scope="module")
-def faults(service: RunningService, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultService]:
+def faults(
+    service: RunningService, proxied_s3: ProxiedS3, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FaultService]:
     keys_file = tmp_path_factory.mktemp("faults") / "keys.yaml"
     keys = [
         {"key": API_KEY, "tenant": TENANT, "tier": "paid"},
         {"key": TRICKLE_KEY, "tenant": "trickle", "tier": "trickle"},
     ]
     keys_file.write_text(json.dumps({"keys": keys}))
-    moto_port = free_port()
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     webhooks = WebhookLog()
     receiver = webhook_receiver(webhooks)
-    proxy = TcpProxy(moto_port)
     try:
-        wait_for_port(moto_port)
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1")
-        s3.create_bucket(Bucket=BUCKET)
-        proxy.restore()
-        storage = StorageConfig(
-            url=f"s3://{BUCKET}/{PREFIX}",
-            endpoint_url=f"http://127.0.0.1:{proxy.port}",
-            attempts=2,
-            backoff_s=0.05,
-            timeout_s=1.0,
-            breaker_failures=2,
-            breaker_reset_s=1.0,
-            log=GenerationLogConfig(enabled=False),
+        storage = proxied_s3.storage(
+            BUCKET, PREFIX, breaker_reset_s=1.0, log=GenerationLogConfig(enabled=False)
         )
         auth = service.config.auth.model_copy(
             update={"webhook_secret": SecretStr(WEBHOOK_SECRET), "keys_file": keys_file}
@@ -169,8 +139,8 @@ def faults(service: RunningService, tmp_path_factory: pytest.TempPathFactory) ->
         serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE)
         yield FaultService(
             f"{service.base_url}{ROUTE}",
-            proxy,
-            s3,
+            proxied_s3.proxy,
+            proxied_s3.client,
             webhooks,
             f"http://127.0.0.1:{receiver.server_address[1]}/hook",
         )
@@ -178,9 +148,6 @@ def faults(service: RunningService, tmp_path_factory: pytest.TempPathFactory) ->
         serve.delete(APP_NAME)
         receiver.shutdown()
         receiver.server_close()
-        proxy.cut()
-        moto.terminate()
-        moto.wait(timeout=30)
 
 
 def scheduler_stats() -> dict[str, Any]:

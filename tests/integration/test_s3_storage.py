@@ -5,14 +5,12 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import boto3
 import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,14 +19,14 @@ from openai import OpenAI
 from PIL import Image
 from ray import serve
 
+from deployments.config import GenerationLogConfig
 from deployments.generation_log import SCHEMA
 from deployments.model_replica import ReplicaStats
 from deployments.storage import ObjectStore
 from serve_app.app import build_app
-from serve_app.config import AppConfig, GenerationLogConfig, StorageConfig
-from serve_app.report import read_generation_log
-from tests.conftest import free_port
-from tests.integration.conftest import RunningService
+from serve_app.config import AppConfig
+from serve_app.log_report import read_generation_log
+from tests.integration.conftest import ProxiedS3, RunningService
 from tests.integration.tcp_proxy import TcpProxy
 
 BUCKET = "imagegen-test"
@@ -53,57 +51,20 @@ class S3Service:
         return [item["Key"] for item in listing.get("Contents", [])]
 
 
-def wait_for_port(port: int, deadline_s: float = 30.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listening on {port}"
-            time.sleep(0.1)  # polling until a freshly started server accepts connections
-
-
 @pytest.fixture(scope="module")
-def moto_port() -> Iterator[int]:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def s3_service(service: RunningService, moto_port: int) -> Iterator[S3Service]:
-    # The shared fixture exported AWS test credentials before Ray started, so replicas see them.
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
-    proxy = TcpProxy(moto_port)
-    proxy.restore()
-    storage = StorageConfig(
-        url=f"s3://{BUCKET}/{PREFIX}",
-        endpoint_url=f"http://127.0.0.1:{proxy.port}",
-        attempts=2,
-        backoff_s=0.05,
-        timeout_s=1.0,
-        breaker_failures=2,
+def s3_service(service: RunningService, proxied_s3: ProxiedS3) -> Iterator[S3Service]:
+    storage = proxied_s3.storage(
+        BUCKET,
+        PREFIX,
         breaker_reset_s=5.0,  # far longer than the refusals the outage test counts while it is open
         log=GenerationLogConfig(flush_rows=1, flush_interval_s=1.0),
     )
     config = service.config.model_copy(update={"storage": storage})
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE)
     try:
-        yield S3Service(f"{service.base_url}{ROUTE}", config, proxy, s3)
+        yield S3Service(f"{service.base_url}{ROUTE}", config, proxied_s3.proxy, proxied_s3.client)
     finally:
         serve.delete(APP_NAME)
-        proxy.cut()
 
 
 @pytest.fixture

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from deployments.config import StorageConfig
 from deployments.contracts import EncodeOptions, ImageRequest
+from deployments.errors import InvalidRequestError
 from deployments.storage import ObjectStore
 from serve_app.auth import KeyRing
-from serve_app.config import StorageConfig
-from serve_app.errors import AuthenticationError, InvalidRequestError
-from serve_app.jobs import (
-    JobStore,
-    body_digest,
-    check_webhook_url,
-    new_record,
-    sign_webhook,
-)
+from serve_app.errors import AuthenticationError
+from serve_app.jobs import JobStore, body_digest, check_webhook_url, new_record, sign_webhook
 
 TIERS = {"paid", "free"}
 

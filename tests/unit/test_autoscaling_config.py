@@ -9,8 +9,9 @@ from pydantic import ValidationError
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
 from autoscaling.policy import BacklogPolicy
+from deployments.config import ModelAutoscalingConfig, VariantConfig
 from serve_app.app import _deployment_options, application_autoscaling_policy
-from serve_app.config import AppConfig, ModelAutoscalingConfig, StageAutoscalingConfig, VariantConfig
+from serve_app.config import AppConfig, StageAutoscalingConfig
 from serve_app.scheduler import autoscaled_variants
 
 VARIANT: dict[str, Any] = {

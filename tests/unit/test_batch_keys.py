@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from deployments.errors import InvalidRequestError
 from serve_app.batch import batch_settings, seed_from_prompt, with_keys
-from serve_app.errors import InvalidRequestError
 from tests.conftest import load_variant
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from benchmarks.loadgen import RequestRecord
-from benchmarks.report import (
+from benchmarks.run_report import (
     ServerCpu,
     concurrency_table,
     evaluate_targets,

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from deployments.call_timeouts import bounded, each_within
 from deployments.contracts import EncodeOptions
-from serve_app.call_timeouts import UpstreamTimeoutError, bounded, each_within
-from serve_app.errors import as_api_error
-from serve_app.pipeline import StageHandles
-from serve_app.planning import plan_generation
+from deployments.errors import UpstreamTimeoutError
+from deployments.stage_chain import StageChain
+from serve_app.errors import as_api_error, error_headers, error_info, http_status
+from serve_app.planning import PlanTarget, plan_generation
 from serve_app.protocol import ImageGenerationRequest
 from tests.conftest import make_test_config
 
@@ -47,29 +48,24 @@ def test_a_call_that_never_answers_is_cancelled_and_becomes_a_504() -> None:
             await asyncio.wait_for(bounded(never, 0.05, "The scheduler"), HANG_GUARD_S)
         assert never.cancelled()
         error = as_api_error(raised.value)
-        assert error.status_code == 504
-        assert error.info().model_dump()["code"] == "upstream_timeout"
+        assert http_status(error) == 504
+        assert error_info(error).model_dump()["code"] == "upstream_timeout"
         assert "The scheduler did not answer" in error.message
-        assert error.headers["retry-after"]
+        assert error_headers(error)["retry-after"] and error_headers(error)["x-should-retry"] == "true"
 
     asyncio.run(scenario())
 
 
 def test_a_wedged_stage_chain_fails_cleanly_once_and_cancels_every_stage(tmp_path: Any) -> None:
     config = make_test_config(tmp_path)
-    request, _ = plan_generation(
-        ImageGenerationRequest(prompt="a square", size="64x64"),
-        config.variants[0],
-        config.limits,
-        request_id="req_1",
-        tenant="local",
-    )
+    target = PlanTarget(config.variants[0], config.limits, request_id="req_1", tenant="local")
+    request, _ = plan_generation(ImageGenerationRequest(prompt="a square", size="64x64"), target)
 
     async def scenario() -> None:
         handle: Any = WedgedHandle(asyncio.get_running_loop())
-        stages = StageHandles(handle, handle, {request.variant: handle})
+        chain = StageChain(handle, handle, {request.variant: handle})
         retries: list[int] = []
-        run = stages.run(request, EncodeOptions(), 4, 0.05, on_retry=lambda: retries.append(1))
+        run = chain.make_images(request, EncodeOptions(), 4, 0.05, on_retry=lambda: retries.append(1))
         with pytest.raises(UpstreamTimeoutError):
             await asyncio.wait_for(run, HANG_GUARD_S)
         assert retries == []  # a timeout is not retried: the work may be stuck behind a wedged pass

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import VariantConfig, load_config, parse_size
+from deployments.config import VariantConfig, parse_size
+from serve_app.config import load_config
 
 
 def test_default_config_loads() -> None:

@@ -10,9 +10,10 @@ from PIL import Image
 
 from deployments.contracts import ImageRequest
 from deployments.decoding import mask_from_alpha, open_upload, sniff_format, to_rgb_array
+from deployments.errors import APIError, InvalidRequestError, UnsupportedMediaTypeError
 from deployments.images import encode_image
 from deployments.preprocess import collage, expand_request, prepare_inputs
-from serve_app.errors import APIError, InvalidRequestError, UnsupportedMediaTypeError
+from serve_app.errors import http_status
 from tests.images import animated, encoded, hole_mask, noise, png_declaring
 
 MAX_PIXELS = 4096 * 4096
@@ -59,7 +60,7 @@ def test_pixel_bombs_are_refused_before_decoding(width: int, height: int, max_pi
 )
 def test_other_formats_are_415_whatever_they_are_called(data: bytes) -> None:
     error = decode_error(data)
-    assert isinstance(error, UnsupportedMediaTypeError) and error.status_code == 415
+    assert isinstance(error, UnsupportedMediaTypeError) and http_status(error) == 415
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_other_formats_are_415_whatever_they_are_called(data: bytes) -> None:
 def test_empty_corrupt_truncated_and_animated_are_400_invalid_image(data: bytes) -> None:
     error = decode_error(data)
     assert isinstance(error, InvalidRequestError)
-    assert (error.status_code, error.code, error.param) == (400, "invalid_image", "image")
+    assert (http_status(error), error.code, error.param) == (400, "invalid_image", "image")
 
 
 def test_sniffing_reads_signatures_only() -> None:
@@ -139,7 +140,7 @@ def test_a_mask_of_another_size_is_400_on_mask() -> None:
     request = edit_request([encoded(noise(80, 80), "PNG")], mask=hole_mask(64, 64))
     with pytest.raises(InvalidRequestError) as raised:
         prepare_inputs(request, MAX_PIXELS)
-    assert (raised.value.status_code, raised.value.param) == (400, "mask")
+    assert (http_status(raised.value), raised.value.param) == (400, "mask")
 
 
 def test_several_images_with_a_mask_fill_the_hole_from_the_others() -> None:

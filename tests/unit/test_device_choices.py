@@ -15,9 +15,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from deployments.config import VariantConfig
 from deployments.models import diffusion
 from deployments.models.diffusion import DiffusionFamily
-from serve_app.config import VariantConfig
 from tests.conftest import make_test_config
 
 XFORMERS_SPEC = importlib.util.spec_from_loader("xformers", loader=None)

@@ -7,8 +7,8 @@ import dataclasses
 
 from deployments.contracts import ImageRequest
 from deployments.generation_log import SCHEMA, generation_rows
+from serve_app.admission_policy import RateLimiter
 from serve_app.config import TierConfig
-from serve_app.scheduling import RateLimiter
 
 REQUEST = ImageRequest(
     request_id="req-1",

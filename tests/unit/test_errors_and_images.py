@@ -11,28 +11,32 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
 
+from deployments.errors import APIError, ClientErrorLogFilter, InvalidRequestError, unwrap_remote_error
 from deployments.images import encode_image, to_uint8
 from serve_app.errors import (
-    APIError,
-    ClientErrorLogFilter,
-    InvalidRequestError,
     NotFoundError,
+    OverloadedError,
     as_api_error,
-    unwrap_remote_error,
+    error_headers,
+    http_status,
     validation_error,
 )
 
 
 def test_api_errors_survive_pickling_between_processes() -> None:
-    error = NotFoundError("gone", param="model", code="model_not_found", headers={"x": "1"})
+    error = NotFoundError("gone", param="model", code="model_not_found", retry_after_s=2.5)
     copy = pickle.loads(pickle.dumps(error))
     assert isinstance(copy, NotFoundError)
-    assert (copy.message, copy.param, copy.code, copy.headers) == (
+    assert (copy.message, copy.param, copy.code, copy.retry_after_s) == (
         "gone",
         "model",
         "model_not_found",
-        {"x": "1"},
+        2.5,
     )
+    limited = pickle.loads(
+        pickle.dumps(OverloadedError("shed", retry_after_s=3.2, rate_limit_headers={"x": "1"}))
+    )
+    assert error_headers(limited) == {"x": "1", "retry-after": "4", "x-should-retry": "true"}
 
 
 def test_ray_task_errors_unwrap_to_the_stage_error() -> None:
@@ -53,13 +57,13 @@ def test_a_replica_that_died_behind_serve_is_a_503() -> None:
     wrapped.__cause__ = dead  # how Serve reports a dead stage to the caller of the next one
     for failure in (dead, wrapped):
         error = as_api_error(failure)
-        assert error.status_code == 503 and error.headers["retry-after"] == "1"
+        assert http_status(error) == 503 and error_headers(error)["retry-after"] == "1"
         assert error.message == "A model replica became unavailable; retry shortly."
 
 
 def test_unknown_exceptions_become_a_generic_500() -> None:
     error = as_api_error(RuntimeError("secret internals"))
-    assert type(error) is APIError and error.status_code == 500
+    assert type(error) is APIError and http_status(error) == 500
     assert "secret" not in error.message
 
 
@@ -76,7 +80,7 @@ def test_validation_errors_map(
     errors: list[dict[str, object]], content_type: str | None, status: int, param: str | None
 ) -> None:
     error = validation_error(RequestValidationError(errors), content_type)
-    assert error.status_code == status
+    assert http_status(error) == status
     assert error.param == param
 
 

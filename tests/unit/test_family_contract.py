@@ -17,10 +17,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from deployments.config import VariantConfig, parse_size
 from deployments.contracts import ImageTask
 from deployments.models.builtin import BUILTIN_PREFIX, EMBEDDED_PREFIX
 from deployments.models.registry import FAMILIES, ImageFamily, family_class, load_family
-from serve_app.config import CONFIG_DIR, VariantConfig, parse_size
+from serve_app.config import CONFIG_DIR
 from tests.janus import save_tiny_janus
 
 VARIANT_FILES = sorted(CONFIG_DIR.glob("variants/*.yaml"))

@@ -8,12 +8,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from deployments.config import GenerationLogConfig, StorageConfig
 from deployments.contracts import ImageRequest, StoredImage
+from deployments.errors import StorageUnavailableError
 from deployments.generation_log import SCHEMA, GenerationLog, generation_rows
 from deployments.storage import ObjectStore
-from serve_app.config import GenerationLogConfig, StorageConfig
-from serve_app.errors import StorageUnavailableError
-from serve_app.report import format_report, parse_duration, plot_report, read_generation_log, summarize
+from serve_app.log_report import format_report, parse_duration, plot_report, read_generation_log, summarize
 
 REQUEST = ImageRequest(
     request_id="req-1",

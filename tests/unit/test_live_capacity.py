@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from serve_app.admission_policy import SchedulerCore, Ticket
 from serve_app.config import SchedulerConfig, default_tiers
-from serve_app.scheduling import SchedulerCore, Ticket
 
 
 def ticket(name: str, images: int = 1) -> Ticket:

@@ -8,37 +8,13 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from ray.serve import batching as serve_batching
 
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage
-from deployments.model_replica import ModelReplica, ReplicaStats, preview_steps
-from serve_app.config import AppConfig
-from tests.conftest import make_test_config
-from tests.replica_loop import replica_event_loop
-
-ReplicaClass = ModelReplica.func_or_class  # type: ignore[attr-defined]
-
-
-def make_task(index: int, width: int = 64, steps: int = 2, **changes: object) -> ImageTask:
-    task = ImageTask(
-        request_id=f"req-{index}",
-        index=0,
-        tenant="local",
-        variant="tiny-sd",
-        kind="generate",
-        prompt=f"prompt {index}",
-        negative_prompt=None,
-        width=width,
-        height=width,
-        steps=steps,
-        guidance_scale=5.0,
-        seed=index,
-    )
-    return dataclasses.replace(task, **changes)  # type: ignore[arg-type]
+from deployments.model_replica import ReplicaStats, preview_steps
+from tests.replica_loop import in_process_replica, make_task, replica_event_loop
 
 
 def make_edit(index: int, masked: bool, strength: float = 0.75, **changes: object) -> ImageTask:
@@ -58,16 +34,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 @pytest.fixture(scope="module")
 def replica(loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    # Outside a cluster Serve's batch queue only asks the replica context for max_ongoing_requests.
-    replica_context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(serve_batching.serve, "get_replica_context", lambda: replica_context)
-        config: AppConfig = make_test_config(tmp_path_factory.mktemp("store"))
-
-        async def build() -> object:
-            return ReplicaClass(config.variants[0], config.cache_dir)
-
-        yield loop.run_until_complete(build())
+    yield from in_process_replica(loop, tmp_path_factory.mktemp("store"))
 
 
 async def generate_concurrently(replica: object, tasks: list[ImageTask]) -> list[int]:

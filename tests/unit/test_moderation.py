@@ -23,7 +23,7 @@ from deployments.moderation import (
     Moderator,
 )
 from serve_app.config import AppConfig
-from serve_app.errors import as_api_error, error_response
+from serve_app.errors import as_api_error, error_response, http_status
 
 IMAGE = np.zeros((8, 8, 3), dtype=np.uint8)
 SEEN: list[ModerationInput] = []
@@ -166,7 +166,7 @@ def test_an_unreachable_classifier_fails_closed() -> None:
     with pytest.raises(ModerationUnavailable):
         screen(checks, ("remote",))
     error = as_api_error(ModerationUnavailable("down"))
-    assert (error.status_code, error.code) == (503, "moderation_unavailable")
+    assert (http_status(error), error.code) == (503, "moderation_unavailable")
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,18 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.contracts import group_by_bucket
+from deployments.errors import InvalidRequestError
 from deployments.preprocess import expand_request, normalize_prompt
 from serve_app.config import AppConfig
-from serve_app.errors import InvalidRequestError
-from serve_app.planning import EDIT_STRENGTH, VARIATION_STRENGTH, plan_edit, plan_generation, plan_variation
+from serve_app.errors import http_status
+from serve_app.planning import (
+    EDIT_STRENGTH,
+    VARIATION_STRENGTH,
+    PlanTarget,
+    plan_edit,
+    plan_generation,
+    plan_variation,
+)
 from serve_app.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest
 
 
@@ -17,7 +25,7 @@ def plan(config: AppConfig, **fields: object):  # type: ignore[no-untyped-def]
     request = ImageGenerationRequest.model_validate({"prompt": "a cat", **fields})
     variant = config.variant(request.model)
     assert variant is not None
-    return plan_generation(request, variant, config.limits, request_id="req-1", tenant="acme")
+    return plan_generation(request, PlanTarget(variant, config.limits, request_id="req-1", tenant="acme"))
 
 
 def test_defaults_come_from_the_variant(config: AppConfig) -> None:
@@ -67,7 +75,7 @@ def test_invalid_for_variant(config: AppConfig, fields: dict[str, object], param
     with pytest.raises(InvalidRequestError) as raised:
         plan(config, **fields)
     assert raised.value.param == param
-    assert raised.value.status_code == 400
+    assert http_status(raised.value) == 400
 
 
 @pytest.mark.parametrize(
@@ -113,9 +121,8 @@ def test_partial_images_count_only_when_streaming(config: AppConfig) -> None:
 
 def plan_an_edit(config: AppConfig, images: list[bytes], mask: bytes | None = None, **fields: object):  # type: ignore[no-untyped-def]
     request = ImageEditRequest.model_validate({"prompt": "make it blue", **fields})
-    return plan_edit(
-        request, images, mask, config.variants[0], config.limits, request_id="req-1", tenant="acme"
-    )
+    target = PlanTarget(config.variants[0], config.limits, request_id="req-1", tenant="acme")
+    return plan_edit(request, images, mask, target)
 
 
 def test_edit_carries_uploads_and_default_strength(config: AppConfig) -> None:
@@ -143,12 +150,12 @@ def test_invalid_edits(config: AppConfig, images: list[bytes], fields: dict[str,
 
 def test_variation_has_no_prompt_and_needs_one_image(config: AppConfig) -> None:
     request = ImageVariationRequest(n=2, seed=5)
-    variant, limits = config.variants[0], config.limits
-    image_request, options = plan_variation(request, [b"x"], variant, limits, request_id="r", tenant="t")
+    target = PlanTarget(config.variants[0], config.limits, request_id="r", tenant="t")
+    image_request, options = plan_variation(request, [b"x"], target)
     assert (image_request.kind, image_request.prompt) == ("variation", "")
     assert (image_request.n, image_request.seed) == (2, 5)
     assert image_request.strength == VARIATION_STRENGTH and options.output_format == "png"
     for images in ([], [b"x", b"y"]):
         with pytest.raises(InvalidRequestError) as raised:
-            plan_variation(request, images, variant, limits, request_id="r", tenant="t")
+            plan_variation(request, images, target)
         assert raised.value.param == "image"

@@ -13,7 +13,7 @@ import pytest
 
 from deployments import preprocess
 from deployments.preprocess import Preprocess
-from serve_app.planning import plan_generation
+from serve_app.planning import PlanTarget, plan_generation
 from serve_app.protocol import ImageGenerationRequest
 from tests.conftest import make_test_config
 
@@ -37,13 +37,8 @@ def test_a_max_length_prompt_is_normalised_off_the_event_loop(
         return normalize(text)
 
     monkeypatch.setattr(preprocess, "normalize_prompt", gated_normalize)
-    request, _ = plan_generation(
-        ImageGenerationRequest(prompt=prompt, size="64x64"),
-        config.variants[0],
-        config.limits,
-        request_id="req_1",
-        tenant="local",
-    )
+    target = PlanTarget(config.variants[0], config.limits, request_id="req_1", tenant="local")
+    request, _ = plan_generation(ImageGenerationRequest(prompt=prompt, size="64x64"), target)
 
     async def scenario() -> None:
         stage = PreprocessClass(config.limits, config.storage)

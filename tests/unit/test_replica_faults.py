@@ -6,39 +6,16 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from ray.serve import batching as serve_batching
 
 from deployments.contracts import ImageTask
-from deployments.model_replica import ModelReplica
-from serve_app.config import AppConfig
-from tests.conftest import make_test_config
-from tests.replica_loop import replica_event_loop
+from tests.replica_loop import in_process_replica, make_task, replica_event_loop
 
-ReplicaClass: Any = ModelReplica.func_or_class  # type: ignore[attr-defined]
 POISON = "poison"
 DEADLINE_S = 60.0
-
-
-def make_task(index: int, prompt: str = "a square") -> ImageTask:
-    return ImageTask(
-        request_id=f"req-{index}",
-        index=0,
-        tenant="local",
-        variant="tiny-sd",
-        kind="generate",
-        prompt=prompt,
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=5.0,
-        seed=index,
-    )
 
 
 class FaultyFamily:
@@ -69,18 +46,8 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 @pytest.fixture(scope="module")
 def replica(loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    replica_context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(serve_batching.serve, "get_replica_context", lambda: replica_context)
-        config: AppConfig = make_test_config(tmp_path_factory.mktemp("store"))
-        variant = config.variants[0].model_copy(update={"max_pass_s": 0.2})
-
-        async def build() -> Any:
-            built = ReplicaClass(variant, config.cache_dir)
-            built.family = FaultyFamily(built.family)
-            return built
-
-        yield loop.run_until_complete(build())
+    storage_dir = tmp_path_factory.mktemp("store")
+    yield from in_process_replica(loop, storage_dir, {"max_pass_s": 0.2}, wrap_family=FaultyFamily)
 
 
 def test_one_bad_image_fails_only_itself(replica: Any, loop: asyncio.AbstractEventLoop) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deployments.config import StorageConfig
 from deployments.contracts import EncodeOptions, ImageRequest
 from deployments.storage import ObjectStore
-from serve_app.config import SchedulerConfig, StorageConfig
+from serve_app.config import SchedulerConfig
 from serve_app.jobs import JobImage, JobRecord, JobStore, new_record
 from serve_app.retention import RetentionPolicy, sweep
 

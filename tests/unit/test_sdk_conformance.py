@@ -27,14 +27,17 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from deployments.contracts import EncodedPartialImage, EncodeOptions, ImageRequest, StoredImage
+from deployments.contracts import EncodedPartialImage, ImageRequest, StoredImage
+from deployments.errors import APIError
+from deployments.stage_chain import StageChain
+from serve_app.answers import Completed, Delivery, Outcome, PlannedRequest, images_response
 from serve_app.auth import Principal
 from serve_app.config import AppConfig
-from serve_app.errors import APIError
-from serve_app.pipeline import StageHandles
+from serve_app.errors import http_status
 from serve_app.protocol import ImageData
-from serve_app.service import Completed, Delivery, ImageService, Outcome, ResponseFields
+from serve_app.service import ImageService
 from serve_app.streaming import StreamDescription, estimate_usage, image_event
+from serve_app.uploads import UploadLimits, read_edit, read_generation, read_variation
 from tests.conftest import make_test_config
 
 Route = Literal["generations", "edits", "variations"]
@@ -134,38 +137,40 @@ def starlette_request(request: httpx.Request) -> Request:
 
 
 class PlanningService(ImageService):
-    """The real service down to planning; ``deliver`` answers at once instead of running models."""
+    """The real service down to planning; ``answer`` answers at once instead of running models."""
 
     planned: list[ImageRequest]
 
-    async def deliver(
-        self,
-        image_request: ImageRequest,
-        options: EncodeOptions,
-        fields: ResponseFields,
-        principal: Principal,
-        delivery: Delivery,
-    ) -> Outcome:
-        self.planned.append(image_request)
-        data = [ImageData(b64_json="AAAA", seed=image_request.seed + i) for i in range(image_request.n)]
-        return Completed(self._images_response(image_request, options, fields.quality, data))
+    async def answer(self, planned: PlannedRequest, principal: Principal, delivery: Delivery) -> Outcome:
+        request = planned.request
+        self.planned.append(request)
+        data = [ImageData(b64_json="AAAA", seed=request.seed + i) for i in range(request.n)]
+        return Completed(images_response(request, planned.options, planned.fields.quality, data))
 
 
 @pytest.fixture
 def service(tmp_path: Path) -> PlanningService:
-    service = PlanningService(make_test_config(tmp_path / "store"), StageHandles(None, None, {}), None)  # type: ignore[arg-type]
+    service = PlanningService(make_test_config(tmp_path / "store"), StageChain(None, None, {}), None)  # type: ignore[arg-type]
     service.planned = []
     return service
 
 
 def handle(service: PlanningService, route: Route, request: httpx.Request) -> Outcome:
-    """What the ingress does with the SDK's request: the service reads and parses the body itself."""
+    """What the ingress does with the SDK's request: read the body into its typed object, then
+    hand it to the service."""
     principal, delivery = Principal("acme", "paid"), Delivery("http://test/")
-    routes = {"generations": service.generate, "edits": service.edit, "variations": service.variation}
-    operation = routes[route]
+    limits = UploadLimits.from_config(service.config.limits)
 
     async def run() -> Outcome:
-        return await operation(starlette_request(request), principal, "req_1", delivery)
+        http_request = starlette_request(request)
+        if route == "generations":
+            body = await read_generation(http_request, limits)
+            return await service.generate(body, principal, "req_1", delivery)
+        if route == "edits":
+            upload = await read_edit(http_request, limits)
+            return await service.edit(upload, principal, "req_1", delivery)
+        variation = await read_variation(http_request, limits)
+        return await service.variation(variation, principal, "req_1", delivery)
 
     return asyncio.run(run())
 
@@ -211,7 +216,7 @@ def test_every_sdk_field_is_accepted_or_refused_by_name(
     except APIError as error:
         assert expected_refusal(field, value), f"{field}={value!r} refused: {error.message}"
         assert error.param == field
-        assert error.status_code == (404 if field == "model" else 400)
+        assert http_status(error) == (404 if field == "model" else 400)
         assert field in error.message
         assert "Unrecognized" not in error.message
         return
@@ -250,7 +255,7 @@ def test_a_variant_without_xhigh_refuses_it_by_name(tmp_path: Path) -> None:
         update={"steps": variant.steps.model_copy(update={"xhigh": None, "max": None})}
     )
     service = PlanningService(
-        config.model_copy(update={"variants": [plain]}), StageHandles(None, None, {}), None
+        config.model_copy(update={"variants": [plain]}), StageChain(None, None, {}), None
     )  # type: ignore[arg-type]
     service.planned = []
     request = capture(lambda client: client.images.generate(prompt="a lighthouse", quality="max"))

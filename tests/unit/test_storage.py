@@ -9,8 +9,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from deployments.config import StorageConfig
 from deployments.storage import ObjectStore, UrlSigner, build_object_key, is_valid_object_key
-from serve_app.config import StorageConfig, load_config
+from serve_app.config import load_config
 
 
 def test_keys_are_built_by_the_server() -> None:

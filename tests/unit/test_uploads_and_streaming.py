@@ -18,7 +18,8 @@ from openai.types import (
 from starlette.requests import Request
 
 from deployments.contracts import EncodedPartialImage, StoredImage, StreamEvent
-from serve_app.errors import APIError, InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from deployments.errors import APIError, InvalidRequestError, UnsupportedMediaTypeError
+from serve_app.errors import PayloadTooLargeError, http_status
 from serve_app.streaming import StreamDescription, estimate_usage, event_stream
 from serve_app.uploads import UploadedForm, UploadLimits, read_form
 
@@ -121,7 +122,7 @@ def test_a_declared_oversize_body_is_refused_without_reading() -> None:
 )
 def test_malformed_and_oversized_forms(data: bytes, status: int, code: str | None) -> None:
     error, _ = read_error([data])
-    assert error.status_code == status
+    assert http_status(error) == status
     if code is not None:
         assert error.code == code
 

@@ -24,11 +24,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from deployments.config import StorageConfig
+from deployments.errors import InvalidRequestError
+from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore
 from serve_app import service as service_module
-from serve_app.config import SchedulerConfig, StorageConfig
-from serve_app.errors import InvalidRequestError
-from serve_app.pipeline import StageHandles
+from serve_app.config import SchedulerConfig
 from serve_app.service import ImageService
 from serve_app.webhook_outbox import (
     OUTBOX,
@@ -39,7 +40,7 @@ from serve_app.webhook_outbox import (
     delivery_for_job,
 )
 from tests.conftest import make_test_config
-from tests.unit.test_scheduler_faults import FakeStages, start_scheduler, submission, until
+from tests.job_harness import FakeStages, scheduler_config, start_scheduler, submission, until
 
 SECRET = "outbox-secret"
 OLD_WINDOW_S = 3.5  # the four attempts the scheduler used to make, then gave up
@@ -210,8 +211,6 @@ def test_a_scheduler_restart_with_an_undelivered_webhook_still_delivers_it(
 
 
 def make_config(tmp_path: Path) -> Any:
-    from tests.unit.test_scheduler_faults import scheduler_config
-
     config = scheduler_config(tmp_path)
     scheduler = SchedulerConfig(
         **{
@@ -289,7 +288,7 @@ def test_without_a_secret_a_webhook_url_is_refused_before_its_host_is_resolved(
     monkeypatch.setattr(service_module, "check_webhook_url", lambda url, allow_private: resolved.append(url))
     config = make_test_config(tmp_path / "store")
     assert config.auth.webhook_secret is None
-    service = ImageService(config, StageHandles(None, None, {}), None)  # type: ignore[arg-type]
+    service = ImageService(config, StageChain(None, None, {}), None)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError) as refused:
         asyncio.run(service.check_webhook("http://hooks.example.com/in"))
     assert refused.value.code == "webhooks_disabled"

@@ -1,10 +1,10 @@
-"""Bounds on every call the face makes through a Ray Serve handle, so no caller waits forever.
+"""Bounds on every call made through a Ray Serve handle, so no caller waits forever.
 
 A ``DeploymentResponse`` can be awaited for ever: a wedged replica (a stopped process, a hung
 forward pass) never answers. `bounded` awaits a call for at most its timeout, cancels it (Serve
-passes the cancellation on to the stages behind it) and raises `UpstreamTimeoutError`, a 504 in
-OpenAI's shape. Serve's health check replaces the wedged replica meanwhile; the timeouts here are
-the caller's backstop, set above the health check's own bound.
+passes the cancellation on to the stages behind it) and raises `UpstreamTimeoutError` (the face
+answers it with a 504 in OpenAI's shape). Serve's health check replaces the wedged replica
+meanwhile; the timeouts here are the caller's backstop, set above the health check's own bound.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, TypeVar
 
-from serve_app.errors import ServiceUnavailableError
+from deployments.errors import UpstreamTimeoutError
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -24,13 +24,6 @@ RETRY_AFTER_S = 5
 class CancellableStream(Protocol[T_co]):
     def __aiter__(self) -> AsyncIterator[T_co]: ...
     def cancel(self) -> None: ...
-
-
-class UpstreamTimeoutError(ServiceUnavailableError):
-    """A stage did not answer within its bound (504): the work was cancelled; retrying may work."""
-
-    status_code = 504
-    default_code = "upstream_timeout"
 
 
 async def bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
@@ -43,7 +36,7 @@ async def bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
             cancel()
         raise UpstreamTimeoutError(
             f"{what} did not answer within {math.ceil(timeout_s)}s; the work was cancelled. Retry shortly.",
-            headers={"retry-after": str(RETRY_AFTER_S), "x-should-retry": "true"},
+            retry_after_s=RETRY_AFTER_S,
         ) from None
 
 

@@ -1,7 +1,7 @@
 """Scheduling policy as plain objects with an injected clock: rate limits, admission, order, slots.
 
 Nothing here knows about Ray or HTTP, so every rule is tested with hand-built states
-(tests/unit/test_scheduling.py). `serve_app/scheduler.py` wraps it in a deployment.
+(tests/unit/test_admission_policy.py). `serve_app/scheduler.py` wraps it in a deployment.
 
 The rules, in the order they apply to new work:
 1. Rate limits per tenant: requests per minute and image cost per minute (token buckets).
@@ -22,13 +22,16 @@ The rules, in the order they apply to new work:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
+import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from deployments.contracts import ImageRequest
 from serve_app.config import SchedulerConfig, TierConfig
 
 REFERENCE_PIXELS = 512 * 512
@@ -393,5 +396,28 @@ class SchedulerCore:
         return state
 
 
-def retry_after_header(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))
+@dataclass(frozen=True)
+class WorkRequest:
+    """What the ingress asks the scheduler for: slots for ``images`` images of ``variant``.
+
+    The caller names the ticket, so it can give the slots back even when it never saw the grant.
+    """
+
+    tenant: str
+    tier: str
+    variant: str
+    images: int
+    cost: float
+    end_user: str | None = None
+    ticket_id: str = dataclasses.field(default_factory=lambda: f"tkt_{uuid.uuid4().hex}")
+
+
+def work_request(request: ImageRequest, tier: str) -> WorkRequest:
+    return WorkRequest(
+        tenant=request.tenant,
+        tier=tier,
+        variant=request.variant,
+        images=request.n,
+        cost=image_cost(request.width, request.height, request.steps, request.n),
+        end_user=request.safety_identifier,
+    )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from serve_app.admission_policy import RateLimiter, SchedulerCore, Ticket, admission_verdict, image_cost
 from serve_app.config import SchedulerConfig, TierConfig, default_tiers
-from serve_app.scheduling import RateLimiter, SchedulerCore, Ticket, admission_verdict, image_cost
 
 TIERS = default_tiers()
 CONFIG = SchedulerConfig(defer_at_backlog=4, shed_at_backlog=8, max_backlog=20)
