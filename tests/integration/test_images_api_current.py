@@ -18,7 +18,6 @@ import openai
 import pytest
 from openai import OpenAI
 from PIL import Image
-from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -26,6 +25,7 @@ from deployments.model_replica import ReplicaStats
 from deployments.moderation import ModerationConfig
 from serve_app.app import build_app
 from tests.integration.conftest import RunningService
+from tests.sdk_shapes import RESPONSE_EXTENSIONS, extra_fields
 
 APP_NAME = "imagegen-moderated"
 ROUTE = "/moderated"
@@ -36,17 +36,6 @@ def png(size: tuple[int, int] = (64, 64)) -> tuple[str, bytes, str]:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 100, 50)).save(buffer, format="PNG")
     return ("image.png", buffer.getvalue(), "image/png")
-
-
-def extra_fields(model: BaseModel, path: str = "") -> set[str]:
-    """Dotted names of the fields an SDK model got that its type does not declare."""
-    extras = {f"{path}{name}" for name in (model.model_extra or {})}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        for child in value if isinstance(value, list) else [value]:
-            if isinstance(child, BaseModel):
-                extras |= extra_fields(child, f"{path}{name}.")
-    return extras
 
 
 class Classifier(BaseHTTPRequestHandler):
@@ -158,7 +147,7 @@ def test_todays_sdk_fields_succeed_with_usage_and_echoes(openai_client: OpenAI) 
     assert usage.total_tokens == usage.input_tokens + usage.output_tokens
     assert usage.output_tokens == usage.output_tokens_details.image_tokens == 2 * (64 // 8) ** 2
     assert usage.input_tokens == usage.input_tokens_details.text_tokens > 0
-    assert extra_fields(result) <= {"data.seed"}
+    assert extra_fields(result) <= RESPONSE_EXTENSIONS
 
 
 def test_usage_on_edits_counts_the_uploaded_images(openai_client: OpenAI) -> None:

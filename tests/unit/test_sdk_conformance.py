@@ -39,6 +39,7 @@ from serve_app.service import ImageService
 from serve_app.streaming import StreamDescription, estimate_usage, image_event
 from serve_app.uploads import UploadLimits, read_edit, read_generation, read_variation
 from tests.conftest import make_test_config
+from tests.sdk_shapes import RESPONSE_EXTENSIONS, extra_fields
 
 Route = Literal["generations", "edits", "variations"]
 SDK_REQUEST_TYPES: dict[Route, list[type]] = {
@@ -51,8 +52,6 @@ SDK_REQUEST_TYPES: dict[Route, list[type]] = {
 }
 VARIANT_SIZES = {"auto", "64x64", "128x128"}
 NEVER_HONOURED = {"complexity", "frame_count", "frame_duration_ms", "svg", "markup"}
-RESPONSE_EXTENSIONS = {"data.seed", "variant", "alias"}
-"""Fields our responses add to OpenAI's (documented extensions); any other extra is a bug."""
 
 
 def png(size: tuple[int, int] = (64, 64), mode: str = "RGB") -> bytes:
@@ -184,18 +183,6 @@ def send(route: Route, field: str, value: Any) -> Callable[[OpenAI], object]:
         base = {"prompt": "a lighthouse", "image": image}
         return lambda client: client.images.edit(**{**base, field: value})
     return lambda client: client.images.create_variation(**{"image": image, field: value})
-
-
-def extra_fields(model: BaseModel, path: str = "") -> set[str]:
-    """Dotted names of every field an SDK model received that its type does not declare."""
-    extras = {f"{path}{name}" for name in (model.model_extra or {})}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        children = value if isinstance(value, list) else [value]
-        for child in children:
-            if isinstance(child, BaseModel):
-                extras |= extra_fields(child, f"{path}{name}.")
-    return extras
 
 
 CASES = [
