@@ -9,8 +9,7 @@ A variant whose cold start outlasts its timeout answers 503 with retry-after.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,9 @@ from serve_app.config import CONFIG_DIR, DEFAULT_CONFIG_PATH, load_config
 from serve_app.deploy import APP_NAME, deploy
 from serve_app.scheduler import running_replicas
 from tests.conftest import TEST_SIGNING_KEY, free_port
+from tests.polling import DEADLINE_S, application_running, wait_until
 
 COLD = {"cold": True, "min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0, "downscale_delay_s": 2}
-DEADLINE_S = 300.0
-
-
-def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)  # polling a cluster-side state change, with a deadline
 
 
 def write_config(directory: Path, port: int) -> Path:
@@ -78,13 +69,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAI]:
     try:
         deploy(load_config(config_path), config_path)
 
-        def running() -> bool:
-            application = serve.status().applications.get(APP_NAME)
-            if application is not None and application.status == "DEPLOY_FAILED":
-                raise AssertionError(application.message)
-            return application is not None and application.status == "RUNNING"
-
-        wait_until(running, "the application to run")
+        wait_until(lambda: application_running(APP_NAME), "the application to run")
         base_url = f"http://127.0.0.1:{port}/v1"
         yield OpenAI(base_url=base_url, api_key="sk-test", max_retries=0, timeout=DEADLINE_S)
     finally:

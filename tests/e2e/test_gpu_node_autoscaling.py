@@ -40,6 +40,7 @@ from serve_app.config import CONFIG_DIR, DEFAULT_CONFIG_PATH, load_config
 from serve_app.deploy import APP_NAME, serve_config
 from serve_app.scheduler import running_replicas, slots_per_replica
 from tests.conftest import TEST_SIGNING_KEY, free_port
+from tests.polling import DEADLINE_S, application_running, wait_until
 
 BIN = Path(sys.executable).parent
 CLUSTER_YAML = Path(__file__).parents[2] / "cluster.yaml"
@@ -63,17 +64,12 @@ AUTOSCALING = {
     "upscale_delay_s": 0,
     "downscale_delay_s": 2,
 }
-DEADLINE_S = 300.0
 HEAD_STARTED = "Ray runtime started."  # what `ray start` prints once its head is up
 
 
-def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> float:
-    """Poll ``condition`` with a deadline; returns when it held (``time.monotonic()``)."""
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)  # polling cluster-side state (nodes, replicas), with a deadline
+def reached(condition: Callable[[], bool], what: str) -> float:
+    """When ``condition`` held (``time.monotonic()``), for the phase timings."""
+    wait_until(condition, what)
     return time.monotonic()
 
 
@@ -263,14 +259,7 @@ def service(fake_cluster: FakeCluster, tmp_path_factory: pytest.TempPathFactory)
     schema = ServeDeploySchema(**serve_config(config, config_path))
     serve_start(http_options=schema.http_options.model_dump(), proxy_location="HeadOnly").deploy_apps(schema)
     try:
-
-        def running() -> bool:
-            application = serve.status().applications.get(APP_NAME)
-            if application is not None and application.status == "DEPLOY_FAILED":
-                raise AssertionError(application.message)
-            return application is not None and application.status == "RUNNING"
-
-        wait_until(running, "the application to run")
+        wait_until(lambda: application_running(APP_NAME), "the application to run")
         yield Service(f"http://127.0.0.1:{port}", slots_per_replica(config, config.variants[0]))
     finally:
         serve.shutdown()
@@ -343,9 +332,9 @@ def test_a_backlog_brings_gpu_nodes_and_replicas_and_idle_takes_them_away(
 
     step = time.monotonic()
     with SteadyLoad(service.base_url, CONCURRENT_REQUESTS) as load:
-        nodes_at = wait_until(lambda: len(gpu_nodes()) == MAX_REPLICAS, "a GPU node per wanted replica")
-        replicas_at = wait_until(lambda: model_replicas() == MAX_REPLICAS, "two running model replicas")
-        slots_at = wait_until(
+        nodes_at = reached(lambda: len(gpu_nodes()) == MAX_REPLICAS, "a GPU node per wanted replica")
+        replicas_at = reached(lambda: model_replicas() == MAX_REPLICAS, "two running model replicas")
+        slots_at = reached(
             lambda: slots() == MAX_REPLICAS * service.slots_per_replica, "the scheduler's slots to grow"
         )
         nodes = gpu_nodes()
@@ -353,9 +342,9 @@ def test_a_backlog_brings_gpu_nodes_and_replicas_and_idle_takes_them_away(
     assert load.statuses and set(load.statuses) == {200}  # every request of the burst was served
 
     idle = time.monotonic()
-    zero_at = wait_until(lambda: model_replicas() == 0, "the idle variant to go back to zero")
+    zero_at = reached(lambda: model_replicas() == 0, "the idle variant to go back to zero")
     wait_until(lambda: slots() == 0, "the scheduler's slots to follow it")
-    nodes_gone_at = wait_until(lambda: gpu_nodes() == [], "the idle GPU nodes to be removed")
+    nodes_gone_at = reached(lambda: gpu_nodes() == [], "the idle GPU nodes to be removed")
     print(
         f"step -> {MAX_REPLICAS} GPU nodes {nodes_at - step:.1f}s, -> {MAX_REPLICAS} replicas "
         f"{replicas_at - step:.1f}s, -> slots {slots_at - step:.1f}s; idle -> 0 replicas "

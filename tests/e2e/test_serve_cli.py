@@ -15,8 +15,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import free_port
+from tests.polling import wait_until
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).parents[2]
@@ -52,15 +52,6 @@ class RayHead:
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
-
-
-def wait_until(condition: Callable[[], T | None], what: str, deadline_s: float = DEADLINE_S) -> T:
-    """Poll ``condition`` until it returns something truthy (a deadline, not a guess at timing)."""
-    deadline = time.monotonic() + deadline_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return result
 
 
 def answers(url: str) -> bool:

@@ -35,6 +35,7 @@ from serve_app.config import AppConfig, SchedulerConfig, TierConfig
 from tests.images import hole_mask, noise_png
 from tests.integration.conftest import RunningService
 from tests.integration.model_gate import GATED_FAMILY, closed, start_gate
+from tests.polling import wait_until
 
 APP_NAME = "imagegen-tiers"
 ROUTE = "/tiers"
@@ -158,15 +159,6 @@ def kill_replica(deployment: str) -> None:
     (name,) = replica_names(deployment)
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     wait_until(lambda: name not in replica_names(deployment), f"{name} to be gone")
-
-
-def wait_until(condition: Callable[[], T | None], what: str) -> T:
-    """Poll ``condition`` until it returns something truthy (a deadline, not a guess at timing)."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return result
 
 
 def replica_stats() -> ReplicaStats | None:
