@@ -35,6 +35,7 @@ import pytest
 import ray
 import yaml
 from ray import serve
+from ray._private.authentication_test_utils import reset_auth_token_state
 
 from serve_app.config import CONFIG_DIR, DEFAULT_CONFIG_PATH, load_config
 from serve_app.deploy import APP_NAME, serve_config
@@ -209,18 +210,25 @@ def fake_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeClust
     gpu_types = {
         name: spec["resources"] for name, spec in config["available_node_types"].items() if name != HEAD_TYPE
     }
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")  # this driver speaks to the cluster as its head does
-        try:
-            wait_until(lambda: head.poll() is None and HEAD_STARTED in log.read_text(), "the Ray head")
-            ray.init(address=gcs_address, log_to_driver=False)
-            yield FakeCluster(gcs_address, temp_dir, log, gpu_types)
-        finally:
-            ray.shutdown()
-            end_cluster(head, temp_dir)
-            left = processes_using(temp_dir)
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            assert not left, f"processes of the fake cluster outlived it: {left}"
+    # Ray reads the auth mode once per process: an earlier cluster of this pytest run (token auth,
+    # Ray's default) would make this driver refuse the replicas' replies, and this cluster's mode the
+    # later ones'. So the cached state is reset on the way in and again once the env is restored.
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RAY_AUTH_MODE", "disabled")  # this driver speaks to the cluster as its head does
+            reset_auth_token_state()
+            try:
+                wait_until(lambda: head.poll() is None and HEAD_STARTED in log.read_text(), "the Ray head")
+                ray.init(address=gcs_address, log_to_driver=False)
+                yield FakeCluster(gcs_address, temp_dir, log, gpu_types)
+            finally:
+                ray.shutdown()
+                end_cluster(head, temp_dir)
+                left = processes_using(temp_dir)
+                shutil.rmtree(temp_dir, ignore_errors=True)
+    finally:
+        reset_auth_token_state()
+    assert not left, f"processes of the fake cluster outlived it: {left}"
 
 
 @dataclass(frozen=True)
@@ -271,7 +279,7 @@ def model_replicas() -> int | None:
 
 def slots() -> int:
     scheduler = serve.get_deployment_handle("Scheduler", app_name=APP_NAME)
-    return int(scheduler.stats.remote().result()["variants"][VARIANT]["capacity"])
+    return int(scheduler.stats.remote().result(timeout_s=60)["variants"][VARIANT]["capacity"])
 
 
 def gpu_nodes() -> list[dict[str, float]]:
