@@ -46,6 +46,7 @@ class SchedulerStandIn:
         self.harness = harness
         self.granted: list[str] = []
         self.released: list[tuple[str, int]] = []
+        self.release_arrived = asyncio.Event()  # the service sends a release without awaiting it
         self.acquire = Remote(self._acquire)
         self.release = Remote(self._release)
         self.submit = Remote(harness.jobs.submit)
@@ -59,6 +60,7 @@ class SchedulerStandIn:
 
     async def _release(self, ticket_id: str, completed_images: int) -> None:
         self.released.append((ticket_id, completed_images))
+        self.release_arrived.set()
 
 
 def service_for(config: AppConfig, stages: FakeStages) -> tuple[ImageService, SchedulerStandIn]:
@@ -79,7 +81,7 @@ def test_a_synchronous_request_holds_its_slots_only_while_the_chain_runs(tmp_pat
         assert isinstance(outcome, Completed) and len(outcome.response.data) == 2
         assert outcome.headers["x-ratelimit-limit-requests"] == "600"
         assert outcome.headers["x-imagegen-batch-size"] == "1,1"
-        await asyncio.sleep(0)  # the release is sent, not awaited
+        await asyncio.wait_for(scheduler.release_arrived.wait(), timeout=5)
         assert scheduler.released == [(scheduler.granted[0], 2)] and stages.runs == 1
 
     asyncio.run(scenario())
@@ -91,7 +93,7 @@ def test_a_failed_chain_gives_its_slots_back_and_raises(tmp_path: Path) -> None:
         service, scheduler = service_for(scheduler_config(tmp_path), stages)
         with pytest.raises(InvalidRequestError):
             await service.generate(generation(), PRINCIPAL, "req_1", Delivery("http://test/"))
-        await asyncio.sleep(0)
+        await asyncio.wait_for(scheduler.release_arrived.wait(), timeout=5)
         assert scheduler.released == [(scheduler.granted[0], 0)]
 
     asyncio.run(scenario())
