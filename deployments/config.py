@@ -129,10 +129,11 @@ class VariantConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = Field(False, description="torch.compile the denoiser (GPU only).")
-    cpu_threads: PositiveInt | Literal["all"] | None = Field(
+    cpu_threads: PositiveInt | Literal["all", "auto"] | None = Field(
         None,
         description="Torch threads for a forward pass on a CPU: a number, 'all' for every core the replica "
-        "may run on, or unset for Ray's choice (the replica's whole num_cpus, so 1 for num_cpus: 1).",
+        "may run on, 'auto' to choose per batch size by timing the passes as they run, or unset for "
+        "Ray's choice (the replica's whole num_cpus, so 1 for num_cpus: 1).",
     )
     sizes: list[str] = Field(min_length=1, description="Allowed sizes as 'WxH'; the first is the default.")
     steps: QualitySteps = QualitySteps()

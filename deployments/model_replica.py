@@ -37,6 +37,8 @@ from deployments.config import BatchingConfig, VariantConfig
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
 from deployments.errors import quiet_client_errors
 from deployments.metrics import stage_metrics
+from deployments.models.cpu_threads import ThreadTuner, thread_candidates, usable_cores
+from deployments.models.diffusion import choose_device
 from deployments.models.registry import DenoisingHooks, PassCancelled, load_family
 
 logger = logging.getLogger("ray.serve")
@@ -75,6 +77,8 @@ class ReplicaStats:
     """Image tasks handed to this replica (since start): none for a request stopped before the model."""
     generated: int
     """Images whose forward pass completed (since start)."""
+    threads_by_batch: dict[int, int]
+    """``cpu_threads: auto``: the torch threads each batch size runs on now (empty otherwise)."""
 
 
 def batch_stream(
@@ -166,6 +170,11 @@ class ModelReplica:
         # one thread, 240 ms once a second thread had used torch).
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-compute")
         self.family, description = self._compute.submit(load_family, variant, cache_dir).result()
+        self.threads = (
+            ThreadTuner(thread_candidates(usable_cores()))
+            if variant.cpu_threads == "auto" and choose_device(variant.device) == "cpu"
+            else None
+        )
         self.metrics = stage_metrics()
         self.batching = variant.batching
         self._model_free = asyncio.Event()
@@ -212,6 +221,7 @@ class ModelReplica:
             self._stopped_passes,
             self._received,
             self._generated,
+            self.threads.best() if self.threads else {},
         )
 
     async def generate(self, tasks: list[ImageTask]) -> list[GeneratedImage]:
@@ -323,6 +333,12 @@ class ModelReplica:
             async for row, event in self._run_isolated(part):
                 yield offset + row, event
 
+    def _forward_pass(self, tasks: list[ImageTask], hooks: PassHooks) -> list[np.ndarray]:
+        """On the compute thread: the family's pass, on the threads ``cpu_threads: auto`` picks."""
+        if self.threads is None:
+            return self.family.generate(tasks, hooks)
+        return self.threads.run(tasks, lambda: self.family.generate(tasks, hooks))
+
     async def _run_pass(
         self, group: list[QueuedTask]
     ) -> AsyncGenerator[tuple[int, ModelEvent | Exception], None]:
@@ -338,7 +354,7 @@ class ModelReplica:
         started = time.perf_counter()
         self._running += len(group)
         self._pass_started = time.monotonic()
-        forward = loop.run_in_executor(self._compute, self.family.generate, tasks, hooks)
+        forward = loop.run_in_executor(self._compute, self._forward_pass, tasks, hooks)
         forward.add_done_callback(lambda _: previews.put_nowait(None))
         try:
             while (preview := await previews.get()) is not None:

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from deployments.contracts import MASK_EDIT_THRESHOLD, ImageTask
 from deployments.images import to_uint8
-from deployments.models.diffusion import choose_device, choose_dtype, cpu_thread_count, keep_unmasked
+from deployments.models.cpu_threads import cpu_thread_count
+from deployments.models.diffusion import choose_device, choose_dtype, keep_unmasked
 from deployments.models.registry import DenoisingHooks, ImageFamily
 
 Cache = Any

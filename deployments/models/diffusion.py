@@ -13,9 +13,8 @@ runs in float32. Seeds drive CPU generators, so one seed gives the same latents 
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from PIL import Image
 from deployments.contracts import MASK_EDIT_THRESHOLD, ImageTask
 from deployments.errors import InvalidRequestError
 from deployments.images import to_uint8
+from deployments.models.cpu_threads import cpu_thread_count
 from deployments.models.registry import DenoisingHooks, ImageFamily
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,13 +36,6 @@ def choose_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("variant asks for device 'cuda' but no CUDA device is visible")
     return requested
-
-
-def cpu_thread_count(requested: int | Literal["all"]) -> int:
-    """``"all"``: every core this process may run on (Ray itself gives a worker floor(num_cpus))."""
-    if requested != "all":
-        return requested
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def choose_dtype(requested: str, device: str) -> torch.dtype:

@@ -1,0 +1,101 @@
+"""Torch threads for forward passes on a CPU: fixed, or chosen by measurement (``cpu_threads: auto``).
+
+On a small CPU the best thread count depends on what else runs there. Alone, a pass on every
+core is fastest; beside a busy front end (or a noisy neighbour) one OpenMP thread of the pass is
+preempted now and then and every other thread waits for it at the next barrier, so fewer threads
+can finish sooner. ``auto`` measures instead of guessing: each batch size tries every candidate
+count once, then runs on the count whose recent passes took the least time per unit of work, and
+retries the others every ``explore_every`` passes so a change of conditions is noticed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import torch
+
+from deployments.contracts import ImageTask
+
+T = TypeVar("T")
+
+CpuThreads = int | Literal["all", "auto"]
+
+
+def usable_cores() -> int:
+    """Every core this process may run on (Ray itself gives a worker floor(num_cpus))."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_thread_count(requested: CpuThreads) -> int:
+    """The threads a pass starts with: ``all`` and ``auto`` start on every usable core."""
+    return usable_cores() if requested in ("all", "auto") else int(requested)
+
+
+def thread_candidates(cores: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to ``cores``, and ``cores`` itself."""
+    counts = {cores}
+    count = 1
+    while count < cores:
+        counts.add(count)
+        count *= 2
+    return tuple(sorted(counts))
+
+
+def work_units(tasks: Sequence[ImageTask]) -> float:
+    """What a pass costs, roughly: steps times pixels, summed over its images (in 64x64 units)."""
+    return sum(task.steps * task.width * task.height for task in tasks) / 4096
+
+
+@dataclass
+class ThreadTuner:
+    """Per batch size, the thread count whose passes take least time per unit of work (a pure
+    policy: the caller times the passes and sets the threads)."""
+
+    candidates: tuple[int, ...]
+    explore_every: int = 20
+    smoothing: float = 0.3
+    cost: dict[tuple[int, int], float] = field(default_factory=dict)
+    """(batch size, threads) -> smoothed seconds per work unit."""
+    passes: dict[int, int] = field(default_factory=dict)
+
+    def choose(self, batch_size: int) -> int:
+        untried = [threads for threads in self.candidates if (batch_size, threads) not in self.cost]
+        if untried:
+            return untried[0]
+        count = self.passes.get(batch_size, 0) + 1
+        self.passes[batch_size] = count
+        ranked = sorted(self.candidates, key=lambda threads: self.cost[batch_size, threads])
+        if len(ranked) > 1 and count % self.explore_every == 0:
+            return ranked[1 + (count // self.explore_every) % (len(ranked) - 1)]
+        return ranked[0]
+
+    def record(self, batch_size: int, threads: int, seconds_per_unit: float) -> None:
+        key = (batch_size, threads)
+        previous = self.cost.get(key)
+        self.cost[key] = (
+            seconds_per_unit
+            if previous is None
+            else previous + self.smoothing * (seconds_per_unit - previous)
+        )
+
+    def best(self) -> dict[int, int]:
+        """The count each measured batch size runs on now (safe to call from another thread)."""
+        cost = dict(list(self.cost.items()))  # one C-level copy: the pass thread may be writing
+        return {
+            size: min((t for s, t in cost if s == size), key=lambda threads: cost[size, threads])
+            for size in sorted({size for size, _ in cost})
+        }
+
+    def run(self, tasks: Sequence[ImageTask], forward_pass: Callable[[], T]) -> T:
+        """Run ``forward_pass`` over ``tasks`` on the chosen threads and learn from its time
+        (on the thread that runs every pass; a pass that raises teaches nothing)."""
+        threads = self.choose(len(tasks))
+        torch.set_num_threads(threads)
+        started = time.perf_counter()
+        result = forward_pass()
+        self.record(len(tasks), threads, (time.perf_counter() - started) / work_units(tasks))
+        return result

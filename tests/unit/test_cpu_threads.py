@@ -1,0 +1,113 @@
+"""`cpu_threads: auto`: the thread tuner's policy, and a replica that runs on what it learnt."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployments.model_replica import ReplicaStats
+from deployments.models.cpu_threads import ThreadTuner, cpu_thread_count, thread_candidates, usable_cores
+from tests.replica_loop import in_process_replica, make_task, replica_event_loop
+
+
+@pytest.mark.parametrize(
+    ("cores", "expected"),
+    [(1, (1,)), (2, (1, 2)), (6, (1, 2, 4, 6)), (16, (1, 2, 4, 8, 16))],
+)
+def test_candidates_are_powers_of_two_and_every_core(cores: int, expected: tuple[int, ...]) -> None:
+    assert thread_candidates(cores) == expected
+
+
+def test_auto_and_all_start_on_every_core_and_a_number_is_kept() -> None:
+    assert cpu_thread_count("auto") == cpu_thread_count("all") == usable_cores()
+    assert cpu_thread_count(3) == 3
+
+
+def learn(
+    tuner: ThreadTuner, batch_size: int, seconds_by_threads: dict[int, float], passes: int
+) -> list[int]:
+    """Run ``passes`` passes whose time depends on the threads only; the threads chosen, in order."""
+    chosen = []
+    for _ in range(passes):
+        threads = tuner.choose(batch_size)
+        tuner.record(batch_size, threads, seconds_by_threads[threads])
+        chosen.append(threads)
+    return chosen
+
+
+def test_each_count_is_tried_once_then_the_fastest_runs() -> None:
+    tuner = ThreadTuner((1, 2), explore_every=10)
+    chosen = learn(tuner, 1, {1: 0.15, 2: 0.12}, passes=9)
+    assert chosen[:2] == [1, 2]
+    assert chosen[2:] == [2] * 7
+    assert tuner.best() == {1: 2}
+
+
+def test_the_slower_count_is_retried_now_and_then() -> None:
+    tuner = ThreadTuner((1, 2), explore_every=5)
+    chosen = learn(tuner, 1, {1: 0.15, 2: 0.12}, passes=2 + 20)
+    assert chosen[2:].count(1) == 4  # every fifth pass after the first two
+    assert tuner.best() == {1: 2}
+
+
+def test_a_change_of_conditions_moves_the_choice() -> None:
+    """A busy neighbour makes two threads slower than one: the retries notice, and the tuner moves."""
+    tuner = ThreadTuner((1, 2), explore_every=4)
+    learn(tuner, 1, {1: 0.15, 2: 0.12}, passes=10)
+    assert tuner.best() == {1: 2}
+    chosen = learn(tuner, 1, {1: 0.15, 2: 0.40}, passes=12)
+    assert tuner.best() == {1: 1}
+    assert chosen[-4:].count(1) == 3  # and one retry of two threads
+
+
+def test_batch_sizes_are_tuned_apart() -> None:
+    tuner = ThreadTuner((1, 2), explore_every=100)
+    learn(tuner, 1, {1: 0.10, 2: 0.20}, passes=4)
+    learn(tuner, 8, {1: 0.50, 2: 0.30}, passes=4)
+    assert tuner.best() == {1: 1, 8: 2}
+
+
+def test_run_sets_the_threads_and_learns_only_from_passes_that_finish() -> None:
+    tuner = ThreadTuner((1, 2))
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    tasks = [make_task(0)]
+    try:
+        tuner.run(tasks, lambda: seen.append(torch.get_num_threads()))
+        with pytest.raises(RuntimeError):
+            tuner.run(tasks, lambda: (_ for _ in ()).throw(RuntimeError("a failed pass")))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+    assert list(tuner.cost) == [(1, 1)]  # the failed pass on 2 threads left no time behind
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    yield from replica_event_loop()
+
+
+def test_an_auto_replica_tunes_its_passes(loop: asyncio.AbstractEventLoop) -> None:
+    before = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            replicas = in_process_replica(loop, Path(storage), {"cpu_threads": "auto"})
+            replica = next(replicas)
+
+            async def two_passes() -> ReplicaStats:
+                for index in range(len(thread_candidates(usable_cores()))):
+                    await replica.generate([make_task(index)])
+                stats: ReplicaStats = await replica.stats()
+                return stats
+
+            stats = loop.run_until_complete(two_passes())
+            replicas.close()
+    finally:
+        torch.set_num_threads(before)
+    assert stats.threads_by_batch.keys() == {1}
+    assert stats.threads_by_batch[1] in thread_candidates(usable_cores())
