@@ -8,9 +8,11 @@ the share the hypervisor stole. Linux only (``/proc``); elsewhere the figures ar
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +117,19 @@ class ForeignLoadMeter:
         now = _process_cpu(self.own_sessions)
         used = sum(seconds - self._cpu.get(pid, 0.0) for pid, seconds in now.items())
         return ForeignLoad(max(used, 0.0) / elapsed, (_steal_seconds() - self._steal) / elapsed)
+
+
+@contextmanager
+def noisy_neighbour(cores: int) -> Iterator[None]:
+    """``cores`` processes that each burn one core while the block runs: the busy neighbour a
+    shared machine has. Each is a session of its own, so the report counts it as foreign load."""
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(cores)
+    ]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, warm_up
-from benchmarks.machine import ForeignLoadMeter, measure_idle, session_cpu
+from benchmarks.machine import ForeignLoadMeter, measure_idle, noisy_neighbour, session_cpu
 from benchmarks.run_report import RunInfo, ServerCpu, saturated_throughput, write_report
 from benchmarks.stats import Scenario, summarize, summarize_runs
 from benchmarks.workload import (
@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         help="run every system this many times, interleaved A B A B (default 2; 1 quick)",
+    )
+    run.add_argument(
+        "--noisy-neighbour",
+        type=int,
+        default=0,
+        metavar="CORES",
+        help="burn this many cores in other processes for the whole run (default 0)",
     )
     run.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO for goodput (default 1000)")
     run.add_argument("--seed", type=int, default=0, help="seed of arrivals and request mixes")
@@ -390,6 +397,9 @@ def run_info(args: argparse.Namespace, argv: Sequence[str], title: str) -> RunIn
         slo_ms=args.slo_ms,
         load_before=os.getloadavg(),
         labels=dict(LABELS),
+        notes=[f"a noisy neighbour burned {args.noisy_neighbour} core(s) throughout"]
+        if args.noisy_neighbour
+        else [],
     )
 
 
@@ -521,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("IMAGEGEN_CONFIG", str(Path(__file__).parent / "configs" / "tiny-sd.yaml"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    info = load_one_server(args, argv) if args.url else compare(args, argv)
+    with noisy_neighbour(args.noisy_neighbour):
+        info = load_one_server(args, argv) if args.url else compare(args, argv)
     print(f"report: {args.out / 'report.md'} ({info.wall_s:.0f} s)", flush=True)
     return 0
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 
 from benchmarks.idle_cpu import parse_env
-from benchmarks.machine import process_label, session_cpu
+from benchmarks.machine import noisy_neighbour, process_label, session_cpu
+from tests.polling import wait_until
 
 
 @pytest.mark.parametrize(
@@ -33,3 +35,15 @@ def test_env_settings_must_name_a_variable() -> None:
     assert parse_env(["A=1", "B="]) == {"A": "1", "B": ""}
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         parse_env(["=1"])
+
+
+def test_a_noisy_neighbour_burns_cpu_in_its_own_session_until_the_run_ends() -> None:
+    own = os.getpid()
+    with noisy_neighbour(1):
+        burners = [
+            child for child in psutil.Process(own).children() if child.cmdline()[-1] == "while True: pass"
+        ]
+        assert len(burners) == 1
+        assert os.getsid(burners[0].pid) != os.getsid(0)  # counted as foreign load
+        wait_until(lambda: burners[0].cpu_times().user > 0.2, "the neighbour never used the CPU")
+    assert not psutil.pid_exists(burners[0].pid) or burners[0].status() == psutil.STATUS_ZOMBIE
