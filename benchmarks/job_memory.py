@@ -2,7 +2,7 @@
 
 Starts Ray and the service in this process (the embedded models, local storage in a temporary
 directory), then submits async jobs on the smallest size with the fewest steps, at most
-``--concurrency`` in flight (each client submits, then polls its job to the end). It records the
+``--concurrency`` in flight (each client submits, then waits for its job's webhook). It records the
 resident memory (RSS) of the scheduler's replica and the sum over every process of this Ray
 cluster (the children of this process: GCS, raylet, Serve's controller and proxy, every replica)
 before the first job, after the last, and once more after ``--job-memory-s`` has passed, when the
@@ -26,9 +26,14 @@ from typing import Any
 import httpx
 import psutil
 import ray
+import uvicorn
 from pydantic import SecretStr
 from ray import serve
 from ray._private import state as ray_state
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from benchmarks.run import RESULTS_DIR, free_port, git_commit, machine_description
 from serve_app.app import build_app
@@ -36,6 +41,7 @@ from serve_app.config import AppConfig, load_config
 
 APP_NAME = "imagegen-job-memory"
 MIB = 1024 * 1024
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 BODY = {"model": "digits-ar", "prompt": "7", "size": "64x64", "quality": "low"}
 
 
@@ -46,13 +52,40 @@ def service_config(storage: Path, job_memory_s: float) -> AppConfig:
             "storage": config.storage.model_copy(
                 update={"url": f"file://{storage}", "signing_key": SecretStr("bench")}
             ),
-            "scheduler": config.scheduler.model_copy(update={"job_memory_s": job_memory_s}),
+            "scheduler": config.scheduler.model_copy(
+                update={"job_memory_s": job_memory_s, "webhook_allow_private": True}
+            ),
+            "auth": config.auth.model_copy(update={"webhook_secret": SecretStr("bench-webhooks")}),
             "tiers": {
                 name: tier.model_copy(update={"requests_per_minute": 1_000_000, "cost_per_minute": 1e9})
                 for name, tier in config.tiers.items()
             },
         }
     )
+
+
+class WebhookReceiver:
+    """Each job's webhook, received on loopback, so its client waits without polling (as a batch
+    client of the jobs API would: 32 clients polling every quarter second cost the service more
+    than the jobs did)."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, asyncio.Future[str]] = {}
+        self.port = free_port()
+
+    def outcome(self, job_id: str) -> asyncio.Future[str]:
+        """The job's final status; the webhook may come before its client asks."""
+        return self.outcomes.setdefault(job_id, asyncio.get_running_loop().create_future())
+
+    async def receive(self, request: Request) -> Response:
+        event = await request.json()
+        if event["status"] in FINAL_STATUSES and not (future := self.outcome(event["id"])).done():
+            future.set_result(event["status"])
+        return Response(status_code=204)
+
+    def serve(self) -> uvicorn.Server:
+        app = Starlette(routes=[Route("/", self.receive, methods=["POST"])])
+        return uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
 
 
 def scheduler_pid() -> int:
@@ -85,13 +118,6 @@ def snapshot(label: str, done: int) -> dict[str, Any]:
     }
 
 
-def poll_delay_s(eta_seconds: float | None) -> float:
-    """When to look again, as a considerate client of the jobs API does: at the predicted start,
-    between 0.25 s and 2 s (polling 32 jobs five times a second loads the service more than
-    the jobs themselves on a small machine)."""
-    return min(2.0, max(0.25, eta_seconds or 0.0))
-
-
 async def run_jobs(
     base_url: str,
     jobs: int,
@@ -112,28 +138,33 @@ async def run_jobs(
             rows.append(await asyncio.to_thread(snapshot, "during", done))
             print(f"[job_memory] {rows[-1]}", flush=True)
 
+    receiver = WebhookReceiver()
+    body = {**BODY, "webhook_url": f"http://127.0.0.1:{receiver.port}/"}
+
     async def one_client(client: httpx.AsyncClient) -> None:
         while counts["started"] < jobs and time.monotonic() < deadline:
             counts["started"] += 1
             accepted = await client.post(
-                "/v1/images/generations", json=BODY, headers={"prefer": "respond-async"}
+                "/v1/images/generations", json=body, headers={"prefer": "respond-async"}
             )
             if accepted.status_code != 202:
                 counts["other"] += 1
                 continue
             job_id = accepted.json()["id"]
-            while True:
-                job = (await client.get(f"/v1/images/jobs/{job_id}")).json()
-                status = job["status"]
-                if status in ("succeeded", "failed", "cancelled"):
-                    break
-                await asyncio.sleep(poll_delay_s(job.get("eta_seconds")))
+            status = await receiver.outcome(job_id)
+            del receiver.outcomes[job_id]
             counts["succeeded" if status == "succeeded" else "other"] += 1
 
+    server = receiver.serve()
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)  # uvicorn has no started event
     sampler = asyncio.create_task(sample())
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
         await asyncio.gather(*(one_client(client) for _ in range(concurrency)))
     sampler.cancel()
+    server.should_exit = True
+    await serving
     return counts["succeeded"], counts["other"]
 
 
