@@ -17,7 +17,7 @@ from deployments.models.registry import load_family
 from deployments.storage import ObjectStore
 from serve_app.batch import BatchSettings, batch_settings, read_results, run_batch, seed_from_prompt
 from tests.conftest import load_variant
-from tests.integration.conftest import RunningService
+from tests.integration.conftest import ProxiedS3, RunningService
 
 PROMPTS = ["a handwritten 0", "the digit one", "2", "a handwritten 3", "the digit four"]
 SEEDS = [10, 11, 12, 13, 14]
@@ -87,3 +87,20 @@ def test_prompts_without_seeds_get_seeds_from_their_text(
     assert run.generated == 2
     seeds = sorted(read_results(storage, "digits")["seed"].to_pylist())
     assert seeds == sorted(seed_from_prompt(prompt) for prompt in PROMPTS[:2])
+
+
+def test_batch_writes_to_s3_and_resumes(
+    service: RunningService, proxied_s3: ProxiedS3, prompts_file: str, settings: BatchSettings
+) -> None:
+    """The same run against an S3 API (moto on loopback): images and results land in the bucket,
+    and a rerun finds them there."""
+    storage = proxied_s3.storage("batch-out", "runs")
+    first = run_batch(prompts_file, settings, storage, service.config.cache_dir, progress=False)
+    assert (first.generated, first.skipped) == (len(PROMPTS), 0)
+    listed = proxied_s3.client.list_objects_v2(Bucket="batch-out", Prefix="runs/")
+    stored = {item["Key"].removeprefix("runs/") for item in listed.get("Contents", [])}
+    keys = [settings.object_key(prompt, seed) for prompt, seed in zip(PROMPTS, SEEDS, strict=True)]
+    assert set(keys) <= stored and first.results_key in stored
+    assert sorted(read_results(storage, "digits")["object_key"].to_pylist()) == sorted(keys)
+    rerun = run_batch(prompts_file, settings, storage, service.config.cache_dir, progress=False)
+    assert (rerun.generated, rerun.skipped) == (0, len(PROMPTS))
