@@ -55,12 +55,13 @@ if TYPE_CHECKING:
     from benchmarks.systems import BarePipeline, RunningServer
 
 RESULTS_DIR = Path(__file__).parent / "results"
-SYSTEM_ORDER = ("bare", "naive", "litserve", "imagegen")
+SYSTEM_ORDER = ("bare", "naive", "litserve", "imagegen", "imagegen-auto-threads")
 LABELS = {
     "bare": "bare pipeline (in-process)",
     "naive": "naive FastAPI",
     "litserve": "LitServe (batching)",
     "imagegen": "imagegen-serve",
+    "imagegen-auto-threads": "imagegen-serve, cpu_threads: auto",
 }
 QUICK = {
     "duration": 1.5,
@@ -75,7 +76,7 @@ QUICK = {
 }
 FULL = {
     "duration": 6.0,  # per scenario and round
-    "systems": ",".join(SYSTEM_ORDER),
+    "systems": "bare,naive,litserve,imagegen",  # imagegen-auto-threads on request
     "clients": "1,8",
     "saturation_clients": 16,
     "load_fractions": "0.3,0.6,0.9,1.2",

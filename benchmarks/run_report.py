@@ -237,20 +237,21 @@ def concurrency_table(rows: Sequence[dict[str, Any]], systems: Sequence[str]) ->
 
 
 def forward_pass_table(rows: Sequence[dict[str, Any]], records: Sequence[RequestRecord]) -> list[list[str]]:
-    """imagegen-serve's model time per forward pass by batch size against the bare pipeline's."""
-    by_batch: dict[int, list[float]] = {}
+    """Each imagegen-serve system's model time per forward pass by batch size, beside the bare
+    pipeline's at the same batch size."""
+    by_batch: dict[tuple[str, int], list[float]] = {}
     for record in records:
         model_ms = record.server_model_ms
         one_pass = len(record.batch_sizes) == 1  # one image in one pass: that pass's own time
-        if record.system == TARGET_SYSTEM and record.ok and model_ms is not None and one_pass:
-            by_batch.setdefault(record.batch_sizes[0], []).append(model_ms)
+        if record.system.startswith(TARGET_SYSTEM) and record.ok and model_ms is not None and one_pass:
+            by_batch.setdefault((record.system, record.batch_sizes[0]), []).append(model_ms)
     table = []
-    for size, times in sorted(by_batch.items()):
+    for (system, size), times in sorted(by_batch.items()):
         in_replica = percentile(times, 50)
         bare = _find(rows, "bare", f"batch-{size}")
         theirs = bare["p50_ms"] if bare else None
         ratio = in_replica / theirs if in_replica is not None and theirs else None
-        table.append([str(size), str(len(times)), _fmt(in_replica), _fmt(theirs), _fmt(ratio, 2)])
+        table.append([system, str(size), str(len(times)), _fmt(in_replica), _fmt(theirs), _fmt(ratio, 2)])
     return table
 
 
@@ -350,7 +351,9 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
         "Model time per pass from `Server-Timing` (the replica's own clock around the pipeline call), "
         "by batch size, beside the in-process pipeline at the same batch size in the same run "
         "(goal: at most 1.1x).\n\n"
-        + markdown_table(["batch size", "passes", "in the replica p50 ms", "bare p50 ms", "ratio"], passes)
+        + markdown_table(
+            ["system", "batch size", "passes", "in the replica p50 ms", "bare p50 ms", "ratio"], passes
+        )
         if passes
         else "-"
     )

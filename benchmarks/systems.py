@@ -24,6 +24,7 @@ from deployments.contracts import ImageTask
 
 STARTUP_TIMEOUT_S = 240
 SHUTDOWN_TIMEOUT_S = 60
+AUTO_THREADS_CONFIG = Path(__file__).parent / "configs" / "tiny-sd-auto-threads.yaml"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,17 @@ def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
             command=[str(Path(python).with_name("imagegen")), "serve"],
             ready_line="imagegen-serve ready",
             env={"IMAGEGEN_PORT": str(port), "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}"},
+        ),
+        "imagegen-auto-threads": ServerSystem(
+            name="imagegen-auto-threads",
+            label="imagegen-serve, cpu_threads: auto",
+            command=[str(Path(python).with_name("imagegen")), "serve"],
+            ready_line="imagegen-serve ready",
+            env={
+                "IMAGEGEN_PORT": str(port),
+                "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}",
+                "IMAGEGEN_CONFIG": str(AUTO_THREADS_CONFIG),
+            },
         ),
     }
 

@@ -169,8 +169,14 @@ def test_the_forward_pass_in_the_replica_is_set_beside_the_bare_pass_of_its_batc
     ours.append(record(0, 1, system="imagegen", batch_sizes=[4], server_model_ms=400.0))
     ours.append(record(0, 1, system="imagegen", n=2, batch_sizes=[4, 4], server_model_ms=1.0))  # 2 passes
     ours.append(record(0, 1, system="imagegen", status=503, batch_sizes=[1], server_model_ms=1.0))
+    ours.append(record(0, 1, system="imagegen-auto-threads", batch_sizes=[1], server_model_ms=90.0))
+    ours.append(record(0, 1, system="litserve", batch_sizes=[1], server_model_ms=1.0))  # not ours
     rows = [row("bare", "batch-1", "in-process", 8.0, p50=100.0)]
-    assert forward_pass_table(rows, ours) == [["1", "3", "120", "100", "1.20"], ["4", "1", "400", "-", "-"]]
+    assert forward_pass_table(rows, ours) == [
+        ["imagegen", "1", "3", "120", "100", "1.20"],
+        ["imagegen", "4", "1", "400", "-", "-"],
+        ["imagegen-auto-threads", "1", "1", "90", "100", "0.90"],
+    ]
 
 
 def test_server_cpu_per_image_splits_the_model_replicas_from_the_rest() -> None:
