@@ -42,7 +42,7 @@ from serve_app.config import AppConfig, load_config
 APP_NAME = "imagegen-job-memory"
 MIB = 1024 * 1024
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
-BODY = {"model": "digits-ar", "prompt": "7", "size": "64x64", "quality": "low"}
+BODY = {"model": "digits", "prompt": "7", "size": "64x64", "quality": "low"}  # the cheapest pass
 
 
 def service_config(storage: Path, job_memory_s: float) -> AppConfig:
