@@ -2,7 +2,8 @@
 `imagegen config apply` (the Serve config of `imagegen config build`, deployed as `serve deploy`
 does). A variant is added, an alias reweighted, a variant removed, while clients keep sending
 synchronous requests and async jobs through real HTTP to an alias and a variant that stays: not
-one of them fails, and the jobs queued on the removed variant finish before it goes.
+one of them fails, and the jobs queued on the removed variant finish before it goes (its model
+is gated, tests/integration/model_gate.py, so they are still there when the removal starts).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from serve_app.auth import LOCAL_TENANT
 from serve_app.config import CONFIG_DIR
 from serve_app.deploy import APP_NAME, apply, deploy
 from tests.conftest import free_port
+from tests.integration.model_gate import GATED_FAMILY, closed, start_gate
 from tests.polling import application_running, wait_until
 
 ALIAS = "imagegen-1"
 STAYS, ADDED, REMOVED = "tiny-a", "tiny-c", "tiny-b"
+REMOVED_DEPLOYMENT = f"ModelReplica-{REMOVED}"
 SYNC_CLIENTS = 2
 JOBS_ON_REMOVED = 4
 BODY = {"prompt": "a live change", "size": "64x64", "quality": "low", "response_format": "b64_json"}
@@ -52,7 +55,7 @@ class Operator:
             "port": self.port,
             "default_model": STAYS,
             "storage": {"url": f"file://{self.directory / 'store'}"},
-            "variants": [{**tiny, "name": name} for name in variants],
+            "variants": [{**tiny, "name": name, **gated(name)} for name in variants],
             "aliases": aliases,
         }
         path = self.directory / "imagegen.yaml"
@@ -137,11 +140,20 @@ def operator(tmp_path: Path) -> Iterator[Operator]:
         ray.shutdown()
 
 
+def gated(name: str) -> dict[str, str]:
+    """The removed variant runs the real tiny model behind the test's gate."""
+    return {"family": GATED_FAMILY} if name == REMOVED else {}
+
+
+def deployments() -> dict[str, Any]:
+    details: dict[str, Any] = _connect().get_serve_details()["applications"][APP_NAME]["deployments"]
+    return details
+
+
 def replica_ids() -> set[str]:
     """Every replica of the application now: the same set after a change means nothing restarted."""
-    deployments = _connect().get_serve_details()["applications"][APP_NAME]["deployments"]
     return {
-        replica["replica_id"] for deployment in deployments.values() for replica in deployment["replicas"]
+        replica["replica_id"] for deployment in deployments().values() for replica in deployment["replicas"]
     }
 
 
@@ -161,6 +173,7 @@ def variant_of(base_url: str, model: str, user: str) -> str:
 @pytest.mark.timeout(600)  # two rollouts: about two minutes on a quiet machine, more on a busy one
 def test_add_reweight_and_remove_variants_under_load_without_an_error(operator: Operator) -> None:
     base_url = operator.base_url
+    gate = start_gate()  # open until the removal: the gated variant's replica may run at once
     deploy(operator.write([STAYS, REMOVED], {ALIAS: {STAYS: 1.0}}))
     wait_until(lambda: application_running(APP_NAME), "the first configuration")
     load = Load(base_url)
@@ -186,14 +199,21 @@ def test_add_reweight_and_remove_variants_under_load_without_an_error(operator: 
                 expected = choose_variant(ALIAS, weights, caller_identity(user, LOCAL_TENANT))
                 assert variant_of(base_url, ALIAS, user) == expected
 
-            # Remove a variant with jobs queued on it: they finish before it goes.
-            with httpx.Client(base_url=base_url, timeout=120) as client:
-                queued = [load.submit(client, REMOVED) for _ in range(JOBS_ON_REMOVED)]
-                assert apply(operator.write([STAYS, ADDED], {ALIAS: weights})) == [REMOVED]
+            # Remove a variant with jobs held on it: it is retired (no new work) and removed only
+            # once they finished.
+            with httpx.Client(base_url=base_url, timeout=120) as client, ThreadPoolExecutor(1) as applying:
+                with closed(gate):
+                    queued = [load.submit(client, REMOVED) for _ in range(JOBS_ON_REMOVED)]
+                    removal = applying.submit(apply, operator.write([STAYS, ADDED], {ALIAS: weights}))
+                    wait_until(lambda: REMOVED not in models(base_url), "the variant's retirement")
+                    assert not removal.done()  # it waits for the jobs, which the gate holds
+                    assert REMOVED_DEPLOYMENT in deployments()
+                assert removal.result() == [REMOVED]
                 for job_id in queued:
                     assert job_id is not None
                     job = finished_job(client, job_id)
                     assert job is not None and job["status"] == "succeeded", job
+                assert REMOVED_DEPLOYMENT not in deployments()
             before = load.progress()
             wait_until(lambda: load.progress() > before, "load served after the removal")
         finally:
