@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import metrics
+from ray.serve.exceptions import RayServeException
 from ray.serve.schema import ReplicaState, ServeStatus
 
 from autoscaling.policy import QUEUED_IMAGES, RUNNING_IMAGES, backlog_metric
@@ -190,7 +191,10 @@ class Scheduler:
         """Wait while another replica of this deployment lives: during a rollout the old one
         finishes its calls and its running jobs are cut only when it stops, so the jobs are
         recovered (and run again) here only once nothing else can be running them."""
-        context = serve.get_replica_context()
+        try:
+            context = serve.get_replica_context()
+        except RayServeException:  # a plain object, not a Serve replica: it has no predecessor
+            return
         app_name, deployment = context.app_name, context.deployment
         while True:
             try:
