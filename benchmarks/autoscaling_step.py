@@ -217,7 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ray import serve
 
     from benchmarks.run import free_port
-    from serve_app.config import load_config
     from serve_app.deploy import APP_NAME, deploy
 
     phases = [
@@ -230,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_path = write_config(Path(directory), port)
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
         try:
-            deploy(load_config(config_path), config_path)
+            deploy(config_path)
             while (app := serve.status().applications.get(APP_NAME)) is None or app.status != "RUNNING":
                 time.sleep(1)  # waiting for the deployment, no deadline: a benchmark, watched
             samples: list[Sample] = []

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from deployments.errors import UpstreamTimeoutError
+from deployments.errors import UpstreamTimeoutError, is_replica_failure
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -38,6 +38,20 @@ async def bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
             f"{what} did not answer within {math.ceil(timeout_s)}s; the work was cancelled. Retry shortly.",
             retry_after_s=RETRY_AFTER_S,
         ) from None
+
+
+async def bounded_on_a_live_replica(
+    make_call: Callable[[], Awaitable[T]], timeout_s: float, what: str, calls: int = 3
+) -> T:
+    """`bounded` ``make_call()``, made again (``calls`` in all) while it fails because the replica
+    that took it stopped, e.g. replaced by a rollout: for calls that are safe to make twice."""
+    for attempt in range(calls):
+        try:
+            return await bounded(make_call(), timeout_s, what)
+        except Exception as failure:
+            if attempt == calls - 1 or not is_replica_failure(failure):
+                raise
+    raise AssertionError("unreachable: calls >= 1")
 
 
 async def each_within(stream: CancellableStream[T], timeout_s: float, what: str) -> AsyncIterator[T]:

@@ -51,6 +51,12 @@ class ResourcesConfig(StrictModel):
     health_check_timeout_s: float = Field(
         30.0, gt=0, description="A check not answered within this fails; Serve replaces the replica."
     )
+    graceful_shutdown_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long a replica a rollout (or downscaling) stops may finish its ongoing calls "
+        "before it is killed.",
+    )
 
     def ray_actor_options(self) -> dict[str, float]:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}

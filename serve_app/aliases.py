@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pydantic import ConfigDict, TypeAdapter
 
 AliasWeights = Mapping[str, float]
 """Variant name -> weight (positive; shares are weight / sum of the alias's weights)."""
@@ -80,3 +82,47 @@ def resolve_model(
     if model in aliases:
         return ModelChoice(choose_variant(model, aliases[model], caller), alias=model)
     return None
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which model names take new requests: every deployed variant but the ``retired`` ones, and
+    the ``aliases``. It is the ingress's ``user_config``, so `serve deploy` changes it in place:
+    a reweight restarts nothing, and retiring a variant stops new work for it while its queue drains.
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # read from a Serve config: a typo fails
+
+    aliases: Mapping[str, AliasWeights] = field(default_factory=dict)
+    retired: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_user_config(cls, user_config: Mapping[str, object], variants: Collection[str]) -> Routing:
+        """Read and check the ingress's ``user_config`` against the deployed ``variants``."""
+        routing = TypeAdapter(cls).validate_python(user_config)
+        errors = alias_errors(routing.aliases, routing.serving(variants))
+        if unknown := sorted(routing.retired - set(variants)):
+            errors.append(f"retired variants {unknown} are not deployed; deployed: {sorted(variants)}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return routing
+
+    def user_config(self) -> dict[str, object]:
+        return {
+            "aliases": {name: dict(weights) for name, weights in self.aliases.items()},
+            "retired": sorted(self.retired),
+        }
+
+    def serving(self, variants: Collection[str]) -> list[str]:
+        """The ``variants`` that take new requests, in their order."""
+        return [name for name in variants if name not in self.retired]
+
+    def retiring(self, variants: Collection[str]) -> Routing:
+        """This routing with ``variants`` retired, and dropped from every alias (an alias left
+        with none is dropped too)."""
+        aliases = {
+            alias: kept
+            for alias, weights in self.aliases.items()
+            if (kept := {name: weight for name, weight in weights.items() if name not in variants})
+        }
+        return Routing(aliases, self.retired | frozenset(variants))

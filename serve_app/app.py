@@ -1,7 +1,8 @@
 """Composition of the service: ``build_app(config)`` returns the Serve application.
 
-``serve run serve_app.app:app`` and a Serve config's ``import_path: serve_app.app:app`` build it
-from the configuration named by ``IMAGEGEN_CONFIG`` (see serve_app/config.py).
+``serve run serve_app.app:app`` builds it from the configuration named by ``IMAGEGEN_CONFIG``
+(see serve_app/config.py); a Serve config from ``imagegen config build`` (serve_app/deploy.py)
+builds it with `app_builder` from the configuration it carries in its ``args``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from deployments.model_replica import ModelReplica
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
 from deployments.stage_chain import StageChain
+from serve_app.aliases import Routing
 from serve_app.config import AppConfig, StageAutoscalingConfig, load_config
 from serve_app.ingress import Ingress
 from serve_app.scheduler import Scheduler
@@ -24,6 +26,10 @@ from serve_app.scheduler import Scheduler
 # so a burst reaches the policy within about a second.
 BACKLOG_METRICS = {"metrics_interval_s": 0.5, "look_back_period_s": 2.0}
 STAGE_NAMES = {"ingress": "Ingress", "preprocess": "Preprocess", "postprocess": "Postprocess"}
+# A rollout (a new configuration) starts each stateless deployment's new replicas before it stops
+# the old ones, so no stage is ever without a running replica. The scheduler is the exception: it
+# owns queue order and job state, so its old replica stops (drains) before its successor takes over.
+SURGE_PERCENT = 100
 
 
 def _serve_autoscaling(scaling: ModelAutoscalingConfig | StageAutoscalingConfig) -> dict[str, Any]:
@@ -53,6 +59,8 @@ def _deployment_options(
         "max_queued_requests": resources.max_queued_requests,
         "health_check_period_s": resources.health_check_period_s,
         "health_check_timeout_s": resources.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": resources.graceful_shutdown_timeout_s,
+        "max_surge_percent": SURGE_PERCENT,
         "ray_actor_options": resources.ray_actor_options(),
     }
 
@@ -124,6 +132,7 @@ def build_app(config: AppConfig) -> Application:
     # One scheduler replica: it is the single owner of queue order and job state. With autoscaling
     # on, it is "autoscaled" between 1 and 1 so that Serve collects its backlog report.
     scheduler_options = {**_deployment_options(config.scheduler.resources), "num_replicas": 1}
+    scheduler_options["max_surge_percent"] = 0
     if autoscales(config):
         scheduler_options.pop("num_replicas")
         scheduler_options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, **BACKLOG_METRICS}
@@ -132,8 +141,17 @@ def build_app(config: AppConfig) -> Application:
     # place at run time.
     chain = StageChain(preprocess, postprocess, models)  # type: ignore[arg-type]
     scheduler = _deployment(Scheduler).options(**scheduler_options).bind(config, chain)
-    ingress = _deployment(Ingress).options(**_deployment_options(stages.ingress, stages.ingress.autoscaling))
+    ingress = _deployment(Ingress).options(
+        user_config=Routing(config.aliases).user_config(),
+        **_deployment_options(stages.ingress, stages.ingress.autoscaling),
+    )
     return ingress.bind(config, chain, scheduler)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """The service a Serve config from `imagegen config build` describes: its ``args`` carry the
+    configuration itself, so that any change to it is one Serve sees (and rolls out)."""
+    return build_app(AppConfig(**args["config"]))
 
 
 def __getattr__(name: str) -> Application:

@@ -1,4 +1,6 @@
-"""The ``imagegen`` command: ``serve`` runs the service on a local Ray instance; ``report`` reads
+"""The ``imagegen`` command: ``serve`` runs the service on a local Ray instance; ``config build``
+writes its Serve config and ``config apply`` changes a running service to a new config (no
+downtime; serve_app/deploy.py); ``report`` reads
 the generation log; ``bench`` runs the benchmarks (benchmarks/run.py); ``eval`` scores variants'
 images (benchmarks/quality.py); ``batch`` generates images for a Parquet of prompts on Ray Data
 (serve_app/batch.py); ``train`` trains the embedded digit models (training/digits.py)."""
@@ -30,8 +32,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import autoscales, build_app
-    from serve_app.config import DEFAULT_CONFIG_PATH, load_config
+    from serve_app.config import load_config
     from serve_app.deploy import deploy
 
     config = load_config(args.config)
@@ -48,13 +49,11 @@ def serve_command(args: argparse.Namespace) -> int:
         logging_level=logging.WARNING,
     )
     try:
-        if autoscales(config):  # the backlog policy comes with a Serve config only
-            deploy(config, Path(args.config or DEFAULT_CONFIG_PATH), APP_NAME)
-            while serve.status().applications[APP_NAME].status != "RUNNING" and not stop.is_set():
-                stop.wait(0.5)
-        else:
-            serve.start(http_options={"host": config.host, "port": config.port})
-            serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        # From a Serve config, as `serve deploy` would: the backlog policy comes with one only,
+        # and `imagegen config apply` changes a service deployed from one.
+        deploy(args.config, APP_NAME)
+        while serve.status().applications[APP_NAME].status != "RUNNING" and not stop.is_set():
+            stop.wait(0.5)
         print(f"imagegen-serve ready on http://{config.host}:{config.port} (Ctrl-C stops)", flush=True)
         stop.wait()
     finally:
@@ -63,14 +62,32 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_config_command(args: argparse.Namespace) -> int:
+def config_build_command(args: argparse.Namespace) -> int:
     import yaml
 
-    from serve_app.config import DEFAULT_CONFIG_PATH, load_config
     from serve_app.deploy import serve_config
 
-    config_path = Path(args.config or DEFAULT_CONFIG_PATH)
-    print(yaml.safe_dump(serve_config(load_config(config_path), config_path), sort_keys=False), end="")
+    text = yaml.safe_dump(serve_config(args.config, args.app), sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"Serve config written to {args.out} (deploy it: serve deploy {args.out})")
+    else:
+        print(text, end="")
+    return 0
+
+
+def config_apply_command(args: argparse.Namespace) -> int:
+    import ray
+
+    from serve_app.deploy import apply
+
+    ray.init(address=args.address, logging_level=logging.WARNING)
+    try:
+        removed = apply(args.config, args.app)
+    finally:
+        ray.shutdown()
+    drained = f"; removed after their work finished: {', '.join(removed)}" if removed else ""
+    print(f"application {args.app!r} runs the new configuration{drained}")
     return 0
 
 
@@ -135,13 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_parser.set_defaults(handler=serve_command)
 
-    serve_config_parser = commands.add_parser(
-        "serve-config", help="print the Serve config for `serve deploy` (with the autoscaling policy)"
+    config_parser = commands.add_parser("config", help="the Serve config: build it, or apply it live")
+    config_commands = config_parser.add_subparsers(dest="config_command", required=True)
+    build_parser_ = config_commands.add_parser(
+        "build", help="write the Serve config for `serve deploy` (variants, aliases, autoscaling policy)"
     )
-    serve_config_parser.add_argument(
-        "--config", default=os.environ.get("IMAGEGEN_CONFIG"), help="YAML config (default: the embedded one)"
+    apply_parser = config_commands.add_parser(
+        "apply", help="change the running service to the config, without downtime; removed variants drain"
     )
-    serve_config_parser.set_defaults(handler=serve_config_command)
+    for sub in (build_parser_, apply_parser):
+        sub.add_argument(
+            "--config",
+            default=os.environ.get("IMAGEGEN_CONFIG"),
+            help="YAML config (default: the embedded one)",
+        )
+        sub.add_argument("--app", default=APP_NAME, help=f"Serve application name (default: {APP_NAME})")
+    build_parser_.add_argument("--out", help="write it to this file (default: print it)")
+    build_parser_.set_defaults(handler=config_build_command)
+    apply_parser.add_argument("--address", default="auto", help="Ray address of the running cluster")
+    apply_parser.set_defaults(handler=config_apply_command)
 
     report_parser = commands.add_parser(
         "report", help="latency, throughput and errors from the generation log"

@@ -162,7 +162,11 @@ class SchedulerConfig(StrictModel):
         600.0, gt=0, description="How often expired job and idempotency records are pruned from the store."
     )
     webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private addresses.")
-    resources: ResourcesConfig = ResourcesConfig(num_cpus=0.1, max_ongoing_requests=100_000)
+    # In a rollout the new scheduler takes over once the old one has stopped: a short drain keeps
+    # that gap short (a caller still waiting on the old one for slots then asks the new one).
+    resources: ResourcesConfig = ResourcesConfig(
+        num_cpus=0.1, max_ongoing_requests=100_000, graceful_shutdown_timeout_s=10.0
+    )
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> SchedulerConfig:
@@ -334,14 +338,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
-    """Read the YAML config (variant entries, and ``aliases``, may be paths to YAML files relative to it)."""
-    config_path = Path(path or os.environ.get("IMAGEGEN_CONFIG") or DEFAULT_CONFIG_PATH)
-    data = _read_yaml(config_path)
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """``path``, else the file ``IMAGEGEN_CONFIG`` names, else the embedded default."""
+    return Path(path or os.environ.get("IMAGEGEN_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def read_config_data(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The YAML config as one mapping: variant entries, and ``aliases``, may be paths to YAML
+    files relative to it, and are read in."""
+    source = config_path(path)
+    data = _read_yaml(source)
     data["variants"] = [
-        _read_yaml(config_path.parent / entry) if isinstance(entry, str) else entry
+        _read_yaml(source.parent / entry) if isinstance(entry, str) else entry
         for entry in data.get("variants", [])
     ]
     if isinstance(data.get("aliases"), str):
-        data["aliases"] = _read_yaml(config_path.parent / data["aliases"])
-    return AppConfig(**data)
+        data["aliases"] = _read_yaml(source.parent / data["aliases"])
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
+    """Read and check the YAML config (see `read_config_data`); the environment overrides it."""
+    return AppConfig(**read_config_data(path))

@@ -1,36 +1,71 @@
-"""The service as a Serve config: what ``serve deploy`` takes, and how ``imagegen serve`` deploys.
+"""The service as a Serve config: what ``serve deploy`` takes, and how a running service changes.
+
+`serve_config` (``imagegen config build``) writes the configuration itself into the Serve config,
+so that ``serve deploy`` of an updated one is a change Serve sees:
+
+- the config file, its variant files read in, is the application's ``args``
+  (`serve_app.app:app_builder` builds the application from them). A change there (a variant added
+  or removed, any setting) rolls the application out: Serve starts new replicas of every
+  deployment, each model loading its weights again, and stops the old ones once their calls end.
+- the routing (aliases and their weights) is the ingress's ``user_config``: a change there is
+  applied to the running ingress replicas in place; nothing restarts.
+- each variant's batching is its model replica's ``user_config`` and a deployment's replica bounds
+  are Serve options: edited in the Serve config's ``deployments`` entries, Serve applies them to
+  the running replicas in place.
+
+`apply` (``imagegen config apply``) deploys an updated config on a running service, and removes a
+variant only once its work is done: it first retires it (no new work; the same application, so
+nothing restarts), waits until the scheduler holds no queued or running work for it, then deploys
+the config without it.
 
 Ray Serve 2.60 accepts an application-level autoscaling policy only in a Serve config
-(``applications[].autoscaling_policy``); ``serve.run`` has no such argument. So an autoscaled
-service is deployed from a config built here, and `serve_app.app:app` builds the application
-from the same ``IMAGEGEN_*`` settings inside the cluster.
+(``applications[].autoscaling_policy``), so an autoscaled service is always deployed from one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+from serve_app.aliases import Routing
 from serve_app.app import application_autoscaling_policy
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, read_config_data
 
 APP_NAME = "imagegen"
+INGRESS = "Ingress"
+SCHEDULER = "Scheduler"
+POLL_INTERVAL_S = 0.5
+logger = logging.getLogger("imagegen.deploy")
 
 
-def serve_config(config: AppConfig, config_path: Path, app_name: str = APP_NAME) -> dict[str, Any]:
+def serve_config(config_path: Path | None = None, app_name: str = APP_NAME) -> dict[str, Any]:
     """A Serve config (``ServeDeploySchema``) for the service that ``config_path`` configures.
 
-    The application reads its settings from ``IMAGEGEN_CONFIG`` and any other ``IMAGEGEN_*``
-    variable set now, passed on in its runtime environment.
+    Every ``IMAGEGEN_*`` variable set now (settings, secrets) is passed on in the application's
+    runtime environment, where it overrides the carried config as it overrides the file.
     """
-    env_vars = {name: value for name, value in os.environ.items() if name.startswith("IMAGEGEN_")}
-    env_vars["IMAGEGEN_CONFIG"] = str(config_path.resolve())
+    data = read_config_data(config_path)
+    config = AppConfig(**data)  # checked here, before anything is deployed
+    env_vars = {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith("IMAGEGEN_") and name != "IMAGEGEN_CONFIG"
+    }
+    routing = Routing(config.aliases)
+    models = [
+        {"name": variant.deployment_name, "user_config": variant.batching.model_dump()}
+        for variant in config.variants
+    ]
     application: dict[str, Any] = {
         "name": app_name,
         "route_prefix": "/",
-        "import_path": "serve_app.app:app",
+        "import_path": "serve_app.app:app_builder",
+        "args": {"config": {key: value for key, value in data.items() if key != "aliases"}},
         "runtime_env": {"env_vars": env_vars},
+        "deployments": [{"name": INGRESS, "user_config": routing.user_config()}, *models],
     }
     if (policy := application_autoscaling_policy(config)) is not None:
         application["autoscaling_policy"] = policy
@@ -41,11 +76,97 @@ def serve_config(config: AppConfig, config_path: Path, app_name: str = APP_NAME)
     }
 
 
-def deploy(config: AppConfig, config_path: Path, app_name: str = APP_NAME) -> None:
-    """Deploy on the connected Ray cluster, as ``serve run <serve config>`` does; returns at once."""
+def deploy_serve_config(serve_config: dict[str, Any]) -> None:
+    """Deploy a Serve config on the connected Ray cluster, as ``serve deploy`` does; returns at
+    once. Applications the config does not name are deleted (Serve's declarative API)."""
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema(**serve_config(config, config_path, app_name))
+    schema = ServeDeploySchema(**serve_config)
     client = serve_start(http_options=schema.http_options.model_dump())
     client.deploy_apps(schema)
+
+
+def deploy(config_path: Path | None = None, app_name: str = APP_NAME) -> None:
+    """Deploy the service ``config_path`` configures on the connected Ray cluster; returns at once."""
+    deploy_serve_config(serve_config(config_path, app_name))
+
+
+def apply(config_path: Path | None = None, app_name: str = APP_NAME, timeout_s: float = 1800.0) -> list[str]:
+    """Bring the running service to ``config_path``'s config without dropping work, and wait
+    until it runs; returns the variants removed.
+
+    A variant the new config drops is first retired, in place (new requests for it get 404, the
+    aliases stop choosing it), and removed only once the scheduler holds no queued or running work
+    for it: its queued jobs and requests finish first.
+    """
+    target = serve_config(config_path, app_name)
+    running = deployed_application(app_name)
+    removed = sorted(carried_variants(running) - carried_variants(target["applications"][0]))
+    if removed:
+        logger.info("retiring %s: no new work; waiting for their queued and running work", removed)
+        deploy_serve_config({**target, "applications": [retiring(running, removed)]})
+        wait_for(lambda: application_running(app_name), "the retirement", timeout_s)
+        wait_for(lambda: drained(app_name, removed), f"the work of {removed} to finish", timeout_s)
+    deploy_serve_config(target)
+    wait_for(lambda: application_running(app_name), "the new configuration", timeout_s)
+    return removed
+
+
+def deployed_application(app_name: str) -> dict[str, Any]:
+    """The Serve config entry ``app_name`` runs now (it must have been deployed from a config)."""
+    from ray.serve.context import _connect
+
+    details = _connect().get_serve_details()
+    application = details.get("applications", {}).get(app_name)
+    deployed = application and application.get("deployed_app_config")
+    if not deployed or "config" not in (deployed.get("args") or {}):
+        raise RuntimeError(
+            f"application {app_name!r} is not running from a Serve config of `imagegen config build`; "
+            "deploy one first (`imagegen serve` or `imagegen config apply`)"
+        )
+    return dict(deployed)
+
+
+def carried_variants(application: dict[str, Any]) -> set[str]:
+    """The names of the variants a Serve config entry from `serve_config` deploys."""
+    return {variant["name"] for variant in application["args"]["config"]["variants"]}
+
+
+def retiring(application: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+    """``application`` (a deployed Serve config entry) with ``variants`` retired in its ingress's
+    routing: the same code version, so Serve reconfigures the ingress and restarts nothing."""
+    deployments = [dict(entry) for entry in application.get("deployments") or []]
+    ingress = next((entry for entry in deployments if entry["name"] == INGRESS), None)
+    if ingress is None:
+        ingress = {"name": INGRESS}
+        deployments.append(ingress)
+    routing = Routing.from_user_config(ingress.get("user_config") or {}, carried_variants(application))
+    ingress["user_config"] = routing.retiring(variants).user_config()
+    return {**application, "deployments": deployments}
+
+
+def application_running(app_name: str) -> bool:
+    from ray import serve
+
+    application = serve.status().applications.get(app_name)
+    if application is not None and application.status == "DEPLOY_FAILED":
+        raise RuntimeError(f"application {app_name!r} failed to deploy: {application.message}")
+    return application is not None and application.status == "RUNNING"
+
+
+def drained(app_name: str, variants: list[str]) -> bool:
+    """Whether the scheduler holds no queued or running work for any of ``variants``."""
+    from ray import serve
+
+    stats = serve.get_deployment_handle(SCHEDULER, app_name).stats.remote().result()
+    queues = [stats["variants"].get(variant, {}) for variant in variants]
+    return not any(count for queue in queues for key, count in queue.items() if key != "capacity")
+
+
+def wait_for(condition: Any, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(POLL_INTERVAL_S)  # the pace of the polling: Serve has no event for these

@@ -154,6 +154,10 @@ class Ingress:
     def __del__(self) -> None:
         self.service.close()
 
+    def reconfigure(self, routing: dict[str, Any]) -> None:
+        """Serve's ``user_config``: the routing table (aliases, retired variants), changed in place."""
+        self.service.set_routing(routing)
+
     def principal(self, authorization: str | None) -> Principal:
         return self.service.authenticate(authorization)
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.call_timeouts import bounded
+from deployments.call_timeouts import bounded, bounded_on_a_live_replica
 from deployments.contracts import ImageRequest
 from deployments.errors import APIError, UpstreamTimeoutError, unwrap_remote_error
 from deployments.storage import ObjectStore
@@ -74,8 +74,11 @@ class JobClient:
         """An idempotent request: the job its key names (submitted now, or earlier), once finished."""
         view = await self._submit(planned, principal, delivery)
         headers = {**view.rate_limit_headers, "x-imagegen-job-id": view.record.id}
-        waiting = self.scheduler.wait.remote(principal.tenant, view.record.id)
-        view = await bounded(waiting, self.timeouts.job_wait_s, "The job")
+        # Asked again of the next scheduler if a rollout stops this one under the wait.
+        job_id = view.record.id
+        view = await bounded_on_a_live_replica(
+            lambda: self.scheduler.wait.remote(principal.tenant, job_id), self.timeouts.job_wait_s, "The job"
+        )
         job = await self.job_response(view, delivery.base_url)
         if job.result is None:
             raise view.record.failure

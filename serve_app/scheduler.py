@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import metrics
+from ray.serve.exceptions import RayServeException
 from ray.serve.schema import ReplicaState, ServeStatus
 
 from autoscaling.policy import QUEUED_IMAGES, RUNNING_IMAGES, backlog_metric
@@ -106,6 +107,16 @@ def running_replicas(status: ServeStatus, app_name: str, deployment: str) -> int
     return overview.replica_states.get(ReplicaState.RUNNING, 0)
 
 
+def live_replicas(status: ServeStatus, app_name: str, deployment: str) -> int | None:
+    """Replicas of ``deployment`` in ``serve.status()`` in any state: starting, running, stopping
+    (None: not listed)."""
+    application = status.applications.get(app_name)
+    overview = application.deployments.get(deployment) if application else None
+    if overview is None:
+        return None
+    return sum(overview.replica_states.values())
+
+
 def cold_start_timeout(error_variant: str, timeout_s: float) -> ModelStartingError:
     return ModelStartingError(
         f"Model {error_variant!r} is starting from zero replicas and was not ready within "
@@ -170,10 +181,31 @@ class Scheduler:
 
     async def _recover(self) -> None:
         try:
+            await self._outlive_predecessor()
             await self.jobs.recover()
         finally:
             self._recovered.set()
             self._dispatch()
+
+    async def _outlive_predecessor(self) -> None:
+        """Wait while another replica of this deployment lives: during a rollout the old one
+        finishes its calls and its running jobs are cut only when it stops, so the jobs are
+        recovered (and run again) here only once nothing else can be running them."""
+        try:
+            context = serve.get_replica_context()
+        except RayServeException:  # a plain object, not a Serve replica: it has no predecessor
+            return
+        app_name, deployment = context.app_name, context.deployment
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+            except Exception:  # the controller may be restarting; ask again
+                logger.warning("could not read the scheduler's replicas from serve.status()", exc_info=True)
+            else:
+                replicas = live_replicas(status, app_name, deployment)
+                if replicas is None or replicas <= 1:  # None: not listed, so none other either
+                    return
+            await asyncio.sleep(REPLICA_CHECK_INTERVAL_S)  # a timer: Serve has no replica-stopped event
 
     async def ready(self) -> bool:
         await self._recovered.wait()
@@ -333,6 +365,7 @@ class Scheduler:
 
     async def wait(self, tenant: str, job_id: str) -> JobView:
         """Wait until the job is finished, then return it."""
+        await self._recovered.wait()  # a scheduler that took over from another knows its jobs then
         return await self.jobs.wait(tenant, job_id)
 
     async def cancel(self, tenant: str, job_id: str) -> JobView:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.call_timeouts import bounded, each_within
+from deployments.call_timeouts import bounded, bounded_on_a_live_replica, each_within
 from deployments.config import VariantConfig
 from deployments.contracts import StoredImage
 from deployments.errors import (
@@ -33,7 +33,7 @@ from deployments.resilience import CircuitOpenError
 from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore
 from serve_app.admission_policy import work_request
-from serve_app.aliases import caller_identity, resolve_model
+from serve_app.aliases import Routing, caller_identity, resolve_model
 from serve_app.answers import (
     Completed,
     Delivery,
@@ -75,10 +75,17 @@ class ImageService:
         self.timeouts = config.timeouts
         self.jobs = JobClient(scheduler, self.store, self.files, config.timeouts)
         self.created = int(time.time())
+        self.routing = Routing(config.aliases)
         self.log = GenerationLog(
             self.store, config.storage.log, on_drop=stage_metrics().count_dropped_log_rows
         )
         self._log_flusher: asyncio.Task[None] | None = None
+
+    def set_routing(self, user_config: dict[str, object]) -> None:
+        """Apply the ingress's ``user_config`` (see `Routing`): new requests follow it at once."""
+        self.routing = Routing.from_user_config(
+            user_config, [variant.name for variant in self.config.variants]
+        )
 
     def authenticate(self, authorization: str | None) -> Principal:
         return self.keyring.authenticate(authorization)
@@ -90,9 +97,9 @@ class ImageService:
     ) -> tuple[VariantConfig, str | None]:
         """The variant a request's ``model`` (a variant, an alias, or none: the default) runs on,
         and the alias it was chosen through."""
-        names = [variant.name for variant in self.config.variants]
-        wanted = model or self.config.default_model or names[0]
-        choice = resolve_model(wanted, names, self.config.aliases, caller_identity(end_user, tenant))
+        names = self.routing.serving([variant.name for variant in self.config.variants])
+        wanted = model or self.config.default_model or next(iter(names), "")
+        choice = resolve_model(wanted, names, self.routing.aliases, caller_identity(end_user, tenant))
         if choice is None:
             raise NotFoundError(
                 f"The model {model!r} does not exist. See GET /v1/models.",
@@ -197,8 +204,10 @@ class ImageService:
         image_request, options = planned.request, planned.options
         work = work_request(image_request, principal.tier)
         try:
-            grant: Grant = await bounded(
-                self.scheduler.acquire.remote(work), self.timeouts.slot_wait_s, "The scheduler"
+            # Asked again of the next scheduler if a rollout stops this one under the wait: the
+            # work has not started.
+            grant: Grant = await bounded_on_a_live_replica(
+                lambda: self.scheduler.acquire.remote(work), self.timeouts.slot_wait_s, "The scheduler"
             )
         except (asyncio.CancelledError, UpstreamTimeoutError):
             # The client left (or waited too long): the slots may have been granted meanwhile.
@@ -325,10 +334,11 @@ class ImageService:
         variants = [
             ModelCard(id=variant.name, created=self.created, family=variant.family)
             for variant in self.config.variants
+            if variant.name not in self.routing.retired
         ]
         aliases = [
             ModelCard(id=alias, created=self.created, variants=dict(weights))
-            for alias, weights in self.config.aliases.items()
+            for alias, weights in self.routing.aliases.items()
         ]
         return ModelList(data=[*variants, *aliases])
 

@@ -20,7 +20,7 @@ import yaml
 from openai import OpenAI
 from ray import serve
 
-from serve_app.config import CONFIG_DIR, DEFAULT_CONFIG_PATH, load_config
+from serve_app.config import CONFIG_DIR, DEFAULT_CONFIG_PATH
 from serve_app.deploy import APP_NAME, deploy
 from serve_app.scheduler import running_replicas
 from tests.conftest import TEST_SIGNING_KEY, free_port
@@ -67,7 +67,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAI]:
         log_to_driver=False,
     )
     try:
-        deploy(load_config(config_path), config_path)
+        deploy(config_path)
 
         wait_until(lambda: application_running(APP_NAME), "the application to run")
         base_url = f"http://127.0.0.1:{port}/v1"

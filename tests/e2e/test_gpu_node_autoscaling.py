@@ -264,7 +264,7 @@ def service(fake_cluster: FakeCluster, tmp_path_factory: pytest.TempPathFactory)
     config = load_config(config_path)
     # The Serve config `imagegen serve` deploys, with its proxy on the head only: the fake nodes
     # share this machine's network, so a proxy on each would share the head's HTTP port.
-    schema = ServeDeploySchema(**serve_config(config, config_path))
+    schema = ServeDeploySchema(**serve_config(config_path))
     serve_start(http_options=schema.http_options.model_dump(), proxy_location="HeadOnly").deploy_apps(schema)
     try:
         wait_until(lambda: application_running(APP_NAME), "the application to run")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from deployments.call_timeouts import bounded, each_within
+from deployments.call_timeouts import bounded, bounded_on_a_live_replica, each_within
 from deployments.contracts import EncodeOptions
 from deployments.errors import UpstreamTimeoutError
 from deployments.stage_chain import StageChain
@@ -106,3 +106,27 @@ def test_a_stream_that_stalls_is_cancelled_and_ends_with_a_timeout() -> None:
         assert received == ["partial"] and stream.cancelled
 
     asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD_S))
+
+
+def test_a_call_whose_replica_stopped_is_made_again_and_other_failures_are_not() -> None:
+    from ray.exceptions import ActorDiedError
+
+    made: list[str] = []
+
+    def call(outcomes: list[BaseException | str]) -> Any:
+        async def once() -> str:
+            outcome = outcomes.pop(0)
+            made.append(str(outcome))
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return lambda: once()
+
+    stopped = ActorDiedError()  # what a handle call raises when a rollout stops its replica
+    assert asyncio.run(bounded_on_a_live_replica(call([stopped, "granted"]), 5, "The scheduler")) == "granted"
+    assert len(made) == 2
+    with pytest.raises(ValueError):  # not a replica failure: raised at once
+        asyncio.run(bounded_on_a_live_replica(call([ValueError("bad"), "granted"]), 5, "The scheduler"))
+    with pytest.raises(ActorDiedError):  # the calls run out
+        asyncio.run(bounded_on_a_live_replica(call([stopped, stopped]), 5, "The scheduler", calls=2))
