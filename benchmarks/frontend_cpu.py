@@ -7,6 +7,11 @@ the session's processes' CPU time from ``/proc`` around it: core-ms per image fo
 (proxy, ingress, scheduler, the stages, Ray's own), and their sum outside the model replicas, the
 front end's cost (issue 13). A 1-client loop before it gives the unloaded latency.
 
+On a slow or shared machine the model makes few images per second, so the part of that sum that
+runs by the clock (Serve's controller, metrics, health checks, Ray's agents) weighs heavily per
+image. A window with no requests (``--idle``) measures that part, and the report also gives the
+front end's per-request work alone: its CPU at saturation less its idle CPU over the same time.
+
 Compare settings or code side by side, interleaved (A B A B) so a busy minute on a shared machine
 does not favour one of them: ``--env NAME=VALUE`` (repeatable) starts B with extra environment;
 ``--baseline DIR`` runs A from another checkout of the code (e.g. ``git archive main | tar -x -C
@@ -28,6 +33,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +66,8 @@ class SaturationRun:
     one_client_p50_ms: float | None
     total_core_ms_per_image: float
     outside_model_core_ms_per_image: float
+    outside_model_idle_share: float  # of one core, with no requests
+    per_request_core_ms_per_image: float  # outside the model, less the idle CPU over the same time
     processes: list[ProcessCost]
     foreign_load: str | None
 
@@ -79,9 +87,19 @@ def per_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return used
 
 
+@dataclass(frozen=True)
+class Sample:
+    one_client_p50_ms: float | None
+    records: list[RequestRecord]
+    span_s: float  # first send to last answer of the saturated loop
+    used: dict[str, float]  # CPU seconds per process label over the saturated loop
+    used_s: float  # the wall time those were read over
+    idle: dict[str, float]  # share of one core per process label, with no requests
+
+
 async def measure(
-    base_url: str, session: int, clients: int, window_s: float, one_client_s: float
-) -> tuple[float | None, list[RequestRecord], float, dict[str, float]]:
+    base_url: str, session: int, clients: int, window_s: float, one_client_s: float, idle_s: float
+) -> Sample:
     common: dict[str, Any] = {"system": "imagegen", "timeout_s": TIMEOUT_S}
     await warm_up(base_url, MIX, WARM_UP_BURSTS, **common)
     p50 = None
@@ -96,6 +114,12 @@ async def measure(
         )
         latencies = [record.latency_s for record in records if record.ok]
         p50 = statistics.median(latencies) * 1000 if latencies else None
+    idle_before = session_cpu(session)
+    await asyncio.sleep(idle_s)  # the measurement itself: a window with no requests
+    idle = {
+        label: seconds / idle_s for label, seconds in per_label(idle_before, session_cpu(session)).items()
+    }
+    started = time.monotonic()
     before = session_cpu(session)
     records = await run_closed_loop(
         base_url,
@@ -106,9 +130,10 @@ async def measure(
         **common,
     )
     after = session_cpu(session)
+    used_s = time.monotonic() - started
     ok = [record for record in records if record.ok]
     span = max(record.end_s for record in ok) - min(record.start_s for record in ok)
-    return p50, ok, span, per_label(before, after)
+    return Sample(p50, ok, span, per_label(before, after), used_s, idle)
 
 
 def saturation_run(
@@ -127,35 +152,55 @@ def saturation_run(
     with running_server(system, port) as server:
         meter = ForeignLoadMeter()
         meter.start(server.session)
-        p50, records, span, used = asyncio.run(
-            measure(server.base_url, server.session, args.clients, args.window, args.one_client)
+        sample = asyncio.run(
+            measure(server.base_url, server.session, args.clients, args.window, args.one_client, args.idle)
         )
         load = meter.stop()
-    images = sum(record.images for record in records)
+    images = sum(record.images for record in sample.records)
     rows = sorted(
-        (ProcessCost(label, seconds * 1000 / images) for label, seconds in used.items() if seconds > 0),
+        (
+            ProcessCost(label, seconds * 1000 / images)
+            for label, seconds in sample.used.items()
+            if seconds > 0
+        ),
         key=lambda row: row.core_ms_per_image,
         reverse=True,
     )
     total = sum(row.core_ms_per_image for row in rows)
     outside = sum(row.core_ms_per_image for row in rows if MODEL_PROCESS not in row.label)
+    idle = sum(share for label, share in sample.idle.items() if MODEL_PROCESS not in label)
+    per_request = outside - idle * sample.used_s * 1000 / images
     return SaturationRun(
-        setting, images, images / span, p50, total, outside, rows, load.describe() if load else None
+        setting,
+        images,
+        images / sample.span_s,
+        sample.one_client_p50_ms,
+        total,
+        outside,
+        idle,
+        per_request,
+        rows,
+        load.describe() if load else None,
     )
 
 
 def render(runs: Sequence[SaturationRun], clients: int) -> str:
     lines = ["# CPU per image at saturation, outside the model replica", ""]
     lines.append(f"Closed loop of {clients} clients, tiny-sd 64x64; core-ms per image from /proc.")
+    lines.append(
+        "Outside the model: all its processes but the model replicas; per request: less their idle CPU."
+    )
     lines += [
         "",
-        "| setting | img/s | 1-client p50 ms | outside model core-ms/img | all core-ms/img | others |",
+        "| setting | img/s | 1-client p50 ms | outside model core-ms/img | per request | idle outside "
+        "(% of a core) | all core-ms/img | others |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    lines.append("|---|---|---|---|---|---|")
     for run in runs:
         p50 = f"{run.one_client_p50_ms:.0f}" if run.one_client_p50_ms is not None else "-"
         lines.append(
             f"| {run.setting} | {run.images_per_s:.2f} | {p50} | {run.outside_model_core_ms_per_image:.1f} "
+            f"| {run.per_request_core_ms_per_image:.1f} | {run.outside_model_idle_share:.1%} "
             f"| {run.total_core_ms_per_image:.1f} | {run.foreign_load or 'n/a'} |"
         )
     for index, run in enumerate(runs, 1):
@@ -183,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--one-client", type=float, default=15.0, help="seconds of the 1-client loop (0: none)"
     )
+    parser.add_argument("--idle", type=float, default=15.0, help="seconds with no requests, measured")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the compared run B")
     parser.add_argument("--baseline", type=Path, help="another checkout of the code, run as A")
     parser.add_argument("--repeat", type=int, default=1, help="rounds (A B A B with --env or --baseline)")

@@ -174,12 +174,17 @@ class StageChain:
             if not finished:
                 events.cancel()
 
+    def colocated(self) -> list[str]:
+        """The stages that run in this process (ready whenever it answers)."""
+        stages = (("preprocess", self.preprocess), ("postprocess", self.postprocess))
+        return [name for name, stage in stages if isinstance(stage, LocalStage)]
+
     def probes(self, cold_variants: set[str]) -> dict[str, DeploymentHandle]:
         """The stages to ask for readiness: every one but the variants that may sit at zero."""
         stages = {
             name: stage
             for name, stage in (("preprocess", self.preprocess), ("postprocess", self.postprocess))
-            if isinstance(stage, DeploymentHandle)  # a colocated stage is this process: ready
+            if not isinstance(stage, LocalStage)
         }
         stages.update(
             {f"model:{name}": handle for name, handle in self.models.items() if name not in cold_variants}

@@ -337,4 +337,4 @@ class ImageService:
                 return False
 
         results = await asyncio.gather(*(is_ready(handle) for handle in stages.values()))
-        return dict(zip(stages, results, strict=True))
+        return {**dict(zip(stages, results, strict=True)), **dict.fromkeys(self.chain.colocated(), True)}

@@ -107,9 +107,13 @@ def test_colocated_stages_run_in_the_caller_and_only_the_model_is_called(tmp_pat
     async def scenario() -> None:
         request, options = request_and_options(tmp_path)
         model = ModelStandIn()
-        stored = await chain_with(model).make_images(request, options, attempts=1, timeout_s=DEADLINE_S)
+        chain = chain_with(model)
+        stored = await chain.make_images(request, options, attempts=1, timeout_s=DEADLINE_S)
         assert model.received == [["task 0!"]]  # the tasks themselves, made here
         assert stored == ["pixels of task 0! as png"]
+        # readiness probes only what runs elsewhere; the colocated stages are this process
+        assert set(chain.probes(cold_variants=set())) == {"model:tiny-sd"}
+        assert chain.colocated() == ["preprocess", "postprocess"]
 
     asyncio.run(scenario())
 
