@@ -257,14 +257,10 @@ class Scheduler:
             raise cold_start_timeout(variant, scaling.cold_start_timeout_s)
         await waiter
 
-    async def release(self, ticket_id: str, completed_images: int) -> None:
-        """Give a grant back. Safe in any order with its `acquire`, which a leaving caller may
-        release before, while or after it runs: the ticket is then never granted, or freed.
-        Idempotent: a second release of a ticket frees nothing."""
-        self._give_back([(ticket_id, completed_images)])
-
     async def release_all(self, releases: list[Release]) -> None:
-        """Give grants back together (the ingress batches them), as `release` does one."""
+        """Give grants back (the ingress batches them). Safe in any order with a ticket's
+        `acquire`, which a leaving caller may release before, while or after it runs: the ticket
+        is then never granted, or freed. Idempotent: a second release of a ticket frees nothing."""
         self._give_back(releases)
 
     def _give_back(self, releases: list[Release]) -> None:

@@ -52,7 +52,7 @@ def test_a_release_before_or_during_acquire_leaves_no_slot_taken(tmp_path: Path)
         await scheduler.ready()
         # The caller left and released before its acquire even ran.
         early = submission(config).work
-        await scheduler.release(early.ticket_id, 0)
+        await scheduler.release_all([(early.ticket_id, 0)])
         with pytest.raises(asyncio.CancelledError):
             await scheduler.acquire(early)
         assert await is_idle(scheduler)
@@ -61,10 +61,10 @@ def test_a_release_before_or_during_acquire_leaves_no_slot_taken(tmp_path: Path)
         waiting = submission(config).work
         acquire = asyncio.ensure_future(scheduler.acquire(waiting))
         await until(lambda: waiting.ticket_id in scheduler.core.queued)
-        await scheduler.release(waiting.ticket_id, 0)
+        await scheduler.release_all([(waiting.ticket_id, 0)])
         with pytest.raises(asyncio.CancelledError):
             await acquire
-        await scheduler.release(holder.ticket_id, 1)
+        await scheduler.release_all([(holder.ticket_id, 1)])
         await until(lambda: is_idle(scheduler))
 
     asyncio.run(scenario())
