@@ -73,8 +73,10 @@ def encode_partial(partial: PartialImage, options: EncodeOptions) -> EncodedPart
     )
 
 
-@serve.deployment
-class Postprocess:
+class Postprocessor:
+    """The postprocess stage's work, in whichever process runs it: its own deployment
+    (`Postprocess`), or the caller's when the stage is colocated (``stages.postprocess.colocate``)."""
+
     def __init__(
         self,
         storage: StorageConfig,
@@ -132,3 +134,8 @@ class Postprocess:
         finally:
             if not finished:
                 events.cancel()
+
+
+@serve.deployment
+class Postprocess(Postprocessor):
+    """Postprocess as its own deployment, scaled apart from its callers."""

@@ -107,8 +107,10 @@ def expand_request(
     ]
 
 
-@serve.deployment
-class Preprocess:
+class Preprocessor:
+    """The preprocess stage's work, in whichever process runs it: its own deployment
+    (`Preprocess`), or the caller's when the stage is colocated (``stages.preprocess.colocate``)."""
+
     def __init__(
         self, limits: LimitsConfig, storage: StorageConfig, moderation: ModerationConfig | None = None
     ) -> None:
@@ -148,3 +150,8 @@ class Preprocess:
         elapsed = time.perf_counter() - start
         self.metrics.observe_stage("preprocess", request.variant, elapsed)
         return [dataclasses.replace(task, preprocess_s=elapsed) for task in tasks]
+
+
+@serve.deployment
+class Preprocess(Preprocessor):
+    """Preprocess as its own deployment, scaled apart from its callers."""

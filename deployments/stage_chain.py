@@ -3,7 +3,10 @@
 `serve_app/app.py` builds one `StageChain` and hands it to the ingress (synchronous and streamed
 requests) and the scheduler (jobs); nothing else calls a stage. Stage results travel as
 ``DeploymentResponse`` objects straight into the next stage, so image data never passes through
-the caller. A replica that dies mid-batch fails the whole chain, which is then run again
+the caller. A CPU stage may instead be colocated (``stages.<stage>.colocate``): it then runs in
+the caller's own process, a `LocalStage`, and its hop (a request through Serve each way, and its
+serialization) is gone; the model replica is always its own deployment. A replica that dies
+mid-batch fails the whole chain, which is then run again
 (bounded): the tasks are deterministic and jobs have stable object keys, so a retry neither
 changes the images nor stores them twice.
 """
@@ -11,22 +14,70 @@ changes the images nor stores them twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-from deployments.call_timeouts import bounded
-from deployments.contracts import EncodeOptions, ImageRequest, StoredImage
+from deployments.call_timeouts import CancellableStream, bounded
+from deployments.contracts import EncodeOptions, ImageRequest, ImageTask, StoredImage, StreamEvent
 from deployments.errors import UpstreamTimeoutError, is_replica_failure
+from deployments.postprocess import Postprocessor
+from deployments.preprocess import Preprocessor
 
 RETRY_BACKOFF_S = 0.5
 
 
 @dataclass
+class LocalStage:
+    """A colocated stage: built from its arguments in the process that first uses it (the
+    ingress, or the scheduler for jobs), and called there directly. Model handles among the
+    arguments travel like any other bound deployment: Serve hands the process handles."""
+
+    stage_class: type[Preprocessor] | type[Postprocessor]
+    args: tuple[Any, ...]
+    _instance: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def instance(self) -> Any:
+        if self._instance is None:
+            self._instance = self.stage_class(*self.args)
+        return self._instance
+
+    def __getstate__(self) -> dict[str, Any]:  # the instance stays in the process that built it
+        return {"stage_class": self.stage_class, "args": self.args, "_instance": None}
+
+
+class LocalEvents:
+    """A colocated postprocess's stream with a handle stream's face: iterate it, cancel it."""
+
+    def __init__(self, events: AsyncGenerator[StreamEvent, None]) -> None:
+        self._events = events
+        self._running = False
+        self._closing: asyncio.Task[None] | None = None
+
+    def __aiter__(self) -> LocalEvents:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        self._running = True
+        try:
+            return await self._events.__anext__()
+        finally:
+            self._running = False
+
+    def cancel(self) -> None:
+        """Close the stream (its model call is cancelled as it closes). A pending `__anext__` is
+        cancelled by its own caller, which also ends the stream."""
+        if self._closing is None and not self._running:
+            self._closing = asyncio.get_running_loop().create_task(self._events.aclose())
+
+
+@dataclass
 class StageChain:
-    preprocess: DeploymentHandle
-    postprocess: DeploymentHandle
+    preprocess: DeploymentHandle | LocalStage
+    postprocess: DeploymentHandle | LocalStage
     models: dict[str, DeploymentHandle]
 
     async def make_images(
@@ -54,36 +105,87 @@ class StageChain:
     async def make_images_once(
         self, request: ImageRequest, options: EncodeOptions, timeout_s: float
     ) -> list[StoredImage]:
-        """One pass through the chain: preprocess, the request's model replica, postprocess."""
-        tasks = self.preprocess.prepare.remote(request)
-        generated = self.models[request.variant].generate.remote(tasks)
-        try:
-            stored: list[StoredImage] = await bounded(
-                self.postprocess.finish.remote(generated, options), timeout_s, "The image pipeline"
-            )
-        except (asyncio.CancelledError, UpstreamTimeoutError):
-            # Each stage call is its own request: cancel the model's too, so it stops between
-            # denoising steps instead of finishing work nobody wants.
-            generated.cancel()
-            tasks.cancel()
-            raise
-        return stored
+        """One pass through the chain, bounded by ``timeout_s``: preprocess, the request's model
+        replica, postprocess. On a timeout or a cancel every stage call still running is
+        cancelled too (each is its own request), so the model stops between denoising steps
+        instead of finishing work nobody wants."""
+        calls: list[DeploymentResponse[Any] | DeploymentResponseGenerator[Any]] = []
 
-    def stream_events(self, request: ImageRequest, options: EncodeOptions) -> DeploymentResponseGenerator:
+        async def run() -> list[StoredImage]:
+            tasks: Any
+            if isinstance(self.preprocess, LocalStage):
+                tasks = await self.preprocess.instance.prepare(request)
+            else:
+                tasks = self.preprocess.prepare.remote(request)
+                calls.append(tasks)
+            generated = self.models[request.variant].generate.remote(tasks)
+            calls.append(generated)
+            if isinstance(self.postprocess, LocalStage):
+                stored: list[StoredImage] = await self.postprocess.instance.finish(await generated, options)
+                return stored
+            finished = self.postprocess.finish.remote(generated, options)
+            calls.append(finished)
+            result: list[StoredImage] = await finished
+            return result
+
+        try:
+            return await bounded(run(), timeout_s, "The image pipeline")
+        except (asyncio.CancelledError, UpstreamTimeoutError):
+            for call in calls:
+                call.cancel()
+            raise
+
+    def stream_events(self, request: ImageRequest, options: EncodeOptions) -> CancellableStream[StreamEvent]:
         """The request's previews and images as postprocess encodes them from the model's stream.
 
         Postprocess calls the model replica itself (it holds the model handles for this leg), so
         the pixels go model -> postprocess and only encoded events come back to the caller.
         """
+        if isinstance(self.preprocess, LocalStage) or isinstance(self.postprocess, LocalStage):
+            return LocalEvents(self._stream_here(request, options))
         tasks = self.preprocess.prepare.remote(request)
         assert isinstance(tasks, DeploymentResponse)  # a unary call
         events = self.postprocess.options(stream=True).stream.remote(tasks, options)
         assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
         return events
 
+    async def _stream_here(
+        self, request: ImageRequest, options: EncodeOptions
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """The stream when a stage runs in this process: the tasks are made here or come back
+        here, and the events are encoded here or streamed from Postprocess."""
+        tasks: list[ImageTask]
+        if isinstance(self.preprocess, LocalStage):
+            tasks = await self.preprocess.instance.prepare(request)
+        else:
+            tasks = await self.preprocess.prepare.remote(request)
+        if isinstance(self.postprocess, LocalStage):
+            async for event in self.postprocess.instance.stream(tasks, options):
+                yield event
+            return
+        events = self.postprocess.options(stream=True).stream.remote(tasks, options)
+        assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
+        finished = False
+        try:
+            async for event in events:
+                yield event
+            finished = True
+        finally:
+            if not finished:
+                events.cancel()
+
+    def colocated(self) -> list[str]:
+        """The stages that run in this process (ready whenever it answers)."""
+        stages = (("preprocess", self.preprocess), ("postprocess", self.postprocess))
+        return [name for name, stage in stages if isinstance(stage, LocalStage)]
+
     def probes(self, cold_variants: set[str]) -> dict[str, DeploymentHandle]:
         """The stages to ask for readiness: every one but the variants that may sit at zero."""
-        stages = {"preprocess": self.preprocess, "postprocess": self.postprocess}
+        stages = {
+            name: stage
+            for name, stage in (("preprocess", self.preprocess), ("postprocess", self.postprocess))
+            if not isinstance(stage, LocalStage)
+        }
         stages.update(
             {f"model:{name}": handle for name, handle in self.models.items() if name not in cold_variants}
         )

@@ -14,9 +14,9 @@ from ray.serve import Application, Deployment
 from autoscaling.policy import BacklogPolicy
 from deployments.config import ModelAutoscalingConfig, ResourcesConfig
 from deployments.model_replica import ModelReplica
-from deployments.postprocess import Postprocess
-from deployments.preprocess import Preprocess
-from deployments.stage_chain import StageChain
+from deployments.postprocess import Postprocess, Postprocessor
+from deployments.preprocess import Preprocess, Preprocessor
+from deployments.stage_chain import LocalStage, StageChain
 from serve_app.aliases import Routing
 from serve_app.config import AppConfig, StageAutoscalingConfig, load_config
 from serve_app.ingress import Ingress
@@ -106,7 +106,8 @@ def _deployment(decorated: object) -> Deployment:
 
 
 def build_app(config: AppConfig) -> Application:
-    """Bind ingress, scheduler, preprocess, one ModelReplica per variant, and postprocess."""
+    """Bind ingress, scheduler, one ModelReplica per variant, and preprocess and postprocess
+    (deployed apart, or colocated in their callers)."""
     config = config.with_secrets()
     stages = config.stages
     models = {
@@ -119,15 +120,22 @@ def build_app(config: AppConfig) -> Application:
         .bind(variant, config.cache_dir)
         for variant in config.variants
     }
-    preprocess = (
-        _deployment(Preprocess)
+    # A colocated stage runs in its callers' processes (a LocalStage), else as its own deployment.
+    preprocess_args = (config.limits, config.storage, config.moderation)
+    preprocess: Application | LocalStage = (
+        LocalStage(Preprocessor, preprocess_args)
+        if stages.preprocess.colocate
+        else _deployment(Preprocess)
         .options(**_deployment_options(stages.preprocess, stages.preprocess.autoscaling))
-        .bind(config.limits, config.storage, config.moderation)
+        .bind(*preprocess_args)
     )
-    postprocess = (  # streams from the models for stream=true requests
-        _deployment(Postprocess)
+    postprocess_args = (config.storage, models, config.moderation)  # it streams from the models
+    postprocess: Application | LocalStage = (
+        LocalStage(Postprocessor, postprocess_args)
+        if stages.postprocess.colocate
+        else _deployment(Postprocess)
         .options(**_deployment_options(stages.postprocess, stages.postprocess.autoscaling))
-        .bind(config.storage, models, config.moderation)
+        .bind(*postprocess_args)
     )
     # One scheduler replica: it is the single owner of queue order and job state. With autoscaling
     # on, it is "autoscaled" between 1 and 1 so that Serve collects its backlog report.

@@ -69,12 +69,38 @@ class StageResourcesConfig(ResourcesConfig):
         return self
 
 
+class ChainStageConfig(StageResourcesConfig):
+    """Preprocess or postprocess: its own deployment, or run inside its callers (colocated)."""
+
+    colocate: bool = Field(
+        True,
+        description="Run the stage in the process that calls it (the ingress; the scheduler for jobs) "
+        "instead of as its own deployment: no hop through Serve each way and no serialization "
+        "between it and its caller, at the cost of scaling with the caller. Set false to scale "
+        "the stage apart (its own replicas, resources and autoscaling); a stage given `autoscaling` "
+        "is deployed apart unless this says otherwise.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _autoscaled_means_deployed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("autoscaling") is not None and "colocate" not in data:
+            return {**data, "colocate": False}
+        return data
+
+    @model_validator(mode="after")
+    def _deployed_to_scale(self) -> ChainStageConfig:
+        if self.colocate and self.autoscaling is not None:
+            raise ValueError("a colocated stage scales with its caller: set colocate: false to autoscale it")
+        return self
+
+
 class StageConfig(StrictModel):
     """Resources of the CPU stages around the model."""
 
     ingress: StageResourcesConfig = StageResourcesConfig(num_cpus=0.1)
-    preprocess: StageResourcesConfig = StageResourcesConfig(num_cpus=0.1)
-    postprocess: StageResourcesConfig = StageResourcesConfig(num_cpus=0.2)
+    preprocess: ChainStageConfig = ChainStageConfig(num_cpus=0.1)
+    postprocess: ChainStageConfig = ChainStageConfig(num_cpus=0.2)
 
 
 class TierConfig(StrictModel):

@@ -49,6 +49,9 @@ COLD_START_RETRY_AFTER_S = 10.0  # a replica that missed the timeout is usually 
 WAIT_BOUNDARIES_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 
 
+Release = tuple[str, int]  # a ticket given back, and how many of its images were made
+
+
 @dataclass(frozen=True)
 class Grant:
     ticket_id: str
@@ -247,9 +250,13 @@ class Scheduler:
 
     # ---- synchronous requests -------------------------------------------------------------
 
-    async def acquire(self, work: WorkRequest) -> Grant:
-        """Admit ``work`` and wait for its slots; raises RateLimitError or OverloadedError (429)."""
+    async def acquire(self, work: WorkRequest, released: list[Release] | None = None) -> Grant:
+        """Admit ``work`` and wait for its slots; raises RateLimitError or OverloadedError (429).
+        ``released``: the caller's grants given back since its last call, freed first (a release
+        rides on an acquire instead of costing a round trip of its own)."""
         await self._recovered.wait()
+        if released:
+            self._give_back(released)
         if work.ticket_id in self.abandoned:  # its caller left before this call even started
             raise asyncio.CancelledError()
         now = time.monotonic()
@@ -282,15 +289,20 @@ class Scheduler:
             raise cold_start_timeout(variant, scaling.cold_start_timeout_s)
         await waiter
 
-    async def release(self, ticket_id: str, completed_images: int) -> None:
-        """Give a grant back. Safe in any order with its `acquire`, which a leaving caller may
-        release before, while or after it runs: the ticket is then never granted, or freed."""
+    async def release_all(self, releases: list[Release]) -> None:
+        """Give grants back (the ingress batches them). Safe in any order with a ticket's
+        `acquire`, which a leaving caller may release before, while or after it runs: the ticket
+        is then never granted, or freed. Idempotent: a second release of a ticket frees nothing."""
+        self._give_back(releases)
+
+    def _give_back(self, releases: list[Release]) -> None:
         now = time.monotonic()
-        if not self.core.release(ticket_id, now, completed_images):
-            self.core.cancel(ticket_id)
-            if (waiter := self.waiters.pop(ticket_id, None)) is not None:
-                waiter.cancel()
-            self.abandoned[ticket_id] = now
+        for ticket_id, completed_images in releases:
+            if not self.core.release(ticket_id, now, completed_images):
+                self.core.cancel(ticket_id)
+                if (waiter := self.waiters.pop(ticket_id, None)) is not None:
+                    waiter.cancel()
+                self.abandoned[ticket_id] = now
         self._dispatch()
 
     def admit(self, work: WorkRequest, ticket: Ticket) -> RateDecision:

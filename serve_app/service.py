@@ -18,13 +18,12 @@ from collections.abc import AsyncIterator, Iterator
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.call_timeouts import bounded, bounded_on_a_live_replica, each_within
+from deployments.call_timeouts import bounded, each_within
 from deployments.config import VariantConfig
 from deployments.contracts import StoredImage
 from deployments.errors import (
     InvalidRequestError,
     StorageUnavailableError,
-    UpstreamTimeoutError,
     is_storage_failure,
 )
 from deployments.generation_log import GenerationLog
@@ -56,6 +55,7 @@ from serve_app.planning import PlanTarget, plan_edit, plan_generation, plan_vari
 from serve_app.protocol import ImageData, ImageFields, ModelCard, ModelList
 from serve_app.scheduler import Grant
 from serve_app.signed_files import SignedFiles
+from serve_app.slot_client import SlotClient
 from serve_app.streaming import StreamDescription, estimate_usage, event_stream
 from serve_app.uploads import EditUpload, GenerationBody, VariationUpload
 
@@ -74,6 +74,7 @@ class ImageService:
         self.files = SignedFiles(self.store, config.storage)
         self.timeouts = config.timeouts
         self.jobs = JobClient(scheduler, self.store, self.files, config.timeouts)
+        self.slots = SlotClient(scheduler, config.timeouts.slot_wait_s)
         self.created = int(time.time())
         self.routing = Routing(config.aliases)
         self.log = GenerationLog(
@@ -202,17 +203,7 @@ class ImageService:
         self, planned: PlannedRequest, principal: Principal, delivery: Delivery
     ) -> Completed | Streaming:
         image_request, options = planned.request, planned.options
-        work = work_request(image_request, principal.tier)
-        try:
-            # Asked again of the next scheduler if a rollout stops this one under the wait: the
-            # work has not started.
-            grant: Grant = await bounded_on_a_live_replica(
-                lambda: self.scheduler.acquire.remote(work), self.timeouts.slot_wait_s, "The scheduler"
-            )
-        except (asyncio.CancelledError, UpstreamTimeoutError):
-            # The client left (or waited too long): the slots may have been granted meanwhile.
-            self.scheduler.release.remote(work.ticket_id, 0)
-            raise
+        grant = await self.slots.acquire(work_request(image_request, principal.tier))
         if delivery.stream:
             return await self._stream(planned, grant)
         completed = 0
@@ -225,7 +216,7 @@ class ImageService:
             self.record(planned, None, error_code=error.code or "server_error")
             raise
         finally:
-            self.scheduler.release.remote(grant.ticket_id, completed)
+            self.slots.release(grant.ticket_id, completed)
         self.record(planned, stored)
         data = [
             ImageData(
@@ -269,7 +260,7 @@ class ImageService:
             first = await bounded(events.__anext__(), self.timeouts.pipeline_s, "The image pipeline")
         except BaseException:
             events.cancel()
-            self.scheduler.release.remote(grant.ticket_id, 0)
+            self.slots.release(grant.ticket_id, 0)
             raise
 
         async def body() -> AsyncIterator[bytes]:
@@ -278,7 +269,7 @@ class ImageService:
                 async for chunk in event_stream(first, rest, description, events.cancel):
                     yield chunk
             finally:
-                self.scheduler.release.remote(grant.ticket_id, image_request.n)
+                self.slots.release(grant.ticket_id, image_request.n)
 
         return Streaming(body(), dict(grant.rate_limit_headers))
 
@@ -354,4 +345,4 @@ class ImageService:
                 return False
 
         results = await asyncio.gather(*(is_ready(handle) for handle in stages.values()))
-        return dict(zip(stages, results, strict=True))
+        return {**dict(zip(stages, results, strict=True)), **dict.fromkeys(self.chain.colocated(), True)}

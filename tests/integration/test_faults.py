@@ -1,6 +1,9 @@
 """Fault injection on real Ray Serve: a store outage (moto's S3 behind a cuttable TCP proxy),
 clients that leave, cancel and retry under saturation, and a local webhook receiver.
 
+This app deploys preprocess and postprocess apart (``colocate: false``), so the faults run through
+every hop; the shared test service runs them colocated, the default.
+
 Each test asserts the end state: the breaker closed again, slots free, records final, each
 object stored once, each webhook received once.
 """
@@ -127,8 +130,14 @@ def faults(
             max_backlog=512,
             webhook_allow_private=True,
         )
+        stages = service.config.stages
+        apart = {
+            "preprocess": stages.preprocess.model_copy(update={"colocate": False}),
+            "postprocess": stages.postprocess.model_copy(update={"colocate": False}),
+        }
         config: AppConfig = service.config.model_copy(
             update={
+                "stages": stages.model_copy(update=apart),
                 "storage": storage,
                 "auth": auth,
                 "scheduler": scheduler,

@@ -52,7 +52,7 @@ def test_a_release_before_or_during_acquire_leaves_no_slot_taken(tmp_path: Path)
         await scheduler.ready()
         # The caller left and released before its acquire even ran.
         early = submission(config).work
-        await scheduler.release(early.ticket_id, 0)
+        await scheduler.release_all([(early.ticket_id, 0)])
         with pytest.raises(asyncio.CancelledError):
             await scheduler.acquire(early)
         assert await is_idle(scheduler)
@@ -61,10 +61,28 @@ def test_a_release_before_or_during_acquire_leaves_no_slot_taken(tmp_path: Path)
         waiting = submission(config).work
         acquire = asyncio.ensure_future(scheduler.acquire(waiting))
         await until(lambda: waiting.ticket_id in scheduler.core.queued)
-        await scheduler.release(waiting.ticket_id, 0)
+        await scheduler.release_all([(waiting.ticket_id, 0)])
         with pytest.raises(asyncio.CancelledError):
             await acquire
-        await scheduler.release(holder.ticket_id, 1)
+        await scheduler.release_all([(holder.ticket_id, 1)])
         await until(lambda: is_idle(scheduler))
+
+    asyncio.run(scenario())
+
+
+def test_releases_carried_on_an_acquire_are_freed_before_it_is_admitted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = scheduler_config(tmp_path)  # one slot
+        scheduler = start_scheduler(config, FakeStages())
+        await scheduler.ready()
+        holder = await scheduler.acquire(submission(config).work)
+        # the holder's release rides on the next acquire, which gets the slot it frees
+        follower = await asyncio.wait_for(
+            scheduler.acquire(submission(config).work, [(holder.ticket_id, 1)]), DEADLINE_S
+        )
+        # a release sent again (its first delivery was uncertain) frees nothing twice
+        await scheduler.release_all([(holder.ticket_id, 1), (follower.ticket_id, 1)])
+        await until(lambda: is_idle(scheduler))
+        assert scheduler.core.variants["tiny-sd"].in_use == 0
 
     asyncio.run(scenario())

@@ -21,7 +21,7 @@ from serve_app.auth import Principal
 from serve_app.config import AppConfig
 from serve_app.jobs import body_digest
 from serve_app.protocol import ImageGenerationRequest
-from serve_app.scheduler import Grant
+from serve_app.scheduler import Grant, Release
 from serve_app.service import ImageService
 from serve_app.uploads import GenerationBody
 from tests.job_harness import DEADLINE_S, FakeStages, JobHarness, scheduler_config
@@ -48,19 +48,21 @@ class SchedulerStandIn:
         self.released: list[tuple[str, int]] = []
         self.release_arrived = asyncio.Event()  # the service sends a release without awaiting it
         self.acquire = Remote(self._acquire)
-        self.release = Remote(self._release)
+        self.release_all = Remote(self._release_all)
         self.submit = Remote(harness.jobs.submit)
         self.wait = Remote(harness.jobs.wait)
         self.get = Remote(harness.jobs.get)
         self.cancel = Remote(harness.jobs.cancel)
 
-    async def _acquire(self, work: WorkRequest) -> Grant:
+    async def _acquire(self, work: WorkRequest, released: list[Release]) -> Grant:
+        await self._release_all(released)
         self.granted.append(work.ticket_id)
         return Grant(work.ticket_id, 0.0, False, {"x-ratelimit-limit-requests": "600"})
 
-    async def _release(self, ticket_id: str, completed_images: int) -> None:
-        self.released.append((ticket_id, completed_images))
-        self.release_arrived.set()
+    async def _release_all(self, releases: list[Release]) -> None:
+        self.released.extend(releases)
+        if releases:
+            self.release_arrived.set()
 
 
 def service_for(config: AppConfig, stages: FakeStages) -> tuple[ImageService, SchedulerStandIn]:
