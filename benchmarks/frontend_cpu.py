@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.idle_cpu import free_port, parse_env
 from benchmarks.loadgen import RequestRecord, run_closed_loop, warm_up
 from benchmarks.machine import ForeignLoadMeter, session_cpu
 from benchmarks.run_report import MODEL_PROCESS
@@ -70,12 +70,6 @@ class SaturationRun:
     per_request_core_ms_per_image: float  # outside the model, less the idle CPU over the same time
     processes: list[ProcessCost]
     foreign_load: str | None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def per_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
@@ -208,16 +202,6 @@ def render(runs: Sequence[SaturationRun], clients: int) -> str:
         lines += ["| process | core-ms per image |", "|---|---|"]
         lines += [f"| {row.label} | {row.core_ms_per_image:.1f} |" for row in run.processes]
     return "\n".join(lines) + "\n"
-
-
-def parse_env(pairs: Sequence[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--env wants NAME=VALUE, got {pair!r}")
-        env[name] = value
-    return env
 
 
 def main(argv: Sequence[str] | None = None) -> int:
