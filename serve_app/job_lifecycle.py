@@ -370,12 +370,15 @@ class JobLifecycle:
                 if record.is_terminal:  # it finished, but the scheduler stopped before the marker went
                     await asyncio.to_thread(self.job_store.forget_active, record.id)
                     continue
-                record.status = "queued"
                 self.records[record.id] = record
                 self.finished[record.id] = asyncio.Event()
                 if record.idempotency_key:
                     self.idempotency[(record.tenant, record.idempotency_key)] = record.id
                 request = record.image_request
+                if request.variant not in self.core.variants:
+                    await self._fail_unservable(record)
+                    continue
+                record.status = "queued"
                 self.core.restore(
                     Ticket(
                         record.id,
@@ -394,6 +397,20 @@ class JobLifecycle:
                 await self.outbox.recover(self._is_final)
         except Exception:
             logger.exception("job recovery failed; new work is still accepted")
+
+    async def _fail_unservable(self, record: JobRecord) -> None:
+        """A recovered job whose variant is no longer served (removed while the job was still
+        unfinished, and the scheduler stopped): it fails with the 404 a new request for that
+        model gets, instead of stopping the recovery of every other job."""
+        variant = record.image_request.variant
+        error = NotFoundError(
+            f"The model {variant!r} was removed before this job ran. See GET /v1/models.",
+            param="model",
+            code="model_not_found",
+        )
+        record.error_status, record.error_type = status_and_type(error)
+        record.error_code, record.error_message = error.code, error.message
+        await self._finish(record, "failed")
 
     def forget_finished_jobs(self, now: float) -> None:
         """Drop jobs finished over ``job_memory_s`` ago from memory (the store keeps them)."""

@@ -37,7 +37,13 @@ from serve_app.admission_policy import (
     WorkRequest,
 )
 from serve_app.config import AppConfig
-from serve_app.errors import ModelStartingError, OverloadedError, RateLimitError, retry_after_header
+from serve_app.errors import (
+    ModelStartingError,
+    NotFoundError,
+    OverloadedError,
+    RateLimitError,
+    retry_after_header,
+)
 from serve_app.job_lifecycle import JobLifecycle, JobSubmission, JobView
 from serve_app.retention import RetentionPolicy, sweep_periodically
 from serve_app.webhook_outbox import outbox_from_config
@@ -307,6 +313,7 @@ class Scheduler:
 
     def admit(self, work: WorkRequest, ticket: Ticket) -> RateDecision:
         """Rate-check ``work`` and queue its ticket; raises RateLimitError or OverloadedError (429)."""
+        self._check_variant(work)
         now = time.monotonic()
         decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user)
         if not decision.allowed:
@@ -319,6 +326,16 @@ class Scheduler:
             self.metrics.deferred.inc(tags={"tier": ticket.tier})
         self._update_queue_metrics()
         return decision
+
+    def _check_variant(self, work: WorkRequest) -> None:
+        """A 404 for a variant this scheduler does not serve: one removed by a rollout after the
+        ingress planned the request (see docs/researchers.md), never a server error."""
+        if work.variant not in self.core.variants:
+            raise NotFoundError(
+                f"The model {work.variant!r} does not exist. See GET /v1/models.",
+                param="model",
+                code="model_not_found",
+            )
 
     def _dispatch(self) -> None:
         for ticket in self.core.grant(time.monotonic()):
@@ -359,6 +376,7 @@ class Scheduler:
         """Raise the 429 that `submit` would raise now, taking nothing: a job's uploads are
         written to the store only once this passes."""
         await self._recovered.wait()
+        self._check_variant(work)
         now = time.monotonic()
         decision = self.limiter.check(work.tenant, work.tier, work.cost, now, work.end_user, take=False)
         if not decision.allowed:

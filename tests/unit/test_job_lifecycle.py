@@ -212,3 +212,32 @@ def test_finished_jobs_leave_memory_and_their_uploads_leave_the_store(tmp_path: 
         assert from_store.record.status == "succeeded"
 
     asyncio.run(scenario())
+
+
+def test_a_recovered_job_whose_model_was_removed_fails_with_a_404_and_the_others_run(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = scheduler_config(tmp_path)
+        stages = FakeStages()
+        stages.gate = asyncio.Event()  # the first scheduler never finishes either job
+        first = JobHarness(config, stages)
+        kept = await first.jobs.submit(submission(config, "on a variant that stays"))
+        await until(lambda: stages.runs == 1)  # running (its record saved as such); one slot only
+        removed = await first.jobs.submit(submission(config, "on a variant about to go"))  # queued
+        jobs = JobStore(first.store)
+        gone = jobs.load(removed.record.id)
+        assert gone is not None
+        jobs.save(gone.model_copy(update={"request": {**gone.request, "variant": "retired-variant"}}))
+
+        restarted = JobHarness(config, FakeStages())
+        await restarted.jobs.recover()
+        restarted.dispatch()
+        failed = await asyncio.wait_for(restarted.jobs.wait("local", removed.record.id), DEADLINE_S)
+        assert failed.record.status == "failed"
+        assert (failed.record.error_status, failed.record.error_code) == (404, "model_not_found")
+        done = await asyncio.wait_for(restarted.jobs.wait("local", kept.record.id), DEADLINE_S)
+        assert done.record.status == "succeeded"
+        assert not restarted.store.list_files(ACTIVE)
+        stages.gate.set()
+        await until(first.is_idle)
+
+    asyncio.run(scenario())

@@ -7,11 +7,13 @@ The job life cycle itself is tested as a plain object in tests/unit/test_job_lif
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from serve_app.errors import NotFoundError, status_and_type
 from serve_app.jobs import JobStore
 from tests.job_harness import DEADLINE_S, FakeStages, scheduler_config, start_scheduler, submission, until
 
@@ -84,5 +86,27 @@ def test_releases_carried_on_an_acquire_are_freed_before_it_is_admitted(tmp_path
         await scheduler.release_all([(holder.ticket_id, 1), (follower.ticket_id, 1)])
         await until(lambda: is_idle(scheduler))
         assert scheduler.core.variants["tiny-sd"].in_use == 0
+
+    asyncio.run(scenario())
+
+
+def test_work_for_a_variant_the_scheduler_does_not_serve_is_a_404_and_takes_nothing(tmp_path: Path) -> None:
+    """A request planned just before a rollout removed its variant reaches a scheduler without it."""
+
+    async def scenario() -> None:
+        config = scheduler_config(tmp_path)
+        scheduler = start_scheduler(config, FakeStages())
+        await scheduler.ready()
+        removed = dataclasses.replace(submission(config).work, variant="retired-variant")
+        with pytest.raises(NotFoundError) as refused:
+            await scheduler.acquire(removed)
+        assert status_and_type(refused.value) == (404, "invalid_request_error")
+        assert refused.value.code == "model_not_found"
+        with pytest.raises(NotFoundError):
+            await scheduler.check_admission(removed)
+        job = submission(config)
+        with pytest.raises(NotFoundError):
+            await scheduler.submit(dataclasses.replace(job, work=removed))
+        assert await is_idle(scheduler) and not scheduler.jobs.records
 
     asyncio.run(scenario())
