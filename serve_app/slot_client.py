@@ -4,7 +4,8 @@ A request asks for its slots once (`SlotClient.acquire`). Giving them back costs
 its own: a release waits a moment (`RELEASE_DELAY_S`) and rides on the next acquire, or, when none
 comes, goes with every other release due in one call. A tier the scheduler is shedding is shed
 here, at the edge, for a moment (`SHED_MEMORY_S`, at most its Retry-After), so a shed request
-crosses no hop.
+crosses no hop; only requests at least as large as the one shed, since a request can be shed for
+its own size (over the hard backlog limit) while smaller ones still fit.
 
 Every grant is released, and frees its slots exactly once: the scheduler's release is idempotent
 (a second release of a ticket frees nothing), so releases whose delivery is uncertain (their call
@@ -39,7 +40,8 @@ class SlotClient:
         self.clock = clock
         self._due: list[Release] = []
         self._flush: asyncio.TimerHandle | None = None
-        self._shedding: dict[tuple[str, str], tuple[float, OverloadedError]] = {}  # (variant, tier)
+        # (variant, tier) -> until when, the 429, and the images of the request that got it
+        self._shedding: dict[tuple[str, str], tuple[float, OverloadedError, int]] = {}
 
     async def acquire(self, work: WorkRequest) -> Grant:
         """Admit ``work`` and wait for its slots (within ``slot_wait_s``), carrying the releases
@@ -82,12 +84,14 @@ class SlotClient:
         key = (work.variant, work.tier)
         if (remembered := self._shedding.get(key)) is None:
             return
-        until, error = remembered
+        until, error, images = remembered
         if until <= self.clock():
             del self._shedding[key]
+            return
+        if work.images < images:  # a smaller request may fit where that one did not: ask
             return
         raise OverloadedError(error.message, retry_after_s=error.retry_after_s or SHED_MEMORY_S)
 
     def _remember_shedding(self, work: WorkRequest, error: OverloadedError) -> None:
         memory_s = min(SHED_MEMORY_S, error.retry_after_s or SHED_MEMORY_S)
-        self._shedding[(work.variant, work.tier)] = (self.clock() + memory_s, error)
+        self._shedding[(work.variant, work.tier)] = (self.clock() + memory_s, error, work.images)

@@ -63,8 +63,8 @@ async def grant(work: WorkRequest) -> Grant:
     return Grant(work.ticket_id, 0.0, False, {})
 
 
-def work(tier: str = "paid") -> WorkRequest:
-    return WorkRequest(tenant="local", tier=tier, variant="tiny-sd", images=1, cost=0.01)
+def work(tier: str = "paid", images: int = 1) -> WorkRequest:
+    return WorkRequest(tenant="local", tier=tier, variant="tiny-sd", images=images, cost=0.01 * images)
 
 
 def client_for(scheduler: SchedulerStandIn, clock: Callable[[], float] | None = None) -> SlotClient:
@@ -172,5 +172,27 @@ def test_a_shed_tier_is_shed_at_the_edge_for_a_moment_and_other_tiers_are_not() 
         with pytest.raises(OverloadedError):
             await slots.acquire(work("free"))
         assert len(scheduler.acquires) == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_request_shed_for_its_own_size_does_not_shed_smaller_ones_at_the_edge() -> None:
+    """Over the hard backlog limit a request is shed for its size: a smaller one may still fit."""
+
+    async def scenario() -> None:
+        async def shed_large(request: WorkRequest) -> Grant:
+            if request.images > 8:
+                raise OverloadedError("the service is at its hard backlog limit", retry_after_s=1.0)
+            return await grant(request)
+
+        scheduler = SchedulerStandIn(shed_large)
+        slots = client_for(scheduler, clock=lambda: 100.0)
+        with pytest.raises(OverloadedError):
+            await slots.acquire(work(images=9))
+        await slots.acquire(work(images=2))  # asked of the scheduler, and granted
+        assert len(scheduler.acquires) == 2
+        with pytest.raises(OverloadedError):
+            await slots.acquire(work(images=9))  # as large: shed at the edge
+        assert len(scheduler.acquires) == 2
 
     asyncio.run(scenario())
