@@ -38,9 +38,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.idle_cpu import free_port, parse_env
+from benchmarks.idle_cpu import parse_env
 from benchmarks.loadgen import RequestRecord, run_closed_loop, warm_up
 from benchmarks.machine import ForeignLoadMeter, session_cpu
+from benchmarks.run import free_port
 from benchmarks.run_report import MODEL_PROCESS
 from benchmarks.systems import ServerSystem, running_server
 from benchmarks.workload import RequestMix, iter_requests

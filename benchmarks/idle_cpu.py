@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.machine import ForeignLoadMeter, ProcessCpu, measure_idle
+from benchmarks.run import free_port
 from benchmarks.systems import ServerSystem, running_server
 
 RESULTS_DIR = Path(__file__).parent / "results" / "idle"
@@ -40,12 +40,6 @@ class IdleRun:
     total: float  # of one core
     processes: list[ProcessCpu]
     foreign_load: str | None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def idle_run(config: str | None, extra_env: dict[str, str], window_s: float, storage: Path) -> IdleRun:

@@ -13,8 +13,8 @@ import os
 import statistics
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from benchmarks.machine import noisy_neighbour
 from benchmarks.systems import BarePipeline
@@ -38,11 +38,6 @@ def gil_ticker(period_s: float = 0.01) -> Iterator[None]:
         thread.join()
 
 
-@contextmanager
-def alone() -> Iterator[None]:
-    yield
-
-
 def pass_ms(bare: BarePipeline, threads: int, duration_s: float) -> float:
     _, records = bare.measure([1], duration_s, "64x64", threads=threads)
     return statistics.median(record.latency_s for record in records) * 1000
@@ -54,8 +49,8 @@ def main() -> int:
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     bare = BarePipeline()
-    conditions = {
-        "alone": alone,
+    conditions: dict[str, Callable[[], AbstractContextManager[object]]] = {
+        "alone": nullcontext,
         "GIL ticker (10 ms)": gil_ticker,
         "neighbour burns 1 core": lambda: noisy_neighbour(1),
     }
