@@ -274,9 +274,11 @@ async def benchmark_server(
     reference_rps: float | None,
     collector: Collector,
     round_index: int,
+    bare: BarePipeline | None,
 ) -> tuple[float | None, ServerCpu]:
     """Every scenario against one running server; returns the reference rate for the open loops
-    and the server's CPU (idle after warming up, and per image at saturation)."""
+    and the server's CPU (idle after warming up, and per image at saturation). With ``bare``, the
+    bare pass is also timed beside the idle server, at batch 1 and at its largest batch."""
     base_url = server.base_url
     common = {"system": name, "timeout_s": args.timeout, "drain_s": args.drain}
     client_counts = sorted({*_ints(args.clients), args.saturation_clients})
@@ -287,6 +289,11 @@ async def benchmark_server(
     bursts = [max(client_counts)] if args.quick else [*range(1, max_batch + 1), max(client_counts)]
     await warm_up(base_url, mix, bursts, **common)
     idle_share, _ = await asyncio.to_thread(measure_idle, server.session, IDLE_WINDOW_S)
+    if bare is not None:
+        size = next(iter(mix.sizes))
+        probes = bare.measure([1, max_batch], args.duration / 4, size, beside=name)
+        for scenario in probes[0]:
+            collector.add(scenario, [r for r in probes[1] if r.scenario == scenario.name], round_index)
     saturation_cpu: tuple[dict[int, tuple[str, float]], dict[int, tuple[str, float]]] | None = None
 
     async def settle() -> None:
@@ -462,7 +469,9 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
                         info.startup_s.setdefault(name, server.startup_s)
                         meter.start(server.session)
                         reference_rps, cpu = asyncio.run(
-                            benchmark_server(args, name, server, mix, reference_rps, collector, round_index)
+                            benchmark_server(
+                                args, name, server, mix, reference_rps, collector, round_index, bare
+                            )
                         )
                         info.server_cpu.append(cpu)
                         note_foreign_load(info, f"{name}, round {round_index + 1}", meter)

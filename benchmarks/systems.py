@@ -169,19 +169,22 @@ class BarePipeline:
         size: str,
         min_calls: int = 3,
         threads: int | None = None,
+        beside: str | None = None,
     ) -> tuple[list[Scenario], list[RequestRecord]]:
         """Time forward passes: ``duration_s`` per batch size, at least ``min_calls`` each, after one
         warm-up call. Each call is one record of ``n = batch size`` images.
 
         With ``threads``, torch runs on that many threads (scenarios ``<threads>-thread-batch-<n>``),
-        as in a Ray worker that Ray gave that many CPUs.
+        as in a Ray worker that Ray gave that many CPUs. With ``beside``, the passes run while that
+        server is up and idle (scenarios ``beside-<server>-batch-<n>``): the bare pass of the same
+        minutes as the server's own, on a machine whose speed drifts.
         """
         import torch
 
         default_threads = torch.get_num_threads()
         torch.set_num_threads(threads or default_threads)
         try:
-            prefix = f"{threads}-thread-" if threads else ""
+            prefix = f"beside-{beside}-" if beside else f"{threads}-thread-" if threads else ""
             scenarios, records = [], []
             for batch in batch_sizes:
                 scenario = Scenario("bare", f"{prefix}batch-{batch}", "in-process", clients=batch)

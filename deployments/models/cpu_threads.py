@@ -5,7 +5,14 @@ core is fastest; beside a busy front end (or a noisy neighbour) one OpenMP threa
 preempted now and then and every other thread waits for it at the next barrier, so fewer threads
 can finish sooner. ``auto`` measures instead of guessing: each batch size tries every candidate
 count once, then runs on the count whose recent passes took the least time per unit of work, and
-retries the others every ``explore_every`` passes so a change of conditions is noticed.
+retries the others now and then so a change of conditions is noticed.
+
+Retries are paid for in time, not counted in passes: a count whose passes cost k times the best
+one's is retried after ``explore_every * k`` passes on the others, so retrying each slower count
+costs at most one ``explore_every``-th of the time. That matters beside a noisy neighbour: a pass
+on two OpenMP threads with one core taken by another process spins at every barrier and took 50-90
+times as long as on one thread (``benchmarks/thread_contention.py``); retrying it every 20th pass
+would have tripled the mean pass time, while the budget keeps it near the one-thread pass.
 
 The price: float sums split over another number of threads may round differently, so on some
 models (the embedded ``digits``) the same seed can differ by one level in a few pixels between
@@ -61,21 +68,26 @@ class ThreadTuner:
 
     candidates: tuple[int, ...]
     explore_every: int = 20
+    """A slower count is retried once the others have run this many of its passes' worth."""
     smoothing: float = 0.3
     cost: dict[tuple[int, int], float] = field(default_factory=dict)
     """(batch size, threads) -> smoothed seconds per work unit."""
-    passes: dict[int, int] = field(default_factory=dict)
+    passes_since: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(batch size, threads) -> passes of that batch size on other counts since it last ran."""
 
     def choose(self, batch_size: int) -> int:
         untried = [threads for threads in self.candidates if (batch_size, threads) not in self.cost]
         if untried:
             return untried[0]
-        count = self.passes.get(batch_size, 0) + 1
-        self.passes[batch_size] = count
-        ranked = sorted(self.candidates, key=lambda threads: self.cost[batch_size, threads])
-        if len(ranked) > 1 and count % self.explore_every == 0:
-            return ranked[1 + (count // self.explore_every) % (len(ranked) - 1)]
-        return ranked[0]
+        best, *slower = sorted(self.candidates, key=lambda threads: self.cost[batch_size, threads])
+        # The longest-waiting of the counts whose retry the time budget now pays for, if any.
+        due = [
+            threads
+            for threads in slower
+            if self.passes_since.get((batch_size, threads), 0)
+            >= self.explore_every * self.cost[batch_size, threads] / self.cost[batch_size, best]
+        ]
+        return max(due, key=lambda threads: self.passes_since.get((batch_size, threads), 0), default=best)
 
     def record(self, batch_size: int, threads: int, seconds_per_unit: float) -> None:
         key = (batch_size, threads)
@@ -85,6 +97,9 @@ class ThreadTuner:
             if previous is None
             else previous + self.smoothing * (seconds_per_unit - previous)
         )
+        for other in self.candidates:
+            waited = (batch_size, other)
+            self.passes_since[waited] = 0 if other == threads else self.passes_since.get(waited, 0) + 1
 
     def best(self) -> dict[int, int]:
         """The count each measured batch size runs on now (safe to call from another thread)."""

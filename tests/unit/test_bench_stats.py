@@ -164,18 +164,22 @@ def test_rounds_pool_latencies_and_count_throughput_over_both_windows() -> None:
     assert row["p50_ms"] == pytest.approx(750.0)
 
 
-def test_the_forward_pass_in_the_replica_is_set_beside_the_bare_pass_of_its_batch_size() -> None:
+def test_the_forward_pass_in_the_replica_is_set_beside_the_bare_passes_of_its_batch_size() -> None:
     ours = [record(0, 1, system="imagegen", batch_sizes=[1], server_model_ms=ms) for ms in (110, 130, 120)]
     ours.append(record(0, 1, system="imagegen", batch_sizes=[4], server_model_ms=400.0))
     ours.append(record(0, 1, system="imagegen", n=2, batch_sizes=[4, 4], server_model_ms=1.0))  # 2 passes
     ours.append(record(0, 1, system="imagegen", status=503, batch_sizes=[1], server_model_ms=1.0))
     ours.append(record(0, 1, system="imagegen-auto-threads", batch_sizes=[1], server_model_ms=90.0))
     ours.append(record(0, 1, system="litserve", batch_sizes=[1], server_model_ms=1.0))  # not ours
-    rows = [row("bare", "batch-1", "in-process", 8.0, p50=100.0)]
+    rows = [
+        row("bare", "batch-1", "in-process", 8.0, p50=100.0),
+        row("bare", "beside-imagegen-batch-1", "in-process", 8.0, p50=150.0),  # a slower minute
+        row("bare", "beside-imagegen-batch-4", "in-process", 2.0, p50=500.0),
+    ]
     assert forward_pass_table(rows, ours) == [
-        ["imagegen", "1", "3", "120", "100", "1.20"],
-        ["imagegen", "4", "1", "400", "-", "-"],
-        ["imagegen-auto-threads", "1", "1", "90", "100", "0.90"],
+        ["imagegen", "1", "3", "120", "100", "1.20", "150", "0.80"],
+        ["imagegen", "4", "1", "400", "-", "-", "500", "0.80"],
+        ["imagegen-auto-threads", "1", "1", "90", "100", "0.90", "-", "-"],
     ]
 
 
