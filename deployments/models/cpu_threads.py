@@ -12,7 +12,9 @@ one's is retried after ``explore_every * k`` passes on the others, so retrying e
 costs at most one ``explore_every``-th of the time. That matters beside a noisy neighbour: a pass
 on two OpenMP threads with one core taken by another process spins at every barrier and took 50-90
 times as long as on one thread (``benchmarks/thread_contention.py``); retrying it every 20th pass
-would have tripled the mean pass time, while the budget keeps it near the one-thread pass.
+would have tripled the mean pass time, while the budget keeps it near the one-thread pass. For the
+same reason a batch size's first try of a count is skipped when the nearest batch size measured on
+every count found it over ``far_slower`` times the best: the count is then retried on the budget.
 
 The price: float sums split over another number of threads may round differently, so on some
 models (the embedded ``digits``) the same seed can differ by one level in a few pixels between
@@ -74,18 +76,37 @@ class ThreadTuner:
     """(batch size, threads) -> smoothed seconds per work unit."""
     passes_since: dict[tuple[int, int], int] = field(default_factory=dict)
     """(batch size, threads) -> passes of that batch size on other counts since it last ran."""
+    far_slower: float = 3.0
+    """A count another batch size found this many times slower than its best is not tried at once."""
+
+    def estimates(self, batch_size: int) -> dict[int, float]:
+        """Seconds per work unit of ``batch_size`` on each count: measured, or else borrowed from the
+        nearest batch size measured on every count where it found the count far slower (scaled by
+        the counts both measured); counts with neither are left out, to be tried."""
+        own = {t: self.cost[batch_size, t] for t in self.candidates if (batch_size, t) in self.cost}
+        sizes = {size for size, _ in self.cost}
+        complete = [size for size in sizes if all((size, t) in self.cost for t in self.candidates)]
+        if len(own) == len(self.candidates) or not complete:
+            return own
+        nearest = min(complete, key=lambda size: (abs(size - batch_size), size))
+        theirs = {t: self.cost[nearest, t] for t in self.candidates}
+        scale = sum(own[t] / theirs[t] for t in own) / len(own) if own else 1.0
+        fastest = min(theirs.values())
+        far = {t: scale * cost for t, cost in theirs.items() if cost > self.far_slower * fastest}
+        return {**far, **own}
 
     def choose(self, batch_size: int) -> int:
-        untried = [threads for threads in self.candidates if (batch_size, threads) not in self.cost]
+        estimate = self.estimates(batch_size)
+        untried = [threads for threads in self.candidates if threads not in estimate]
         if untried:
             return untried[0]
-        best, *slower = sorted(self.candidates, key=lambda threads: self.cost[batch_size, threads])
+        best, *slower = sorted(self.candidates, key=estimate.__getitem__)
         # The longest-waiting of the counts whose retry the time budget now pays for, if any.
         due = [
             threads
             for threads in slower
             if self.passes_since.get((batch_size, threads), 0)
-            >= self.explore_every * self.cost[batch_size, threads] / self.cost[batch_size, best]
+            >= self.explore_every * estimate[threads] / estimate[best]
         ]
         return max(due, key=lambda threads: self.passes_since.get((batch_size, threads), 0), default=best)
 

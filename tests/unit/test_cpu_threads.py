@@ -88,6 +88,20 @@ def test_batch_sizes_are_tuned_apart() -> None:
     assert tuner.best() == {1: 1, 8: 2}
 
 
+def test_a_count_far_slower_at_another_batch_size_is_not_tried_at_once() -> None:
+    """Beside a noisy neighbour, what batch 1 learnt (two threads 50x slower) spares batch 8 its
+    first two-thread pass; a count only somewhat slower elsewhere is still tried at once."""
+    tuner = ThreadTuner((1, 2), explore_every=20)
+    learn(tuner, 1, {1: 0.1, 2: 5.0}, passes=4)
+    chosen = learn(tuner, 8, {1: 0.3, 2: 15.0}, passes=40)
+    assert chosen == [1] * 40  # two threads wait for 20 x 50 passes' worth of one thread
+    assert tuner.estimates(8)[2] == pytest.approx(15.0)  # 5.0 scaled by batch 8's one-thread cost
+
+    quiet = ThreadTuner((1, 2), explore_every=20)
+    learn(quiet, 1, {1: 0.1, 2: 0.2}, passes=4)
+    assert learn(quiet, 8, {1: 0.5, 2: 0.3}, passes=3) == [1, 2, 2]
+
+
 def test_run_sets_the_threads_and_learns_only_from_passes_that_finish() -> None:
     tuner = ThreadTuner((1, 2))
     before = torch.get_num_threads()
