@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--bare-batch-sizes", help="batch sizes for the in-process pipeline (default 1,2,4,8,16)"
     )
     compare.add_argument(
+        "--bare-threads",
+        type=int,
+        help="torch threads of the in-process pipeline (default: torch's, every core); beside a noisy "
+        "neighbour a pass on every core spins at each barrier and takes 50-90x as long, so 1 is "
+        "the bare pipeline at its best there",
+    )
+    compare.add_argument(
         "--bare-one-thread",
         action=argparse.BooleanOptionalAction,
         help="also time the pipeline on one torch thread, as a 1-CPU Ray worker runs it (default: on)",
@@ -447,6 +454,11 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
         from benchmarks.systems import BarePipeline
 
         bare = BarePipeline()
+        if args.bare_threads:
+            import torch
+
+            torch.set_num_threads(args.bare_threads)
+            info.notes.append(f"the bare pipeline ran on {args.bare_threads} torch thread(s)")
     from benchmarks.systems import running_server, server_systems
 
     reference_rps: float | None = None
