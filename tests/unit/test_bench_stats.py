@@ -11,6 +11,7 @@ from benchmarks.run_report import (
     ServerCpu,
     concurrency_table,
     evaluate_targets,
+    target_system,
     forward_pass_table,
     saturated_throughput,
 )
@@ -200,3 +201,14 @@ def test_server_cpu_per_image_splits_the_model_replicas_from_the_rest() -> None:
     assert cpu.outside_model_core_ms_per_image == pytest.approx(150.0)
     single = ServerCpu.from_samples("litserve", 1, 0.0, {7: ("python", 1.0)}, {7: ("python", 3.0)}, images=4)
     assert (single.core_ms_per_image, single.outside_model_core_ms_per_image) == (500.0, None)
+
+
+def test_targets_are_for_imagegen_or_else_the_variant_of_it_that_ran() -> None:
+    assert target_system(["bare", "litserve", "imagegen", "imagegen-auto-threads"]) == "imagegen"
+    assert target_system(["bare", "imagegen-auto-threads"]) == "imagegen-auto-threads"
+    rows = [
+        row("bare", "batch-8", "in-process", 4.0),
+        row("imagegen-auto-threads", "closed-16", "closed", 3.0),
+    ]
+    results = {target.name: target for target in evaluate_targets(rows, "imagegen-auto-threads")}
+    assert results["saturated throughput / bare pipeline at its best batch"].value == pytest.approx(0.75)
