@@ -11,9 +11,9 @@ from benchmarks.run_report import (
     ServerCpu,
     concurrency_table,
     evaluate_targets,
-    target_system,
     forward_pass_table,
     saturated_throughput,
+    target_system,
 )
 from benchmarks.stats import (
     Scenario,
