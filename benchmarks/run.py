@@ -299,8 +299,8 @@ async def benchmark_server(
     if bare is not None:
         size = next(iter(mix.sizes))
         probes = bare.measure([1, max_batch], args.duration / 4, size, beside=name)
-        for scenario in probes[0]:
-            collector.add(scenario, [r for r in probes[1] if r.scenario == scenario.name], round_index)
+        for scenario, records in per_scenario(*probes):
+            collector.add(scenario, records, round_index)
     saturation_cpu: tuple[dict[int, tuple[str, float]], dict[int, tuple[str, float]]] | None = None
 
     async def settle() -> None:
@@ -425,6 +425,13 @@ def note_foreign_load(info: RunInfo, name: str, meter: ForeignLoadMeter) -> None
         print(f"  {name}: CPU used outside the benchmark: {load.describe()}", flush=True)
 
 
+def per_scenario(
+    scenarios: list[Scenario], records: list[RequestRecord]
+) -> list[tuple[Scenario, list[RequestRecord]]]:
+    """``BarePipeline.measure``'s scenarios, each with its own records."""
+    return [(scenario, [r for r in records if r.scenario == scenario.name]) for scenario in scenarios]
+
+
 def measure_bare(
     args: argparse.Namespace, bare: BarePipeline, mix: RequestMix
 ) -> list[tuple[Scenario, list[RequestRecord]]]:
@@ -436,7 +443,7 @@ def measure_bare(
         batch = load_config().variants[0].batching.max_batch_size
         one_thread = bare.measure([1, batch], args.duration / 2, size, threads=1)
         scenarios, records = scenarios + one_thread[0], records + one_thread[1]
-    return [(scenario, [r for r in records if r.scenario == scenario.name]) for scenario in scenarios]
+    return per_scenario(scenarios, records)
 
 
 def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
@@ -453,11 +460,8 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
     if "bare" in systems:
         from benchmarks.systems import BarePipeline
 
-        bare = BarePipeline()
+        bare = BarePipeline(threads=args.bare_threads)
         if args.bare_threads:
-            import torch
-
-            torch.set_num_threads(args.bare_threads)
             info.notes.append(f"the bare pipeline ran on {args.bare_threads} torch thread(s)")
     from benchmarks.systems import running_server, server_systems
 

@@ -278,6 +278,7 @@ def markdown_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str
 
 def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequence[RequestRecord]) -> str:
     systems = list(dict.fromkeys(row["system"] for row in rows))
+    ours = target_system(systems)
     load = ", ".join(
         f"{label} {a:.2f} {b:.2f} {c:.2f}"
         for label, (a, b, c) in (("before", info.load_before), ("after", info.load_after))
@@ -310,16 +311,12 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
         "",
         "## Targets (imagegen-serve)",
         "",
-        *(
-            [f"For `{target_system(systems)}`: this run had no `{TARGET_SYSTEM}`.", ""]
-            if target_system(systems) != TARGET_SYSTEM
-            else []
-        ),
+        *([f"For `{ours}`: this run had no `{TARGET_SYSTEM}`.", ""] if ours != TARGET_SYSTEM else []),
         markdown_table(
             ["target", "measured", "goal", "met"],
             [
                 [t.name, _fmt(t.value, 2), t.goal, "-" if t.met is None else ("yes" if t.met else "**no**")]
-                for t in evaluate_targets(rows, target_system(systems))
+                for t in evaluate_targets(rows, ours)
             ],
         ),
         "",

@@ -154,13 +154,19 @@ def _default_steps_and_guidance() -> tuple[int, float]:
 class BarePipeline:
     """The embedded default's pipeline in this process, called through the family code the replica runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
+        """With ``threads``, every pass runs on that many torch threads unless ``measure`` says
+        otherwise (beside a noisy neighbour, 1 is the pipeline at its best)."""
+        import torch
+
         from deployments.models.registry import load_family
         from serve_app.config import load_config
 
         config = load_config()
         self.variant = config.variants[0]
         self.family, _ = load_family(self.variant, config.cache_dir)
+        if threads:
+            torch.set_num_threads(threads)
 
     def measure(
         self,
