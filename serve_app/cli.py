@@ -34,6 +34,13 @@ LOCAL_RAY_ENVIRONMENT = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0",
     # Every replica exports its cached metrics each 100 ms by default; Prometheus scrapes each 10 s+.
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    # Ray's log monitor lists the log folder every 0.1 s while it holds under 1,000 files, to
+    # forward new workers' output to this terminal: every 5 s is soon enough (1.05% -> 0.45%).
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",
+    # The agent samples every process for the dashboard each 5 s; `imagegen serve` runs none
+    # (1.1% -> 0.75%; our own metrics go out as before). Together, idle 9.8/10.5% -> 8.9/9.3%.
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",
     **SERVE_ON_MAIN_LOOP,
 }
 """The environment of the local Ray instance ``imagegen serve`` starts (its processes inherit
