@@ -202,18 +202,17 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], system: str = TARGET_SYSTEM
             None if p99_ratio is None else p99_ratio <= 3.0,
         )
     )
-    bare_one = _find(rows, "bare", "batch-1")
-    added = None
-    if unloaded and bare_one and unloaded["p50_ms"] is not None and bare_one["p50_ms"] is not None:
-        added = unloaded["p50_ms"] - bare_one["p50_ms"]
-    results.append(
-        TargetResult(
-            "p50 added over the bare call at 1 client (ms)",
-            added,
-            "<= 25",
-            None if added is None else added <= 25.0,
-        )
-    )
+    # Against the bare round's call, and against the bare call timed beside this server in its own
+    # minutes: the machine's speed drifts by 1.5x within minutes, and only the second cancels that.
+    for bare_scenario, name in (
+        ("batch-1", "p50 added over the bare call at 1 client (ms)"),
+        (f"beside-{system}-batch-1", "p50 added over the bare call timed beside it, at 1 client (ms)"),
+    ):
+        bare_one = _find(rows, "bare", bare_scenario)
+        added = None
+        if unloaded and bare_one and unloaded["p50_ms"] is not None and bare_one["p50_ms"] is not None:
+            added = unloaded["p50_ms"] - bare_one["p50_ms"]
+        results.append(TargetResult(name, added, "<= 25", None if added is None else added <= 25.0))
     return results
 
 

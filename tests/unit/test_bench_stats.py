@@ -116,6 +116,7 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
         row("naive", "closed-16", "closed", 5.0),
         row("litserve", "closed-16", "closed", 7.5),
         row("imagegen", "closed-1", "closed", 4.5, p50=220.0),
+        row("bare", "beside-imagegen-batch-1", "in-process", 4.0, p50=190.0),
         row("imagegen", "closed-16", "closed", 7.6),
         row("imagegen", "open-0.8cap", "open", 6.0, p99=700.0),
         row("imagegen", "open-9.00rps", "open", 9.0),  # open loops do not define capacity
@@ -130,6 +131,9 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
     assert results["p99 at 80% of capacity / unloaded p50"].met is False
     assert results["p50 added over the bare call at 1 client (ms)"].value == pytest.approx(20.0)
     assert results["p50 added over the bare call at 1 client (ms)"].met is True
+    beside = results["p50 added over the bare call timed beside it, at 1 client (ms)"]
+    assert beside.value == pytest.approx(30.0)
+    assert beside.met is False
 
 
 def test_targets_without_the_systems_they_need_are_unknown() -> None:
