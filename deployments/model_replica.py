@@ -1,17 +1,17 @@
 """The batched model replica: one deployment per variant, one copy of the weights per replica.
 
-Calls carry a request's image tasks; each task joins the replica's batch queue on its own, so
-images of concurrent requests share forward passes, streaming or not. A batch is split by shape
-bucket and never mixes buckets in one pass. The forward pass runs in a worker thread so the
-replica keeps answering (health checks, new arrivals, cancellations) while it computes.
+Calls carry a request's image tasks; each task joins the replica's batch queue
+(``deployments.batch_queue``) on its own, so images of concurrent requests share forward passes,
+streaming or not. A batch is split by shape bucket and never mixes buckets in one pass. The
+forward pass runs in a worker thread so the replica keeps answering (health checks, new arrivals,
+cancellations) while it computes.
 
-One batch queue serves both kinds of call. ``@serve.batch`` wraps an async generator that
-yields, for every event of a pass, one list with an entry per queued task (None where that task
-has nothing new): a task's previews, then its image. ``generate`` keeps only the images;
-``generate_stream`` (called with ``handle.options(stream=True)``) passes every event on.
+One batch queue serves both kinds of call: each task gets its own events of the batch, its
+previews and then its image. ``generate`` keeps only the images; ``generate_stream`` (called with
+``handle.options(stream=True)``) passes every event on.
 
 Cancellation: a caller that goes away (a client disconnect cancels the call) marks its tasks
-cancelled. Serve drops cancelled tasks that are still queued; a forward pass checks its tasks
+cancelled. A task still queued leaves the queue; a forward pass checks its tasks
 between denoising steps and stops as soon as all of them are cancelled, which frees the batch
 slot for the next batch. A cancelled task in a pass that others still need is computed to the
 end with them (rows cannot leave a running pass) but gets no previews and its image is dropped.
@@ -22,17 +22,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
 from ray import serve
 
+from deployments.batch_queue import BatchQueue
 from deployments.config import BatchingConfig, VariantConfig
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
 from deployments.errors import quiet_client_errors
@@ -44,12 +45,6 @@ from deployments.models.registry import DenoisingHooks, PassCancelled, load_fami
 logger = logging.getLogger("ray.serve")
 
 T = TypeVar("T")
-SelfT = TypeVar("SelfT")
-ItemT = TypeVar("ItemT")
-EventT = TypeVar("EventT")
-BatchGenerator = Callable[[SelfT, list[ItemT]], AsyncGenerator[list[EventT], None]]
-RowEvent = ModelEvent | Exception | type[StopIteration] | None
-"""What one queued task gets from one step of the batch generator (StopIteration: it is done)."""
 
 
 @dataclass(eq=False)
@@ -79,15 +74,6 @@ class ReplicaStats:
     """Images whose forward pass completed (since start)."""
     threads_by_batch: dict[int, int]
     """``cpu_threads: auto``: the torch threads each batch size runs on now (empty otherwise)."""
-
-
-def batch_stream(
-    max_batch_size: int, batch_wait_timeout_s: float
-) -> Callable[[BatchGenerator[SelfT, ItemT, EventT]], Callable[[SelfT, ItemT], AsyncGenerator[EventT, None]]]:
-    """``serve.batch`` on an async generator method, typed as Serve runs it (Ray types only lists):
-    each caller passes one item and iterates its own share of every yielded list."""
-    decorator: Any = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
-    return cast(Callable[[BatchGenerator[SelfT, ItemT, EventT]], Any], decorator)
 
 
 @cache
@@ -176,10 +162,7 @@ class ModelReplica:
             else None
         )
         self.metrics = stage_metrics()
-        self.batching = variant.batching
-        self._model_free = asyncio.Event()
-        self._model_free.set()
-        self._apply_batching(variant.batching)
+        self._batches = BatchQueue[QueuedTask, ModelEvent | Exception](self._run_batch, variant.batching)
         self._in_flight = 0
         self._running = 0
         self._pass_started: float | None = None  # monotonic start of the forward pass now running
@@ -192,12 +175,7 @@ class ModelReplica:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live batching changes from a Serve config's ``user_config`` (validated like the YAML)."""
-        self._apply_batching(BatchingConfig(**user_config))
-
-    def _apply_batching(self, batching: BatchingConfig) -> None:
-        self.batching = batching
-        self._run_batch.set_max_batch_size(batching.max_batch_size)  # type: ignore[attr-defined]
-        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self._batches.batching = BatchingConfig(**user_config)
 
     async def ready(self) -> bool:
         return True
@@ -246,28 +224,22 @@ class ModelReplica:
         return image
 
     async def _events(self, task: ImageTask, arrived: float) -> AsyncGenerator[ModelEvent, None]:
-        """One task through the batch queue. A caller that stops listening cancels the task.
-
-        It reads its share of the batch to the end (a few steps after its image at most), so
-        Serve's per-task futures are all awaited.
-        """
+        """One task through the batch queue. A caller that stops listening cancels the task."""
         queued = QueuedTask(task, arrived)
         self._received += 1
         ended = False  # the image (or an error) was delivered: nothing left to cancel
         failure: Exception | None = None
         self._track_in_flight(+1)
         try:
-            # Serve forms the next batch as soon as a task arrives, even while a forward pass runs,
-            # so tasks arriving behind a busy model would leave in many small batches. Held here,
-            # they join the queue together when the model frees up and leave in one full batch.
-            await self._model_free.wait()
-            async with aclosing(self._run_batch(queued)) as events:
+            async with aclosing(self._batches.submit(queued)) as events:
                 async for event in events:
                     if isinstance(event, Exception):
                         ended, failure = True, event
-                    elif isinstance(event, PartialImage | GeneratedImage):
-                        ended = ended or isinstance(event, GeneratedImage)
-                        yield event
+                        break
+                    ended = isinstance(event, GeneratedImage)
+                    yield event
+                    if ended:
+                        break
         finally:
             self._track_in_flight(-1)
             if not ended:
@@ -281,36 +253,15 @@ class ModelReplica:
         self._in_flight += change
         self.metrics.set_in_flight(self.variant.name, self._in_flight)
 
-    @batch_stream(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _run_batch(self, queued: list[QueuedTask]) -> AsyncGenerator[list[RowEvent], None]:
-        tasks = [item.task for item in queued]
-        ended: set[int] = set()
-
-        def share(events: dict[int, ModelEvent | Exception], finishing: Collection[int] = ()) -> list[Any]:
-            """One entry per queued task: its event, None, or StopIteration once it is done or gone."""
-            row_events: list[Any] = []
-            for position, item in enumerate(queued):
-                if position in ended:
-                    row_events.append(None)  # Serve no longer delivers to a finished task
-                elif position in events:
-                    row_events.append(events[position])
-                elif position in finishing or item.cancelled:
-                    ended.add(position)
-                    row_events.append(StopIteration)
-                else:
-                    row_events.append(None)
-            return row_events
-
-        self._model_free.clear()
-        try:
-            for positions in group_by_bucket(tasks).values():
-                live = [position for position in positions if not queued[position].cancelled]
-                if live:
-                    async for row, event in self._run_isolated([queued[position] for position in live]):
-                        yield share({live[row]: event})
-                    yield share({}, finishing=set(live))
-        finally:
-            self._model_free.set()
+    async def _run_batch(
+        self, queued: list[QueuedTask]
+    ) -> AsyncGenerator[tuple[int, ModelEvent | Exception], None]:
+        """One batch from the queue: a forward pass per shape bucket, skipping cancelled tasks."""
+        for positions in group_by_bucket([item.task for item in queued]).values():
+            live = [position for position in positions if not queued[position].cancelled]
+            if live:
+                async for row, event in self._run_isolated([queued[position] for position in live]):
+                    yield live[row], event
 
     async def _run_isolated(
         self, group: list[QueuedTask]

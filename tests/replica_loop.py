@@ -6,11 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
-
-import pytest
-from ray.serve import batching as serve_batching
 
 from deployments.contracts import ImageTask
 from deployments.model_replica import ModelReplica
@@ -45,30 +41,20 @@ def in_process_replica(
     wrap_family: Callable[[Any], Any] = lambda family: family,
 ) -> Iterator[Any]:
     """The test config's tiny-sd ModelReplica, built on ``loop``, with ``variant_changes``."""
-    # Outside a cluster Serve's batch queue only asks the replica context for max_ongoing_requests.
-    replica_context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(serve_batching.serve, "get_replica_context", lambda: replica_context)
-        config = make_test_config(storage_dir)
-        variant = config.variants[0].model_copy(update=variant_changes or {})
+    config = make_test_config(storage_dir)
+    variant = config.variants[0].model_copy(update=variant_changes or {})
 
-        async def build() -> Any:
-            built = ReplicaClass(variant, config.cache_dir)
-            built.family = wrap_family(built.family)
-            return built
+    async def build() -> Any:
+        built = ReplicaClass(variant, config.cache_dir)
+        built.family = wrap_family(built.family)
+        return built
 
-        yield loop.run_until_complete(build())
+    yield loop.run_until_complete(build())
 
 
 def replica_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """A fresh loop, closed cleanly after the module's tests.
-
-    Serve keeps one batch queue per decorated method, bound to the loop that first uses it: each
-    module starts with a new queue, and the queue's tasks are cancelled and awaited before the loop
-    closes (otherwise their coroutines are collected later, on a closed loop, in another test).
-    """
-    batch_queue: Any = ReplicaClass._run_batch.set_max_batch_size.__self__
-    batch_queue._queue = None
+    """A fresh loop; the tasks left on it (replicas' batch queues) are cancelled and awaited before
+    it closes."""
     loop = asyncio.new_event_loop()
     try:
         yield loop
@@ -77,8 +63,4 @@ def replica_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
         for task in pending:
             task.cancel()
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        if batch_queue._queue is not None:
-            # Its task is done: without this, the queue's __del__ opens a new loop to cancel it.
-            batch_queue._queue._handle_batch_task = None
-        batch_queue._queue = None
         loop.close()

@@ -1,0 +1,103 @@
+"""The model replica's batch queue on a bare event loop, with a pass that only takes time.
+
+The pass is a fake below the queue's boundary: it sleeps as a forward pass would compute, and
+answers each item by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from deployments.batch_queue import BatchQueue
+from deployments.config import BatchingConfig
+
+PASS_S = 0.05  # the fake pass's compute time
+
+
+class FakeModel:
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.running = asyncio.Event()  # set while a pass runs
+
+    async def run(self, items: list[str]) -> AsyncIterator[tuple[int, str]]:
+        self.batches.append(items)
+        self.running.set()
+        await asyncio.sleep(PASS_S)
+        self.running.clear()
+        if "bad" in items:
+            raise RuntimeError("the pass failed")
+        for position, item in enumerate(items):
+            yield position, f"image of {item}"
+
+
+def make_queue(
+    model: FakeModel, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.0
+) -> BatchQueue[str, str]:
+    return BatchQueue(
+        model.run, BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+    )
+
+
+async def answer(queue: BatchQueue[str, str], item: str) -> list[str]:
+    async with aclosing(queue.submit(item)) as events:
+        return [event async for event in events]
+
+
+def test_tasks_beyond_a_full_batch_wait_for_the_next_pass_and_leave_with_later_ones() -> None:
+    async def scenario() -> list[int]:
+        model = FakeModel()
+        queue = make_queue(model)
+        first = asyncio.ensure_future(answer(queue, "first"))
+        await model.running.wait()
+        early = [asyncio.ensure_future(answer(queue, f"early{index}")) for index in range(6)]
+        await asyncio.wait_for(first, 10)
+        await model.running.wait()  # the pass of 4 of the 6 runs; the other 2 wait behind it
+        late = [asyncio.ensure_future(answer(queue, f"late{index}")) for index in range(2)]
+        await asyncio.wait_for(asyncio.gather(*early, *late), 10)
+        return [len(batch) for batch in model.batches]
+
+    # Serve's batch queue would have run the 2 left over as a batch of their own: 1, 4, 2, 2.
+    assert asyncio.run(scenario()) == [1, 4, 4]
+
+
+def test_a_partial_batch_waits_for_more_after_its_first_task() -> None:
+    async def scenario() -> list[list[str]]:
+        model = FakeModel()
+        queue = make_queue(model, batch_wait_timeout_s=10.0)  # only a full batch leaves within 10 s
+        callers = []
+        for index in range(4):
+            callers.append(asyncio.ensure_future(answer(queue, f"t{index}")))
+            await asyncio.sleep(PASS_S)  # arrivals spread over time, as independent callers come
+        await asyncio.wait_for(asyncio.gather(*callers), 10)
+        return model.batches
+
+    assert asyncio.run(scenario()) == [["t0", "t1", "t2", "t3"]]
+
+
+def test_a_caller_that_leaves_the_queue_is_not_run() -> None:
+    async def scenario() -> list[list[str]]:
+        model = FakeModel()
+        queue = make_queue(model)
+        first = asyncio.ensure_future(answer(queue, "first"))
+        await model.running.wait()
+        leaving = asyncio.ensure_future(answer(queue, "leaving"))
+        staying = asyncio.ensure_future(answer(queue, "staying"))
+        await asyncio.sleep(0)  # lets both join the queue (one turn of the loop, not a wait for time)
+        leaving.cancel()
+        await asyncio.wait_for(asyncio.gather(first, staying), 10)
+        return model.batches
+
+    assert asyncio.run(scenario()) == [["first"], ["staying"]]
+
+
+def test_a_failing_batch_reaches_each_of_its_callers_and_the_queue_goes_on() -> None:
+    async def scenario() -> list[str]:
+        model = FakeModel()
+        queue = make_queue(model)
+        failed = await asyncio.gather(answer(queue, "bad"), answer(queue, "fine"))
+        assert all(isinstance(events[0], RuntimeError) for events in failed)
+        return await answer(queue, "after")
+
+    assert asyncio.run(scenario()) == ["image of after"]
