@@ -36,7 +36,7 @@ from ray import serve
 from deployments.batch_queue import BatchQueue
 from deployments.config import BatchingConfig, VariantConfig
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
-from deployments.errors import quiet_client_errors
+from deployments.errors import quiet_serve_logs
 from deployments.metrics import stage_metrics
 from deployments.models.cpu_threads import ThreadTuner, thread_candidates, usable_cores
 from deployments.models.diffusion import choose_device
@@ -170,7 +170,7 @@ class ModelReplica:
         self._stopped_passes = 0
         self._received = 0
         self._generated = 0
-        quiet_client_errors()
+        quiet_serve_logs()
         logger.info(description)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

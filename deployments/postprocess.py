@@ -27,7 +27,7 @@ from deployments.contracts import (
     StoredImage,
     StreamEvent,
 )
-from deployments.errors import quiet_client_errors
+from deployments.errors import quiet_serve_logs
 from deployments.images import encode_image
 from deployments.metrics import stage_metrics
 from deployments.moderation import ModerationConfig, Moderator
@@ -87,7 +87,7 @@ class Postprocessor:
         self.metrics = stage_metrics()
         self.models = models or {}
         self.moderator = Moderator(moderation or ModerationConfig(), self.metrics.count_moderation_block)
-        quiet_client_errors()  # a stream's bad input surfaces here too
+        quiet_serve_logs()  # a stream's bad input surfaces here too
 
     async def ready(self) -> bool:
         return True

@@ -15,7 +15,7 @@ from ray import serve
 from deployments.config import LimitsConfig, StorageConfig
 from deployments.contracts import MASK_EDIT_THRESHOLD, ImageRequest, ImageTask
 from deployments.decoding import mask_from_alpha, open_upload, to_rgb_array
-from deployments.errors import InvalidRequestError, quiet_client_errors
+from deployments.errors import InvalidRequestError, quiet_serve_logs
 from deployments.metrics import stage_metrics
 from deployments.moderation import ModerationConfig, Moderator
 from deployments.storage import ObjectStore
@@ -118,7 +118,7 @@ class Preprocessor:
         self.store = ObjectStore(storage)
         self.metrics = stage_metrics()
         self.moderator = Moderator(moderation or ModerationConfig(), self.metrics.count_moderation_block)
-        quiet_client_errors()
+        quiet_serve_logs()
 
     def load_stashed_uploads(self, request: ImageRequest) -> ImageRequest:
         """A job's uploads back from the store (the job record holds only their keys)."""

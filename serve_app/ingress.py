@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.context import _get_serve_request_context
 from ray.serve.handle import DeploymentHandle
 
+from deployments.errors import quiet_serve_logs
 from deployments.images import MEDIA_TYPES
 from deployments.resilience import BreakerState
 from deployments.stage_chain import StageChain
@@ -148,6 +149,7 @@ def current_request_id() -> str:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle) -> None:
+        quiet_serve_logs()
         self.service = ImageService(config, chain, scheduler)
         self.upload_limits = UploadLimits.from_config(config.limits)
 

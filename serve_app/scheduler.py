@@ -23,7 +23,7 @@ from ray.serve.schema import ReplicaState, ServeStatus
 
 from autoscaling.policy import QUEUED_IMAGES, RUNNING_IMAGES, backlog_metric
 from deployments.config import VariantConfig
-from deployments.errors import ServiceUnavailableError
+from deployments.errors import ServiceUnavailableError, quiet_serve_logs
 from deployments.generation_log import GenerationLog
 from deployments.metrics import stage_metrics
 from deployments.stage_chain import StageChain
@@ -158,6 +158,7 @@ class SchedulerMetrics:
 @serve.deployment
 class Scheduler:
     def __init__(self, config: AppConfig, chain: StageChain) -> None:
+        quiet_serve_logs()
         self.config = config
         self.chain = chain
         self.core = SchedulerCore(config.tiers, config.scheduler, slots_per_variant(config))

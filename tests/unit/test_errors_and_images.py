@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import io
 import logging
+import logging.handlers
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
+from ray.serve._private.common import ServeComponentType
+from ray.serve._private.logging_utils import configure_component_logger
+from ray.serve.schema import LoggingConfig
 
-from deployments.errors import APIError, ClientErrorLogFilter, InvalidRequestError, unwrap_remote_error
+from deployments.errors import (
+    APIError,
+    ClientErrorLogFilter,
+    InvalidRequestError,
+    quiet_serve_logs,
+    unwrap_remote_error,
+)
 from deployments.images import encode_image, to_uint8
 from serve_app.errors import (
     NotFoundError,
@@ -116,3 +127,42 @@ def test_only_client_errors_are_kept_out_of_the_error_log(error: Exception, logg
     record = logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None, None)
     record.exc_info = (type(error), error, None)
     assert ClientErrorLogFilter().filter(record) is logged
+
+
+def test_the_access_log_goes_to_serve_files_but_not_to_the_console(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Serve's own logger set-up for a replica (its stderr handler and its log file), then ours."""
+    serve_logger = logging.getLogger("ray.serve")
+    saved = serve_logger.handlers[:], serve_logger.filters[:], serve_logger.level, serve_logger.propagate
+    try:
+        configure_component_logger(
+            component_name="Ingress",
+            component_id="replica-1",
+            logging_config=LoggingConfig(logs_dir=str(tmp_path)),
+            component_type=ServeComponentType.REPLICA,
+            max_bytes=2**20,
+            backup_count=1,
+        )
+        quiet_serve_logs()
+        quiet_serve_logs()  # once is enough: nothing is installed twice
+        # As Serve's replica logs each call (the extra it passes with its access log lines).
+        serve_logger.info("POST /v1/images/generations 200 12.0ms", extra={"serve_access_log": True})
+        serve_logger.warning("the store is slow")
+        for handler in serve_logger.handlers:
+            handler.flush()
+    finally:
+        handlers, filters, level, propagate = saved
+        for handler in serve_logger.handlers:
+            if isinstance(handler, logging.handlers.MemoryHandler) and handler.target is not None:
+                handler.flush()
+                handler.target.close()  # Serve buffers its file behind a MemoryHandler
+            handler.close()
+        serve_logger.handlers[:], serve_logger.filters[:] = handlers, filters
+        serve_logger.setLevel(level)
+        serve_logger.propagate = propagate
+    console = capsys.readouterr().err
+    assert "the store is slow" in console
+    assert "/v1/images/generations" not in console
+    files = "".join(path.read_text() for path in tmp_path.glob("*.log"))
+    assert "POST /v1/images/generations 200" in files and "the store is slow" in files
