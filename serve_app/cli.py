@@ -15,19 +15,9 @@ import signal
 import threading
 from pathlib import Path
 
+from serve_app.replica_environment import SERVE_ON_MAIN_LOOP
+
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # images are small; keep Ray's shared memory modest
-SERVE_ON_MAIN_LOOP = {
-    # By default a replica runs our code on an event loop of its own thread, and its handles route
-    # calls on yet another loop, so every request and every handle call crosses threads twice.
-    # Run both on the replica's main loop (our blocking work already goes to threads of its own):
-    # benchmarks/frontend_cpu.py, A B A B, front-end CPU per request 27.8/24.6 -> 25.0/22.9 ms.
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    # The objects a replica made while starting (modules, the weights' Python wrappers) are never
-    # garbage; frozen, no collection walks them again.
-    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
-}
-"""How Serve runs our replicas, wherever we start Ray (the test suite does too)."""
 LOCAL_RAY_ENVIRONMENT = {
     # Serve's controller loop runs every 0.1 s by default; a single-node service needs no faster
     # reaction than a replica takes to start (benchmarks/idle_cpu.py: 3.8% -> 1.3% of a core idle).
@@ -41,6 +31,7 @@ LOCAL_RAY_ENVIRONMENT = {
     # The agent samples every process for the dashboard each 5 s; `imagegen serve` runs none
     # (1.1% -> 0.75%; our own metrics go out as before). Together, idle 9.8/10.5% -> 8.9/9.3%.
     "REPORTER_UPDATE_INTERVAL_MS": "60000",
+    # The proxy routes to the ingress through a handle too: it needs these as much as the replicas.
     **SERVE_ON_MAIN_LOOP,
 }
 """The environment of the local Ray instance ``imagegen serve`` starts (its processes inherit

@@ -33,6 +33,7 @@ from typing import Any
 from serve_app.aliases import Routing
 from serve_app.app import application_autoscaling_policy
 from serve_app.config import AppConfig, read_config_data
+from serve_app.replica_environment import SERVE_ON_MAIN_LOOP
 
 APP_NAME = "imagegen"
 INGRESS = "Ingress"
@@ -45,15 +46,17 @@ def serve_config(config_path: Path | None = None, app_name: str = APP_NAME) -> d
     """A Serve config (``ServeDeploySchema``) for the service that ``config_path`` configures.
 
     Every ``IMAGEGEN_*`` variable set now (settings, secrets) is passed on in the application's
-    runtime environment, where it overrides the carried config as it overrides the file.
+    runtime environment, where it overrides the carried config as it overrides the file, and so
+    are Serve's settings for our replicas (``SERVE_ON_MAIN_LOOP``; a value set now wins).
     """
     data = read_config_data(config_path)
     config = AppConfig(**data)  # checked here, before anything is deployed
-    env_vars = {
-        name: value
+    env_vars = {name: os.environ.get(name, value) for name, value in SERVE_ON_MAIN_LOOP.items()}
+    env_vars.update(
+        (name, value)
         for name, value in os.environ.items()
         if name.startswith("IMAGEGEN_") and name != "IMAGEGEN_CONFIG"
-    }
+    )
     routing = Routing(config.aliases)
     models = [
         {"name": variant.deployment_name, "user_config": variant.batching.model_dump()}

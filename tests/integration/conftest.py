@@ -21,8 +21,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config import LimitsConfig, StorageConfig
 from serve_app.app import build_app
-from serve_app.cli import SERVE_ON_MAIN_LOOP
 from serve_app.config import AppConfig
+from serve_app.replica_environment import SERVE_ON_MAIN_LOOP
 from tests.conftest import free_port, make_test_config
 from tests.integration.tcp_proxy import TcpProxy
 

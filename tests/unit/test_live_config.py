@@ -14,8 +14,10 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from serve_app.aliases import Routing
 from serve_app.config import CONFIG_DIR
 from serve_app.deploy import carried_variants, retiring, serve_config
+from serve_app.replica_environment import SERVE_ON_MAIN_LOOP
 
 VARIANTS = CONFIG_DIR / "variants"
+SHIPPED_SERVE_CONFIG = CONFIG_DIR / "serve_config.yaml"
 
 
 def write_config(directory: Path, variants: list[str], aliases: dict[str, dict[str, float]]) -> Path:
@@ -97,3 +99,22 @@ def test_routing_is_checked_against_the_deployed_variants() -> None:
         Routing.from_user_config({"retired": ["tiny-sd"]}, variants)
     with pytest.raises(ValueError, match="retierd"):  # a typo in the Serve config fails loudly
         Routing.from_user_config({"retierd": ["digits"]}, variants)
+
+
+def test_replicas_anywhere_get_serves_settings_for_them_and_a_value_set_now_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, ["digits"], {})
+    for name in SERVE_ON_MAIN_LOOP:
+        monkeypatch.delenv(name, raising=False)
+    assert SERVE_ON_MAIN_LOOP.items() <= application(path)["runtime_env"]["env_vars"].items()
+    monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
+    monkeypatch.setenv("IMAGEGEN_PORT", "8123")
+    env_vars = application(path)["runtime_env"]["env_vars"]
+    assert env_vars["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
+    assert env_vars["IMAGEGEN_PORT"] == "8123"
+
+
+def test_the_shipped_serve_config_gives_replicas_the_same_settings() -> None:
+    shipped = yaml.safe_load(SHIPPED_SERVE_CONFIG.read_text())
+    assert shipped["applications"][0]["runtime_env"]["env_vars"] == SERVE_ON_MAIN_LOOP
