@@ -6,8 +6,8 @@ leaves full. A partial batch waits ``batch_wait_timeout_s`` after its first task
 
 Serve's ``@serve.batch`` does not do this: it forms the next batch as soon as a task arrives, even
 while a pass runs, and takes at most a full batch of what is queued, so what is left over forms a
-small batch at once. With 16 clients on batches of 8 (2 CPU cores), 18% of its passes held 1 or 2
-images; this queue ran full ones.
+small batch at once. With 16 clients on batches of 8 (2 CPU cores, `make bench`), 43 of 91 images
+ran in batches under 8 with it, and 3 of 91 with this queue.
 """
 
 from __future__ import annotations
