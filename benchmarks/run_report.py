@@ -406,26 +406,36 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
     return "\n".join(parts)
 
 
+def latency_cdf_panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The scenarios the latency CDF shows, as (scenario, title, x scale): the closed loop with the
+    fewest clients (unloaded latency) and the middle of the open-loop sweep (latency under load)."""
+    closed = sorted(
+        {(row["clients"], row["scenario"]) for row in rows if row["mode"] == "closed" and row["clients"]}
+    )
+    panels = []
+    if closed:
+        clients, scenario = closed[0]
+        panels.append((scenario, f"{clients} client{'s' * (clients != 1)}", "linear"))
+    sweep = {
+        row["scenario"]: row["offered_rps"]
+        for row in rows
+        if row["mode"] == "open" and not _is_capacity_run(row)
+    }
+    if sweep:
+        loaded = sorted(sweep, key=lambda name: sweep[name])[len(sweep) // 2]
+        panels.append((loaded, f"open loop, {sweep[loaded]:.1f} requests/s", "log"))
+    return panels
+
+
 def plot_latency_cdf(
     path: Path, rows: Sequence[dict[str, Any]], records: Sequence[RequestRecord], labels: dict[str, str]
 ) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    sweep = {
-        row["scenario"]: row["offered_rps"]
-        for row in rows
-        if row["mode"] == "open" and not _is_capacity_run(row)
-    }
-    by_rate = sorted(sweep, key=lambda name: sweep[name])
-    panels = (
-        [("closed-1", "1 client", "linear")] if any(row["scenario"] == "closed-1" for row in rows) else []
-    )
-    if by_rate:
-        loaded = by_rate[len(by_rate) // 2]
-        panels.append((loaded, f"open loop, {sweep[loaded]:.1f} requests/s", "log"))
+    panels = latency_cdf_panels(rows)
     figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
-    for axis, (scenario, title, scale) in zip(axes[0], panels, strict=True):
+    for axis, (scenario, title, scale) in zip(axes[0][: len(panels)], panels, strict=True):
         for system in dict.fromkeys(row["system"] for row in rows):
             latencies = sorted(
                 r.latency_s * 1000 for r in records if r.system == system and r.scenario == scenario and r.ok

@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serve_app.config import load_config
-    from serve_app.deploy import deploy
+    from serve_app.deploy import deploy, wait_until_running
 
     config = load_config(args.config)
     stop = threading.Event()
@@ -63,8 +64,12 @@ def serve_command(args: argparse.Namespace) -> int:
         # From a Serve config, as `serve deploy` would: the backlog policy comes with one only,
         # and `imagegen config apply` changes a service deployed from one.
         deploy(args.config, APP_NAME)
-        while serve.status().applications[APP_NAME].status != "RUNNING" and not stop.is_set():
-            stop.wait(0.5)
+        try:
+            if not wait_until_running(APP_NAME, stop):
+                return 0  # stopped before it was ready
+        except RuntimeError as failure:
+            print(f"imagegen-serve did not start: {failure}", file=sys.stderr, flush=True)
+            return 1
         print(f"imagegen-serve ready on http://{config.host}:{config.port} (Ctrl-C stops)", flush=True)
         stop.wait()
     finally:

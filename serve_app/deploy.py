@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,25 @@ def application_running(app_name: str) -> bool:
 
     application = serve.status().applications.get(app_name)
     if application is not None and application.status == "DEPLOY_FAILED":
-        raise RuntimeError(f"application {app_name!r} failed to deploy: {application.message}")
+        # Serve's application message names the deployments; theirs end with the error itself.
+        causes = [
+            f"\n  {name}: {deployment.message.strip().splitlines()[-1]}"
+            for name, deployment in application.deployments.items()
+            if deployment.status == "DEPLOY_FAILED" and deployment.message.strip()
+        ]
+        raise RuntimeError(
+            f"application {app_name!r} failed to deploy: {application.message}{''.join(causes)}"
+        )
     return application is not None and application.status == "RUNNING"
+
+
+def wait_until_running(app_name: str, stop: threading.Event) -> bool:
+    """Wait for the application to run (True), or for ``stop`` (False); raises, with Serve's
+    message, if it fails to deploy (a replica that cannot start, e.g. weights that do not load)."""
+    while not application_running(app_name):
+        if stop.wait(POLL_INTERVAL_S):
+            return False
+    return True
 
 
 def drained(app_name: str, variants: list[str]) -> bool:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.loadgen import RequestRecord
 from benchmarks.run_report import (
+    RunInfo,
     ServerCpu,
     concurrency_table,
     evaluate_targets,
     forward_pass_table,
+    latency_cdf_panels,
     saturated_throughput,
     target_system,
+    write_report,
 )
 from benchmarks.stats import (
     Scenario,
@@ -216,3 +221,29 @@ def test_targets_are_for_imagegen_or_else_the_variant_of_it_that_ran() -> None:
     ]
     results = {target.name: target for target in evaluate_targets(rows, "imagegen-auto-threads")}
     assert results["saturated throughput / bare pipeline at its best batch"].value == pytest.approx(0.75)
+
+
+def test_latency_cdf_shows_the_fewest_clients_and_the_middle_of_the_open_sweep() -> None:
+    rows = [
+        summarize(Scenario("s", "closed-16", "closed", clients=16), [record(0.0, 1.0)], 1.0),
+        summarize(Scenario("s", "closed-4", "closed", clients=4), [record(0.0, 1.0)], 1.0),
+        *(
+            summarize(Scenario("s", f"open-{rate}rps", "open", offered_rps=rate), [record(0.0, 1.0)], 1.0)
+            for rate in (1.0, 3.0, 2.0)
+        ),
+        summarize(Scenario("s", "open-0.8cap", "open", offered_rps=9.0), [record(0.0, 1.0)], 1.0),
+    ]
+    assert latency_cdf_panels(rows) == [
+        ("closed-4", "4 clients", "linear"),
+        ("open-2.0rps", "open loop, 2.0 requests/s", "log"),
+    ]
+
+
+def test_a_run_of_one_loaded_closed_loop_writes_its_report_and_plots(tmp_path: Path) -> None:
+    """`imagegen bench --url URL --mode closed --clients 16`: no 1-client loop and no open sweep."""
+    records = [replace(record(0.0, 1.0 + i / 10), scenario="closed-16") for i in range(16)]
+    rows = [summarize(Scenario("s", "closed-16", "closed", clients=16), records, 1.0)]
+    info = RunInfo("t", "m", "2026-11-30", "abc", "imagegen bench", 1.0, 1000.0)
+    paths = write_report(tmp_path, info, rows, records)
+    assert all(path.stat().st_size > 0 for path in paths)
+    assert "closed-16" in (tmp_path / "report.md").read_text()
