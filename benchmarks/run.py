@@ -32,11 +32,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.loadgen import RequestRecord, run_closed_loop, run_open_loop, warm_up
+from benchmarks.loadgen import RequestRecord, http_client, run_closed_loop, run_open_loop, send, warm_up
 from benchmarks.machine import ForeignLoadMeter, measure_idle, noisy_neighbour, session_cpu
 from benchmarks.run_report import RunInfo, ServerCpu, saturated_throughput, write_report
 from benchmarks.stats import Scenario, summarize, summarize_runs
@@ -85,6 +86,7 @@ FULL = {
     "rounds": 2,
 }
 IDLE_WINDOW_S = 20.0
+MIN_PAIRS = 3
 
 
 def _floats(text: str) -> list[float]:
@@ -297,10 +299,9 @@ async def benchmark_server(
     await warm_up(base_url, mix, bursts, **common)
     idle_share, _ = await asyncio.to_thread(measure_idle, server.session, IDLE_WINDOW_S)
     if bare is not None:
-        size = next(iter(mix.sizes))
-        probes = bare.measure([1, max_batch], args.duration / 4, size, beside=name)
-        for scenario, records in per_scenario(*probes):
-            collector.add(scenario, records, round_index)
+        # Peers may not batch one request's images into one pass: they are timed at batch 1 only.
+        batches = [1, max_batch] if name.startswith("imagegen") else [1]
+        await time_in_turn(args, name, base_url, mix, bare, batches, collector, round_index)
     saturation_cpu: tuple[dict[int, tuple[str, float]], dict[int, tuple[str, float]]] | None = None
 
     async def settle() -> None:
@@ -354,6 +355,47 @@ async def benchmark_server(
     assert saturation_cpu is not None
     cpu = ServerCpu.from_samples(name, round_index, idle_share, *saturation_cpu, saturation_images)
     return reference_rps, cpu
+
+
+async def time_in_turn(
+    args: argparse.Namespace,
+    name: str,
+    base_url: str,
+    mix: RequestMix,
+    bare: BarePipeline,
+    batch_sizes: Sequence[int],
+    collector: Collector,
+    round_index: int,
+) -> None:
+    """A bare pass of b images, then one request for b images to the idle server (one pass of b
+    in a batching server), in turn for ``--duration`` per batch size (at least `MIN_PAIRS` of each):
+    the two see the same seconds of a machine whose speed drifts by 1.5x within minutes. Scenarios
+    ``beside-<name>-batch-<b>`` of the bare pipeline and ``paired-batch-<b>`` (mode "paired", not
+    a load point) of the server, whose records carry the replica's own model time."""
+    size = next(iter(mix.sizes))
+    specs = iter_requests(mix, random.Random(args.seed - 1))
+    async with http_client(base_url, args.timeout) as client:
+        for batch in batch_sizes:
+            bare_scenario = Scenario("bare", f"beside-{name}-batch-{batch}", "in-process", clients=batch)
+            served_scenario = Scenario(name, f"paired-batch-{batch}", "paired", clients=1)
+            bare_records: list[RequestRecord] = []
+            served: list[RequestRecord] = []
+            origin = time.perf_counter()
+            while len(served) < MIN_PAIRS or time.perf_counter() - origin < args.duration:
+                bare_records.append(bare.time_call(bare_scenario.name, batch, size, len(served), origin))
+                spec = replace(next(specs), index=len(served), size=size, n=batch, stream=False)
+                served.append(
+                    await send(
+                        client,
+                        spec,
+                        system=name,
+                        scenario=served_scenario.name,
+                        origin=origin,
+                        scheduled_s=None,
+                    )
+                )
+            collector.add(bare_scenario, bare_records, round_index)
+            collector.add(served_scenario, served, round_index)
 
 
 def free_port() -> int:

@@ -105,6 +105,7 @@ def summarize_runs(
     records = [record for run in runs for record in run]
     latencies = [r.latency_s for r in records if r.ok]
     partials = [r.first_partial_s for r in records if r.ok and r.first_partial_s is not None]
+    model_ms = [r.server_model_ms for r in records if r.ok and r.server_model_ms is not None]
     errors = errors_by_status(records)
     return {
         "system": scenario.system,
@@ -124,6 +125,7 @@ def summarize_runs(
         "goodput_img_s": images_per_second(runs, lambda record: record.latency_s <= slo_s),
         "slo_ms": slo_s * 1000,
         "first_partial_p50_ms": _ms(percentile(partials, 50)),
+        "model_p50_ms": percentile(model_ms, 50),  # the server's own model time (Server-Timing), ms
         "mean_batch_size": mean_batch_size(records),
         "window_s": sum(window_s(run) for run in runs),
         "rounds": len(runs),

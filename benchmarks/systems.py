@@ -175,22 +175,19 @@ class BarePipeline:
         size: str,
         min_calls: int = 3,
         threads: int | None = None,
-        beside: str | None = None,
     ) -> tuple[list[Scenario], list[RequestRecord]]:
         """Time forward passes: ``duration_s`` per batch size, at least ``min_calls`` each, after one
         warm-up call. Each call is one record of ``n = batch size`` images.
 
         With ``threads``, torch runs on that many threads (scenarios ``<threads>-thread-batch-<n>``),
-        as in a Ray worker that Ray gave that many CPUs. With ``beside``, the passes run while that
-        server is up and idle (scenarios ``beside-<server>-batch-<n>``): the bare pass of the same
-        minutes as the server's own, on a machine whose speed drifts.
+        as in a Ray worker that Ray gave that many CPUs.
         """
         import torch
 
         default_threads = torch.get_num_threads()
         torch.set_num_threads(threads or default_threads)
         try:
-            prefix = f"beside-{beside}-" if beside else f"{threads}-thread-" if threads else ""
+            prefix = f"{threads}-thread-" if threads else ""
             scenarios, records = [], []
             for batch in batch_sizes:
                 scenario = Scenario("bare", f"{prefix}batch-{batch}", "in-process", clients=batch)
@@ -207,29 +204,31 @@ class BarePipeline:
         records: list[RequestRecord] = []
         origin = time.perf_counter()
         while len(records) < min_calls or time.perf_counter() - origin < duration_s:
-            tasks = self._tasks(batch, size, len(records))
-            start = time.perf_counter()
-            self.family.generate(tasks)
-            end = time.perf_counter()
-            records.append(
-                RequestRecord(
-                    system="bare",
-                    scenario=scenario,
-                    index=len(records),
-                    endpoint="in-process",
-                    size=size,
-                    n=batch,
-                    stream=False,
-                    tier="none",
-                    scheduled_s=None,
-                    start_s=start - origin,
-                    end_s=end - origin,
-                    status=200,
-                    bytes=0,
-                    batch_sizes=[batch] * batch,
-                )
-            )
+            records.append(self.time_call(scenario, batch, size, len(records), origin))
         return records
+
+    def time_call(self, scenario: str, batch: int, size: str, index: int, origin: float) -> RequestRecord:
+        """One forward pass of ``batch`` images, timed: the record of call ``index`` of ``scenario``."""
+        tasks = self._tasks(batch, size, index)
+        start = time.perf_counter()
+        self.family.generate(tasks)
+        end = time.perf_counter()
+        return RequestRecord(
+            system="bare",
+            scenario=scenario,
+            index=index,
+            endpoint="in-process",
+            size=size,
+            n=batch,
+            stream=False,
+            tier="none",
+            scheduled_s=None,
+            start_s=start - origin,
+            end_s=end - origin,
+            status=200,
+            bytes=0,
+            batch_sizes=[batch] * batch,
+        )
 
     def _tasks(self, batch: int, size: str, call: int) -> list[ImageTask]:
         width, height = (int(side) for side in size.split("x"))

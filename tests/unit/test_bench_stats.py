@@ -122,6 +122,9 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
         row("litserve", "closed-16", "closed", 7.5),
         row("imagegen", "closed-1", "closed", 4.5, p50=220.0),
         row("bare", "beside-imagegen-batch-1", "in-process", 4.0, p50=190.0),
+        {**row("imagegen", "paired-batch-1", "paired", 9.0, p50=230.0), "model_p50_ms": 200.0},
+        row("bare", "beside-imagegen-batch-8", "in-process", 8.0, p50=1000.0),
+        {**row("imagegen", "paired-batch-8", "paired", 9.0, p50=1100.0), "model_p50_ms": 1050.0},
         row("imagegen", "closed-16", "closed", 7.6),
         row("imagegen", "open-0.8cap", "open", 6.0, p99=700.0),
         row("imagegen", "open-9.00rps", "open", 9.0),  # open loops do not define capacity
@@ -136,9 +139,17 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
     assert results["p99 at 80% of capacity / unloaded p50"].met is False
     assert results["p50 added over the bare call at 1 client (ms)"].value == pytest.approx(20.0)
     assert results["p50 added over the bare call at 1 client (ms)"].met is True
-    beside = results["p50 added over the bare call timed beside it, at 1 client (ms)"]
-    assert beside.value == pytest.approx(30.0)
-    assert beside.met is False
+    in_turn = results["p50 added over the bare call timed in turn with it, at 1 client (ms)"]
+    assert in_turn.value == pytest.approx(40.0)  # the paired requests against their bare calls
+    assert in_turn.met is False
+    one = results["forward pass in the replica / bare pass timed in turn with it, batch 1"]
+    assert (one.value, one.met) == (pytest.approx(200 / 190), True)
+    eight = results["forward pass in the replica / bare pass timed in turn with it, batch 8"]
+    assert (eight.value, eight.met) == (pytest.approx(1.05), True)
+    assert [t.name for t in results.values()][-2:] == [  # by batch size
+        "forward pass in the replica / bare pass timed in turn with it, batch 1",
+        "forward pass in the replica / bare pass timed in turn with it, batch 8",
+    ]
 
 
 def test_targets_without_the_systems_they_need_are_unknown() -> None:
@@ -184,12 +195,14 @@ def test_the_forward_pass_in_the_replica_is_set_beside_the_bare_passes_of_its_ba
     rows = [
         row("bare", "batch-1", "in-process", 8.0, p50=100.0),
         row("bare", "beside-imagegen-batch-1", "in-process", 8.0, p50=150.0),  # a slower minute
+        {**row("imagegen", "paired-batch-1", "paired", 3.0), "model_p50_ms": 165.0},
         row("bare", "beside-imagegen-batch-4", "in-process", 2.0, p50=500.0),
+        {**row("imagegen", "paired-batch-4", "paired", 3.0), "model_p50_ms": 450.0},
     ]
     assert forward_pass_table(rows, ours) == [
-        ["imagegen", "1", "3", "120", "100", "1.20", "150", "0.80"],
-        ["imagegen", "4", "1", "400", "-", "-", "500", "0.80"],
-        ["imagegen-auto-threads", "1", "1", "90", "100", "0.90", "-", "-"],
+        ["imagegen", "1", "3", "120", "100", "1.20", "165", "150", "1.10"],
+        ["imagegen", "4", "1", "400", "-", "-", "450", "500", "0.90"],
+        ["imagegen-auto-threads", "1", "1", "90", "100", "0.90", "-", "-", "-"],
     ]
 
 
@@ -247,3 +260,10 @@ def test_a_run_of_one_loaded_closed_loop_writes_its_report_and_plots(tmp_path: P
     paths = write_report(tmp_path, info, rows, records)
     assert all(path.stat().st_size > 0 for path in paths)
     assert "closed-16" in (tmp_path / "report.md").read_text()
+
+
+def test_a_row_carries_the_servers_own_model_time() -> None:
+    records = [record(0.0, 1.0, server_model_ms=ms) for ms in (300.0, 100.0, 200.0)]
+    records.append(record(0.0, 1.0, status=500, server_model_ms=900.0))  # failed: not counted
+    assert summarize(Scenario("s", "paired-batch-1", "paired"), records, 1.0)["model_p50_ms"] == 200.0
+    assert summarize(Scenario("s", "closed-1", "closed"), [record(0.0, 1.0)], 1.0)["model_p50_ms"] is None
