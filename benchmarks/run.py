@@ -87,6 +87,10 @@ FULL = {
 }
 IDLE_WINDOW_S = 20.0
 MIN_PAIRS = 3
+# Between the calls timed in turn: a server's work goes on after its answer (imagegen-serve gives
+# its slots back 10 ms later, in a call of its own), and it would otherwise slow the bare pass
+# that follows, favouring the server.
+SETTLE_S = 0.1
 
 
 def _floats(text: str) -> list[float]:
@@ -368,10 +372,11 @@ async def time_in_turn(
     round_index: int,
 ) -> None:
     """A bare pass of b images, then one request for b images to the idle server (one pass of b
-    in a batching server), in turn for ``--duration`` per batch size (at least `MIN_PAIRS` of each):
-    the two see the same seconds of a machine whose speed drifts by 1.5x within minutes. Scenarios
-    ``beside-<name>-batch-<b>`` of the bare pipeline and ``paired-batch-<b>`` (mode "paired", not
-    a load point) of the server, whose records carry the replica's own model time."""
+    in a batching server), in turn for ``--duration`` per batch size (at least `MIN_PAIRS` of
+    each), `SETTLE_S` apart: the two see the same seconds of a machine whose speed drifts by 1.5x
+    within minutes. Scenarios ``beside-<name>-batch-<b>`` of the bare pipeline and
+    ``paired-batch-<b>`` (mode "paired", not a load point) of the server, whose records carry the
+    replica's own model time."""
     size = next(iter(mix.sizes))
     specs = iter_requests(mix, random.Random(args.seed - 1))
     async with http_client(base_url, args.timeout) as client:
@@ -383,6 +388,7 @@ async def time_in_turn(
             origin = time.perf_counter()
             while len(served) < MIN_PAIRS or time.perf_counter() - origin < args.duration:
                 bare_records.append(bare.time_call(bare_scenario.name, batch, size, len(served), origin))
+                await asyncio.sleep(SETTLE_S)
                 spec = replace(next(specs), index=len(served), size=size, n=batch, stream=False)
                 served.append(
                     await send(
@@ -394,6 +400,7 @@ async def time_in_turn(
                         scheduled_s=None,
                     )
                 )
+                await asyncio.sleep(SETTLE_S)
             collector.add(bare_scenario, bare_records, round_index)
             collector.add(served_scenario, served, round_index)
 
