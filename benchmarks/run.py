@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.loadgen import RequestRecord, http_client, run_closed_loop, run_open_loop, send, warm_up
 from benchmarks.machine import ForeignLoadMeter, measure_idle, noisy_neighbour, session_cpu
-from benchmarks.run_report import RunInfo, ServerCpu, saturated_throughput, write_report
+from benchmarks.run_report import TARGET_SYSTEM, RunInfo, ServerCpu, saturated_throughput, write_report
 from benchmarks.stats import Scenario, summarize, summarize_runs
 from benchmarks.workload import (
     RateSchedule,
@@ -304,7 +304,7 @@ async def benchmark_server(
     idle_share, _ = await asyncio.to_thread(measure_idle, server.session, IDLE_WINDOW_S)
     if bare is not None:
         # Peers may not batch one request's images into one pass: they are timed at batch 1 only.
-        batches = [1, max_batch] if name.startswith("imagegen") else [1]
+        batches = [1, max_batch] if name.startswith(TARGET_SYSTEM) else [1]
         await time_in_turn(args, name, base_url, mix, bare, batches, collector, round_index)
     saturation_cpu: tuple[dict[int, tuple[str, float]], dict[int, tuple[str, float]]] | None = None
 

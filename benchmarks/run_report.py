@@ -221,20 +221,24 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], system: str = TARGET_SYSTEM
         if served and bare_one and served["p50_ms"] is not None and bare_one["p50_ms"] is not None:
             added = served["p50_ms"] - bare_one["p50_ms"]
         results.append(TargetResult(name, added, "<= 25", None if added is None else added <= 25.0))
-    for served in sorted(_paired_rows(rows, system), key=lambda row: int(row["scenario"].split("-")[-1])):
-        batch = served["scenario"].removeprefix("paired-batch-")
-        bare = _find(rows, "bare", f"beside-{system}-batch-{batch}")
-        ratio = None
-        if bare and bare["p50_ms"] and served.get("model_p50_ms") is not None:
-            ratio = served["model_p50_ms"] / bare["p50_ms"]
+    paired = (int(row["scenario"].removeprefix("paired-batch-")) for row in _rows(rows, system, "paired"))
+    for batch in sorted(paired):
+        ratio = pass_timed_in_turn(rows, system, batch)[2]
         name = f"forward pass in the replica / bare pass timed in turn with it, batch {batch}"
         results.append(TargetResult(name, ratio, "<= 1.1", None if ratio is None else ratio <= 1.1))
     return results
 
 
-def _paired_rows(rows: Sequence[dict[str, Any]], system: str) -> list[dict[str, Any]]:
-    """The server's requests timed in turn with a bare pass of as many images (``paired-batch-<b>``)."""
-    return [row for row in _rows(rows, system, "paired") if row["scenario"].startswith("paired-batch-")]
+def pass_timed_in_turn(
+    rows: Sequence[dict[str, Any]], system: str, batch: int
+) -> tuple[float | None, float | None, float | None]:
+    """The server's model time per pass of ``batch`` (p50, ms) from its requests timed in turn
+    with bare passes (``paired-batch-<b>``), those bare passes' p50, and the ratio of the two."""
+    paired = _find(rows, system, f"paired-batch-{batch}")
+    bare = _find(rows, "bare", f"beside-{system}-batch-{batch}")
+    ours = paired.get("model_p50_ms") if paired else None
+    theirs = bare["p50_ms"] if bare else None
+    return ours, theirs, ours / theirs if ours is not None and theirs else None
 
 
 def concurrency_table(rows: Sequence[dict[str, Any]], systems: Sequence[str]) -> list[list[str]]:
@@ -280,12 +284,8 @@ def forward_pass_table(rows: Sequence[dict[str, Any]], records: Sequence[Request
         theirs = bare_round["p50_ms"] if bare_round else None
         ratio = in_replica / theirs if in_replica is not None and theirs else None
         row = [system, str(size), str(len(times)), _fmt(in_replica), _fmt(theirs), _fmt(ratio, 2)]
-        paired = _find(rows, system, f"paired-batch-{size}")
-        bare_in_turn = _find(rows, "bare", f"beside-{system}-batch-{size}")
-        ours_in_turn = paired.get("model_p50_ms") if paired else None
-        theirs_in_turn = bare_in_turn["p50_ms"] if bare_in_turn else None
-        ratio = ours_in_turn / theirs_in_turn if ours_in_turn is not None and theirs_in_turn else None
-        table.append([*row, _fmt(ours_in_turn), _fmt(theirs_in_turn), _fmt(ratio, 2)])
+        ours_in_turn, theirs_in_turn, ratio_in_turn = pass_timed_in_turn(rows, system, size)
+        table.append([*row, _fmt(ours_in_turn), _fmt(theirs_in_turn), _fmt(ratio_in_turn, 2)])
     return table
 
 
