@@ -90,7 +90,12 @@ class SlotClient:
             return
         if work.images < images:  # a smaller request may fit where that one did not: ask
             return
-        raise OverloadedError(error.message, retry_after_s=error.retry_after_s or SHED_MEMORY_S)
+        # The scheduler's rate-limit headers as of its 429: an edge 429 carries them as every 429 does.
+        raise OverloadedError(
+            error.message,
+            retry_after_s=error.retry_after_s or SHED_MEMORY_S,
+            rate_limit_headers=error.rate_limit_headers,
+        )
 
     def _remember_shedding(self, work: WorkRequest, error: OverloadedError) -> None:
         memory_s = min(SHED_MEMORY_S, error.retry_after_s or SHED_MEMORY_S)

@@ -148,13 +148,20 @@ def test_an_acquire_the_scheduler_answered_does_not_resend_its_releases(refusal:
     asyncio.run(scenario())
 
 
+LIMITS = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "12"}
+
+
 def test_a_shed_tier_is_shed_at_the_edge_for_a_moment_and_other_tiers_are_not() -> None:
     async def scenario() -> None:
         now = [100.0]
 
         async def shed_free(request: WorkRequest) -> Grant:
             if request.tier == "free":
-                raise OverloadedError("the service is at peak load; this tier is paused", retry_after_s=5.0)
+                raise OverloadedError(
+                    "the service is at peak load; this tier is paused",
+                    retry_after_s=5.0,
+                    rate_limit_headers=LIMITS,
+                )
             return await grant(request)
 
         scheduler = SchedulerStandIn(shed_free)
@@ -166,6 +173,7 @@ def test_a_shed_tier_is_shed_at_the_edge_for_a_moment_and_other_tiers_are_not() 
         assert len(scheduler.acquires) == 1  # the second never reached the scheduler
         assert shed_here.value.retry_after_s == 5.0
         assert "paused" in shed_here.value.message
+        assert shed_here.value.rate_limit_headers == LIMITS  # as every 429 carries them
         await slots.acquire(work("paid"))
         assert len(scheduler.acquires) == 2
         now[0] += SHED_MEMORY_S + 0.01  # the memory passes: the scheduler decides again
