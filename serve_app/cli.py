@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from serve_app.replica_environment import SERVE_ON_MAIN_LOOP
+from serve_app.replica_environment import PROXY_ENVIRONMENT
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # images are small; keep Ray's shared memory modest
 LOCAL_RAY_ENVIRONMENT = {
@@ -32,8 +32,8 @@ LOCAL_RAY_ENVIRONMENT = {
     # The agent samples every process for the dashboard each 5 s; `imagegen serve` runs none
     # (1.1% -> 0.75%; our own metrics go out as before). Together, idle 9.8/10.5% -> 8.9/9.3%.
     "REPORTER_UPDATE_INTERVAL_MS": "60000",
-    # The proxy routes to the ingress through a handle too: it needs these as much as the replicas.
-    **SERVE_ON_MAIN_LOOP,
+    # The proxy's transport and loop settings (the replicas also get theirs from the application).
+    **PROXY_ENVIRONMENT,
 }
 """The environment of the local Ray instance ``imagegen serve`` starts (its processes inherit
 it); a value already in the environment wins. Joined clusters keep their own."""

@@ -34,7 +34,7 @@ from typing import Any
 from serve_app.aliases import Routing
 from serve_app.app import application_autoscaling_policy
 from serve_app.config import AppConfig, read_config_data
-from serve_app.replica_environment import SERVE_ON_MAIN_LOOP
+from serve_app.replica_environment import REPLICA_ENVIRONMENT
 
 APP_NAME = "imagegen"
 INGRESS = "Ingress"
@@ -48,11 +48,11 @@ def serve_config(config_path: Path | None = None, app_name: str = APP_NAME) -> d
 
     Every ``IMAGEGEN_*`` variable set now (settings, secrets) is passed on in the application's
     runtime environment, where it overrides the carried config as it overrides the file, and so
-    are Serve's settings for our replicas (``SERVE_ON_MAIN_LOOP``; a value set now wins).
+    are Serve's settings for our replicas (``REPLICA_ENVIRONMENT``; a value set now wins).
     """
     data = read_config_data(config_path)
     config = AppConfig(**data)  # checked here, before anything is deployed
-    env_vars = {name: os.environ.get(name, value) for name, value in SERVE_ON_MAIN_LOOP.items()}
+    env_vars = {name: os.environ.get(name, value) for name, value in REPLICA_ENVIRONMENT.items()}
     env_vars.update(
         (name, value)
         for name, value in os.environ.items()

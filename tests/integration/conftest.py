@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import LimitsConfig, StorageConfig
 from serve_app.app import build_app
 from serve_app.config import AppConfig
-from serve_app.replica_environment import SERVE_ON_MAIN_LOOP
+from serve_app.replica_environment import PROXY_ENVIRONMENT
 from tests.conftest import free_port, make_test_config
 from tests.integration.tcp_proxy import TcpProxy
 
@@ -52,7 +52,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService
     patch = pytest.MonkeyPatch()
     for name, value in AWS_TEST_ENVIRONMENT.items():
         patch.setenv(name, value)
-    for name, value in SERVE_ON_MAIN_LOOP.items():  # replicas run as under `imagegen serve`
+    for name, value in PROXY_ENVIRONMENT.items():  # Serve runs as under `imagegen serve`
         patch.setenv(name, value)
     # Logical CPUs: room for a second app (the S3 tests) beside the default one on two cores.
     ray.init(

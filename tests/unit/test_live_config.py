@@ -14,7 +14,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from serve_app.aliases import Routing
 from serve_app.config import CONFIG_DIR
 from serve_app.deploy import carried_variants, retiring, serve_config
-from serve_app.replica_environment import SERVE_ON_MAIN_LOOP
+from serve_app.replica_environment import REPLICA_ENVIRONMENT
 
 VARIANTS = CONFIG_DIR / "variants"
 SHIPPED_SERVE_CONFIG = CONFIG_DIR / "serve_config.yaml"
@@ -105,9 +105,9 @@ def test_replicas_anywhere_get_serves_settings_for_them_and_a_value_set_now_wins
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_config(tmp_path, ["digits"], {})
-    for name in SERVE_ON_MAIN_LOOP:
+    for name in REPLICA_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
-    assert SERVE_ON_MAIN_LOOP.items() <= application(path)["runtime_env"]["env_vars"].items()
+    assert REPLICA_ENVIRONMENT.items() <= application(path)["runtime_env"]["env_vars"].items()
     monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
     monkeypatch.setenv("IMAGEGEN_PORT", "8123")
     env_vars = application(path)["runtime_env"]["env_vars"]
@@ -117,4 +117,4 @@ def test_replicas_anywhere_get_serves_settings_for_them_and_a_value_set_now_wins
 
 def test_the_shipped_serve_config_gives_replicas_the_same_settings() -> None:
     shipped = yaml.safe_load(SHIPPED_SERVE_CONFIG.read_text())
-    assert shipped["applications"][0]["runtime_env"]["env_vars"] == SERVE_ON_MAIN_LOOP
+    assert shipped["applications"][0]["runtime_env"]["env_vars"] == REPLICA_ENVIRONMENT
