@@ -56,13 +56,13 @@ if TYPE_CHECKING:
     from benchmarks.systems import BarePipeline, RunningServer
 
 RESULTS_DIR = Path(__file__).parent / "results"
-SYSTEM_ORDER = ("bare", "naive", "litserve", "imagegen", "imagegen-auto-threads")
+SYSTEM_ORDER = ("bare", "naive", "litserve", "imagegen", "imagegen-all-threads")
 LABELS = {
     "bare": "bare pipeline (in-process)",
     "naive": "naive FastAPI",
     "litserve": "LitServe (batching)",
     "imagegen": "imagegen-serve",
-    "imagegen-auto-threads": "imagegen-serve, cpu_threads: auto",
+    "imagegen-all-threads": "imagegen-serve, cpu_threads: all",
 }
 QUICK = {
     "duration": 1.5,
@@ -77,7 +77,7 @@ QUICK = {
 }
 FULL = {
     "duration": 6.0,  # per scenario and round
-    "systems": "bare,naive,litserve,imagegen",  # imagegen-auto-threads on request
+    "systems": "bare,naive,litserve,imagegen",  # imagegen-all-threads on request
     "clients": "1,8",
     "saturation_clients": 16,
     "load_fractions": "0.3,0.6,0.9,1.2",

@@ -24,7 +24,7 @@ from deployments.contracts import ImageTask
 
 STARTUP_TIMEOUT_S = 240
 SHUTDOWN_TIMEOUT_S = 60
-AUTO_THREADS_CONFIG = Path(__file__).parent / "configs" / "tiny-sd-auto-threads.yaml"
+ALL_THREADS_CONFIG = Path(__file__).parent / "configs" / "tiny-sd-all-threads.yaml"
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,15 @@ def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
             ready_line="imagegen-serve ready",
             env={"IMAGEGEN_PORT": str(port), "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}"},
         ),
-        "imagegen-auto-threads": ServerSystem(
-            name="imagegen-auto-threads",
-            label="imagegen-serve, cpu_threads: auto",
+        "imagegen-all-threads": ServerSystem(
+            name="imagegen-all-threads",
+            label="imagegen-serve, cpu_threads: all",
             command=[str(Path(python).with_name("imagegen")), "serve"],
             ready_line="imagegen-serve ready",
             env={
                 "IMAGEGEN_PORT": str(port),
                 "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}",
-                "IMAGEGEN_CONFIG": str(AUTO_THREADS_CONFIG),
+                "IMAGEGEN_CONFIG": str(ALL_THREADS_CONFIG),
             },
         ),
     }

@@ -190,7 +190,7 @@ def test_the_forward_pass_in_the_replica_is_set_beside_the_bare_passes_of_its_ba
     ours.append(record(0, 1, system="imagegen", batch_sizes=[4], server_model_ms=400.0))
     ours.append(record(0, 1, system="imagegen", n=2, batch_sizes=[4, 4], server_model_ms=1.0))  # 2 passes
     ours.append(record(0, 1, system="imagegen", status=503, batch_sizes=[1], server_model_ms=1.0))
-    ours.append(record(0, 1, system="imagegen-auto-threads", batch_sizes=[1], server_model_ms=90.0))
+    ours.append(record(0, 1, system="imagegen-all-threads", batch_sizes=[1], server_model_ms=90.0))
     ours.append(record(0, 1, system="litserve", batch_sizes=[1], server_model_ms=1.0))  # not ours
     rows = [
         row("bare", "batch-1", "in-process", 8.0, p50=100.0),
@@ -202,7 +202,7 @@ def test_the_forward_pass_in_the_replica_is_set_beside_the_bare_passes_of_its_ba
     assert forward_pass_table(rows, ours) == [
         ["imagegen", "1", "3", "120", "100", "1.20", "165", "150", "1.10"],
         ["imagegen", "4", "1", "400", "-", "-", "450", "500", "0.90"],
-        ["imagegen-auto-threads", "1", "1", "90", "100", "0.90", "-", "-", "-"],
+        ["imagegen-all-threads", "1", "1", "90", "100", "0.90", "-", "-", "-"],
     ]
 
 
@@ -226,13 +226,13 @@ def test_server_cpu_per_image_splits_the_model_replicas_from_the_rest() -> None:
 
 
 def test_targets_are_for_imagegen_or_else_the_variant_of_it_that_ran() -> None:
-    assert target_system(["bare", "litserve", "imagegen", "imagegen-auto-threads"]) == "imagegen"
-    assert target_system(["bare", "imagegen-auto-threads"]) == "imagegen-auto-threads"
+    assert target_system(["bare", "litserve", "imagegen", "imagegen-all-threads"]) == "imagegen"
+    assert target_system(["bare", "imagegen-all-threads"]) == "imagegen-all-threads"
     rows = [
         row("bare", "batch-8", "in-process", 4.0),
-        row("imagegen-auto-threads", "closed-16", "closed", 3.0),
+        row("imagegen-all-threads", "closed-16", "closed", 3.0),
     ]
-    results = {target.name: target for target in evaluate_targets(rows, "imagegen-auto-threads")}
+    results = {target.name: target for target in evaluate_targets(rows, "imagegen-all-threads")}
     assert results["saturated throughput / bare pipeline at its best batch"].value == pytest.approx(0.75)
 
 
