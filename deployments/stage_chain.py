@@ -1,14 +1,15 @@
 """The stage chain preprocess -> model -> postprocess: the one object that holds the stage handles.
 
 `serve_app/app.py` builds one `StageChain` and hands it to the ingress (synchronous and streamed
-requests) and the scheduler (jobs); nothing else calls a stage. Stage results travel as
-``DeploymentResponse`` objects straight into the next stage, so image data never passes through
-the caller. A CPU stage may instead be colocated (``stages.<stage>.colocate``): it then runs in
-the caller's own process, a `LocalStage`, and its hop (a request through Serve each way, and its
-serialization) is gone; the model replica is always its own deployment. A replica that dies
-mid-batch fails the whole chain, which is then run again
-(bounded): the tasks are deterministic and jobs have stable object keys, so a retry neither
-changes the images nor stores them twice.
+requests) and the scheduler (jobs); nothing else calls a stage. Stage results are handed on as
+``DeploymentResponse`` objects. Over Serve's gRPC transport (serve_app/replica_environment.py)
+the caller's router awaits each and sends its value on, so a stage's output passes through the
+caller (over Ray's actor transport it would go through the object store instead). A CPU stage
+may be colocated (``stages.<stage>.colocate``, the default): it then runs in the caller's own
+process, a `LocalStage`, and its hop (a request through Serve each way, and its serialization)
+is gone; the model replica is always its own deployment. A replica that dies mid-batch fails the
+whole chain, which is then run again (bounded): the tasks are deterministic and jobs have stable
+object keys, so a retry neither changes the images nor stores them twice.
 """
 
 from __future__ import annotations
