@@ -86,6 +86,9 @@ FULL = {
     "rounds": 2,
 }
 IDLE_WINDOW_S = 20.0
+P99_REQUESTS = 100
+"""Requests the loop at a share of a server's own capacity sends over all rounds: its p99 is a
+target, and over the 20-odd requests of one 6 s round it was the slowest request or two."""
 MIN_PAIRS = 3
 # Between the calls timed in turn: a server's work goes on after its answer (imagegen-serve gives
 # its slots back 10 ms later, in a call of its own), and it would otherwise slow the bare pass
@@ -230,17 +233,30 @@ def schedule(args: argparse.Namespace) -> RateSchedule:
     raise SystemExit(f"--schedule: expected 'step:1,2,4' or 'ramp:1,8', got {args.schedule!r}")
 
 
+def capacity_loop_seconds(rate: float, duration_s: float, rounds: int, quick: bool) -> float:
+    """Each round's length of the open loop at a share of the server's own capacity: at least
+    ``duration_s``, and long enough for `P99_REQUESTS` over all rounds (``quick`` keeps it short)."""
+    if quick or rate <= 0:
+        return duration_s
+    return max(duration_s, P99_REQUESTS / (rate * rounds))
+
+
 def open_arrivals(
-    args: argparse.Namespace, rates: RateSchedule, mix: RequestMix, seed: int
+    args: argparse.Namespace,
+    rates: RateSchedule,
+    mix: RequestMix,
+    seed: int,
+    duration_s: float | None = None,
 ) -> list[tuple[float, Any]]:
-    """The same (offset, request) list for every system given the same seed.
+    """The same (offset, request) list for every system given the same seed, over ``duration_s``
+    (default ``--duration``).
 
     A scenario sends at least one request: a low rate over a short run (a slow machine's capacity
     under --quick) may otherwise draw no arrival at all and measure nothing.
     """
     offsets = arrival_offsets(
         rates,
-        args.duration,
+        args.duration if duration_s is None else duration_s,
         burstiness=burstiness(args),
         rng=random.Random(seed),
         max_requests=args.max_requests,
@@ -342,18 +358,21 @@ async def benchmark_server(
     reference_rps = reference_rps or capacity
     # Own-capacity load first, then the common rates from light to overload, so that any backlog
     # an overload leaves behind can only follow heavier load.
-    rates: list[tuple[str, float, int]] = []
+    rates: list[tuple[str, float, int, float]] = []  # name, requests/s, seed offset, seconds
     if capacity:
-        rates.append((f"open-{args.capacity_fraction:g}cap", args.capacity_fraction * capacity, 0))
+        rate = args.capacity_fraction * capacity
+        seconds = capacity_loop_seconds(rate, args.duration, args.rounds, args.quick)
+        rates.append((f"open-{args.capacity_fraction:g}cap", rate, 0, seconds))
     if reference_rps:
         fractions = sorted(_floats(args.load_fractions))
         rates += [
-            (f"open-{f * reference_rps:.2f}rps", f * reference_rps, i + 1) for i, f in enumerate(fractions)
+            (f"open-{f * reference_rps:.2f}rps", f * reference_rps, i + 1, args.duration)
+            for i, f in enumerate(fractions)
         ]
-    for scenario_name, rate, seed_offset in rates:
+    for scenario_name, rate, seed_offset, seconds in rates:
         await settle()
         scenario = Scenario(name, scenario_name, "open", offered_rps=rate)
-        arrivals = open_arrivals(args, RateSchedule.fixed(rate), mix, args.seed + 1000 * seed_offset)
+        arrivals = open_arrivals(args, RateSchedule.fixed(rate), mix, args.seed + 1000 * seed_offset, seconds)
         records = await run_open_loop(base_url, arrivals, scenario=scenario.name, **common)
         collector.add(scenario, records, round_index)
     assert saturation_cpu is not None

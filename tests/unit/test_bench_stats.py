@@ -267,3 +267,12 @@ def test_a_row_carries_the_servers_own_model_time() -> None:
     records.append(record(0.0, 1.0, status=500, server_model_ms=900.0))  # failed: not counted
     assert summarize(Scenario("s", "paired-batch-1", "paired"), records, 1.0)["model_p50_ms"] == 200.0
     assert summarize(Scenario("s", "closed-1", "closed"), [record(0.0, 1.0)], 1.0)["model_p50_ms"] is None
+
+
+def test_the_loop_at_a_share_of_capacity_runs_long_enough_for_its_p99() -> None:
+    from benchmarks.run import P99_REQUESTS, capacity_loop_seconds
+
+    seconds = capacity_loop_seconds(4.7, duration_s=6.0, rounds=2, quick=False)
+    assert 4.7 * seconds * 2 == pytest.approx(P99_REQUESTS)  # about 21 per round at 6 s before
+    assert capacity_loop_seconds(40.0, duration_s=6.0, rounds=2, quick=False) == 6.0  # never shorter
+    assert capacity_loop_seconds(4.7, duration_s=1.5, rounds=1, quick=True) == 1.5  # --quick stays quick
