@@ -236,7 +236,7 @@ def schedule(args: argparse.Namespace) -> RateSchedule:
 def capacity_loop_seconds(rate: float, duration_s: float, rounds: int, quick: bool) -> float:
     """Each round's length of the open loop at a share of the server's own capacity: at least
     ``duration_s``, and long enough for `P99_REQUESTS` over all rounds (``quick`` keeps it short)."""
-    if quick or rate <= 0:
+    if quick:
         return duration_s
     return max(duration_s, P99_REQUESTS / (rate * rounds))
 
@@ -246,17 +246,16 @@ def open_arrivals(
     rates: RateSchedule,
     mix: RequestMix,
     seed: int,
-    duration_s: float | None = None,
+    duration_s: float,
 ) -> list[tuple[float, Any]]:
-    """The same (offset, request) list for every system given the same seed, over ``duration_s``
-    (default ``--duration``).
+    """The same (offset, request) list for every system given the same seed, over ``duration_s``.
 
     A scenario sends at least one request: a low rate over a short run (a slow machine's capacity
     under --quick) may otherwise draw no arrival at all and measure nothing.
     """
     offsets = arrival_offsets(
         rates,
-        args.duration if duration_s is None else duration_s,
+        duration_s,
         burstiness=burstiness(args),
         rng=random.Random(seed),
         max_requests=args.max_requests,
@@ -602,7 +601,7 @@ def load_one_server(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
         label = args.schedule or f"{args.rate:g}rps"
         mean_rate = rates.expected_count(args.duration) / args.duration
         scenario = Scenario(args.name, f"open-{args.arrival}-{label}", "open", offered_rps=mean_rate)
-        arrivals = open_arrivals(args, rates, mix, args.seed)
+        arrivals = open_arrivals(args, rates, mix, args.seed, args.duration)
         records = asyncio.run(
             run_open_loop(
                 args.url,
