@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.loadgen import RequestRecord, http_client, run_closed_loop, run_open_loop, send, warm_up
 from benchmarks.machine import ForeignLoadMeter, measure_idle, noisy_neighbour, session_cpu
 from benchmarks.run_report import TARGET_SYSTEM, RunInfo, ServerCpu, saturated_throughput, write_report
-from benchmarks.stats import Scenario, summarize, summarize_runs
+from benchmarks.stats import Scenario, summarize, summarize_runs, window_s
 from benchmarks.workload import (
     RateSchedule,
     RequestMix,
@@ -89,6 +89,11 @@ IDLE_WINDOW_S = 20.0
 P99_REQUESTS = 100
 """Requests the loop at a share of a server's own capacity sends over all rounds: its p99 is a
 target, and over the 20-odd requests of one 6 s round it was the slowest request or two."""
+SATURATION_ANSWERS = 6
+"""Answers each client of the saturating closed loop gets per round. Its first answer waits behind
+the whole burst of the others, and its last one drains the queue: over a 6 s round (two or three
+answers each at 16 clients) that ramp and drain were a third of the window."""
+SATURATION_MAX_S = 45.0
 MIN_PAIRS = 3
 # Between the calls timed in turn: a server's work goes on after its answer (imagegen-serve gives
 # its slots back 10 ms later, in a call of its own), and it would otherwise slow the bare pass
@@ -241,6 +246,17 @@ def capacity_loop_seconds(rate: float, duration_s: float, rounds: int, quick: bo
     return max(duration_s, P99_REQUESTS / (rate * rounds))
 
 
+def saturation_loop_seconds(
+    clients: int, requests_per_s: float | None, duration_s: float, quick: bool
+) -> float:
+    """Each round's length of the closed loop that saturates a server: at least ``duration_s``, and
+    long enough for `SATURATION_ANSWERS` per client at ``requests_per_s`` (the server's rate at
+    fewer clients, so no more than its rate here), within `SATURATION_MAX_S`."""
+    if quick or not requests_per_s:
+        return duration_s
+    return max(duration_s, min(SATURATION_MAX_S, SATURATION_ANSWERS * clients / requests_per_s))
+
+
 def open_arrivals(
     args: argparse.Namespace,
     rates: RateSchedule,
@@ -337,20 +353,27 @@ async def benchmark_server(
             timeout_s=args.timeout * 4,
         )
 
+    requests_per_s = None  # in the last closed loop
     for clients in client_counts:
         scenario = Scenario(name, f"closed-{clients}", "closed", clients=clients)
+        saturating = clients == max(client_counts)
+        seconds = args.duration
+        if saturating:
+            seconds = saturation_loop_seconds(clients, requests_per_s, args.duration, args.quick)
         cpu_before = session_cpu(server.session)
         records = await run_closed_loop(
             base_url,
             iter_requests(mix, random.Random(args.seed + clients)),
             scenario=scenario.name,
             clients=clients,
-            duration_s=args.duration,
+            duration_s=seconds,
             max_requests=args.max_requests,
             **common,
         )
         collector.add(scenario, records, round_index)
-        if clients == max(client_counts):
+        answered = sum(record.ok for record in records)
+        requests_per_s = answered / window_s(records) if answered else None
+        if saturating:
             saturation_cpu = (cpu_before, session_cpu(server.session))
             saturation_images = sum(record.images for record in records)
     capacity = saturated_throughput(collector.rows, name)

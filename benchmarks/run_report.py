@@ -194,17 +194,18 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], system: str = TARGET_SYSTEM
         results.append(TargetResult(f"saturated throughput / {peer}", value, ">= 1.0", met))
     unloaded = _find(rows, system, "closed-1")
     loaded = _find(rows, system, "open-0.8cap")
-    p99_ratio = None
-    if unloaded and loaded and unloaded["p50_ms"] and loaded["p99_ms"] is not None:
-        p99_ratio = loaded["p99_ms"] / unloaded["p50_ms"]
-    results.append(
-        TargetResult(
-            "p99 at 80% of capacity / unloaded p50",
-            p99_ratio,
-            "<= 3.0",
-            None if p99_ratio is None else p99_ratio <= 3.0,
+    # The target as written: the tail against the median of the same load. Against the unloaded
+    # median as well, a stricter reading that also counts the queueing any batching server adds.
+    for name, p50_row in (
+        ("p99 / p50, both at 80% of capacity", loaded),
+        ("p99 at 80% of capacity / unloaded p50", unloaded),
+    ):
+        p99_ratio = None
+        if p50_row and loaded and p50_row["p50_ms"] and loaded["p99_ms"] is not None:
+            p99_ratio = loaded["p99_ms"] / p50_row["p50_ms"]
+        results.append(
+            TargetResult(name, p99_ratio, "<= 3.0", None if p99_ratio is None else p99_ratio <= 3.0)
         )
-    )
     # Against the bare round's call, and against the bare call timed in turn with this server's
     # requests (a bare pass, a request, a bare pass, ...): the machine's speed drifts by 1.5x
     # within minutes, and only the second cancels that.

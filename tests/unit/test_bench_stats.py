@@ -126,7 +126,7 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
         row("bare", "beside-imagegen-batch-8", "in-process", 8.0, p50=1000.0),
         {**row("imagegen", "paired-batch-8", "paired", 9.0, p50=1100.0), "model_p50_ms": 1050.0},
         row("imagegen", "closed-16", "closed", 7.6),
-        row("imagegen", "open-0.8cap", "open", 6.0, p99=700.0),
+        row("imagegen", "open-0.8cap", "open", 6.0, p50=400.0, p99=700.0),
         row("imagegen", "open-9.00rps", "open", 9.0),  # open loops do not define capacity
     ]
     assert saturated_throughput(rows, "imagegen") == 7.6
@@ -137,6 +137,8 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
     assert results["saturated throughput / litserve"].value == pytest.approx(7.6 / 7.5)
     assert results["p99 at 80% of capacity / unloaded p50"].value == pytest.approx(700 / 220)
     assert results["p99 at 80% of capacity / unloaded p50"].met is False
+    assert results["p99 / p50, both at 80% of capacity"].value == pytest.approx(700 / 400)
+    assert results["p99 / p50, both at 80% of capacity"].met is True
     assert results["p50 added over the bare call at 1 client (ms)"].value == pytest.approx(20.0)
     assert results["p50 added over the bare call at 1 client (ms)"].met is True
     in_turn = results["p50 added over the bare call timed in turn with it, at 1 client (ms)"]
@@ -276,3 +278,14 @@ def test_the_loop_at_a_share_of_capacity_runs_long_enough_for_its_p99() -> None:
     assert 4.7 * seconds * 2 == pytest.approx(P99_REQUESTS)  # about 21 per round at 6 s before
     assert capacity_loop_seconds(40.0, duration_s=6.0, rounds=2, quick=False) == 6.0  # never shorter
     assert capacity_loop_seconds(4.7, duration_s=1.5, rounds=1, quick=True) == 1.5  # --quick stays quick
+
+
+def test_the_saturating_loop_runs_long_enough_to_leave_its_ramp_behind() -> None:
+    from benchmarks.run import SATURATION_ANSWERS, SATURATION_MAX_S, saturation_loop_seconds
+
+    seconds = saturation_loop_seconds(16, 5.0, duration_s=6.0, quick=False)
+    assert seconds * 5.0 == pytest.approx(SATURATION_ANSWERS * 16)  # two or three each at 6 s before
+    assert saturation_loop_seconds(16, 100.0, duration_s=6.0, quick=False) == 6.0  # never shorter
+    assert saturation_loop_seconds(16, 0.1, duration_s=6.0, quick=False) == SATURATION_MAX_S
+    assert saturation_loop_seconds(16, None, duration_s=6.0, quick=False) == 6.0  # no rate to go by
+    assert saturation_loop_seconds(16, 5.0, duration_s=1.5, quick=True) == 1.5  # --quick stays quick
