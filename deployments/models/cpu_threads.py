@@ -4,8 +4,17 @@ On a small CPU the best thread count depends on what else runs there. Alone, a p
 core is fastest; beside a busy front end (or a noisy neighbour) one OpenMP thread of the pass is
 preempted now and then and every other thread waits for it at the next barrier, so fewer threads
 can finish sooner. ``auto`` measures instead of guessing: each batch size tries every candidate
-count once, then runs on the count whose recent passes took the least time per unit of work, and
+count, then runs on the count whose recent passes took the least time per unit of work, and
 retries the others now and then so a change of conditions is noticed.
+
+A count's first pass at a batch size is only a probe: it pays that shape's one-off costs, and at
+start-up it often runs inside a burst that keeps the front end busy on the same cores. After the
+benchmark's warm-up bursts, the embedded default's two-thread probes at batch sizes 6-8 (in one
+start of five, at batch 1 too) lost to one thread. Blended into later passes at ``smoothing`` 0.3,
+such a probe takes three retries, some 75 passes, to overturn: that start's whole 1-client round ran
+on one thread (3.1 images/s, where starts on two threads made 5.0). So a count's second pass
+replaces its probe rather than blending with it, and a count that lost on its probe alone is
+retried after ``probe_every`` (not ``explore_every``) of its passes' worth.
 
 Retries are paid for in time, not counted in passes: a count whose passes cost k times the best
 one's is retried after ``explore_every * k`` passes on the others, so retrying each slower count
@@ -78,6 +87,11 @@ class ThreadTuner:
     """(batch size, threads) -> passes of that batch size on other counts since it last ran."""
     far_slower: float = 3.0
     """A count another batch size found this many times slower than its best is not tried at once."""
+    probe_every: int = 4
+    """A count measured by its probe alone is retried once the others have run this many of its
+    passes' worth (so confirming a probe costs at most a quarter of the time meanwhile)."""
+    passes: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(batch size, threads) -> passes timed on that count."""
 
     def estimates(self, batch_size: int) -> dict[int, float]:
         """Seconds per work unit of ``batch_size`` on each count: measured, or else borrowed from the
@@ -106,18 +120,20 @@ class ThreadTuner:
             threads
             for threads in slower
             if self.passes_since.get((batch_size, threads), 0)
-            >= self.explore_every * estimate[threads] / estimate[best]
+            >= self._retry_every(batch_size, threads) * estimate[threads] / estimate[best]
         ]
         return max(due, key=lambda threads: self.passes_since.get((batch_size, threads), 0), default=best)
 
+    def _retry_every(self, batch_size: int, threads: int) -> int:
+        return self.probe_every if self.passes.get((batch_size, threads)) == 1 else self.explore_every
+
     def record(self, batch_size: int, threads: int, seconds_per_unit: float) -> None:
         key = (batch_size, threads)
-        previous = self.cost.get(key)
-        self.cost[key] = (
-            seconds_per_unit
-            if previous is None
-            else previous + self.smoothing * (seconds_per_unit - previous)
-        )
+        self.passes[key] = self.passes.get(key, 0) + 1
+        if self.passes[key] <= 2:  # the probe, or the pass that replaces it
+            self.cost[key] = seconds_per_unit
+        else:
+            self.cost[key] += self.smoothing * (seconds_per_unit - self.cost[key])
         for other in self.candidates:
             waited = (batch_size, other)
             self.passes_since[waited] = 0 if other == threads else self.passes_since.get(waited, 0) + 1
