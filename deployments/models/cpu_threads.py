@@ -13,8 +13,10 @@ benchmark's warm-up bursts, the embedded default's two-thread probes at batch si
 start of five, at batch 1 too) lost to one thread. Blended into later passes at ``smoothing`` 0.3,
 such a probe takes three retries, some 75 passes, to overturn: that start's whole 1-client round ran
 on one thread (3.1 images/s, where starts on two threads made 5.0). So a count's second pass
-replaces its probe rather than blending with it, and a count that lost on its probe alone is
-retried after ``probe_every`` (not ``explore_every``) of its passes' worth.
+replaces its probe rather than blending with it, and a count that lost on its probe alone, by less
+than ``far_slower``, is retried after ``probe_every`` (not ``explore_every``) of its passes' worth.
+A probe that lost by more is not hurried: beside a noisy neighbour a two-thread pass at batch 1 took
+6.4 s instead of 0.3, and confirming it at a quarter of the time held up the requests behind it.
 
 Retries are paid for in time, not counted in passes: a count whose passes cost k times the best
 one's is retried after ``explore_every * k`` passes on the others, so retrying each slower count
@@ -88,8 +90,8 @@ class ThreadTuner:
     far_slower: float = 3.0
     """A count another batch size found this many times slower than its best is not tried at once."""
     probe_every: int = 4
-    """A count measured by its probe alone is retried once the others have run this many of its
-    passes' worth (so confirming a probe costs at most a quarter of the time meanwhile)."""
+    """A count that lost by less than ``far_slower`` on its probe alone is retried once the others
+    have run this many of its passes' worth (confirming it costs at most a quarter of the time)."""
     passes: dict[tuple[int, int], int] = field(default_factory=dict)
     """(batch size, threads) -> passes timed on that count."""
 
@@ -120,12 +122,16 @@ class ThreadTuner:
             threads
             for threads in slower
             if self.passes_since.get((batch_size, threads), 0)
-            >= self._retry_every(batch_size, threads) * estimate[threads] / estimate[best]
+            >= self._retry_after(batch_size, threads, estimate[threads] / estimate[best])
         ]
         return max(due, key=lambda threads: self.passes_since.get((batch_size, threads), 0), default=best)
 
-    def _retry_every(self, batch_size: int, threads: int) -> int:
-        return self.probe_every if self.passes.get((batch_size, threads)) == 1 else self.explore_every
+    def _retry_after(self, batch_size: int, threads: int, slowdown: float) -> float:
+        """Passes on the other counts before ``threads`` (``slowdown`` times the best) runs again."""
+        probe_alone = self.passes.get((batch_size, threads)) == 1
+        # A burst can make a probe lose by a little; losing by far_slower is the machine, not noise.
+        confirm_soon = probe_alone and slowdown < self.far_slower
+        return (self.probe_every if confirm_soon else self.explore_every) * slowdown
 
     def record(self, batch_size: int, threads: int, seconds_per_unit: float) -> None:
         key = (batch_size, threads)

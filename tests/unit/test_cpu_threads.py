@@ -63,6 +63,15 @@ def test_a_probe_taken_in_a_burst_is_replaced_by_the_next_pass_not_blended_with_
     assert tuner.best() == {8: 2}
 
 
+def test_a_probe_that_lost_by_far_is_not_hurried() -> None:
+    """Beside a noisy neighbour a two-thread probe takes some 20-90 times one thread's pass: that is
+    the machine, not a burst, and its retry waits explore_every (not probe_every) times as long."""
+    tuner = ThreadTuner((1, 2), explore_every=20, probe_every=4)
+    chosen = learn(tuner, 1, {1: 0.25, 2: 5.0}, passes=403)
+    # 20 x 20 passes on one thread after the probe, not 4 x 20.
+    assert [index for index, threads in enumerate(chosen) if threads == 2] == [1, 402]
+
+
 def test_a_slower_count_is_retried_after_the_others_ran_its_cost_in_passes() -> None:
     tuner = ThreadTuner((1, 2), explore_every=5, probe_every=4)
     chosen = learn(tuner, 1, {1: 0.15, 2: 0.12}, passes=2 + 21)
@@ -78,11 +87,11 @@ def test_retrying_a_slower_count_costs_at_most_its_share_of_the_time(slowdown: f
     the retries of two threads then add about one explore_every-th to the time, not 90 / 20."""
     tuner = ThreadTuner((1, 2), explore_every=20)
     seconds = {1: 0.1, 2: 0.1 * slowdown}
-    chosen = learn(tuner, 1, seconds, passes=3000)
+    chosen = learn(tuner, 1, seconds, passes=2000)
     on_best = chosen.count(1) * seconds[1]
     retrying = chosen.count(2) * seconds[2]
-    assert chosen.count(2) > 2  # still retried after its probe was confirmed: conditions may change
-    assert retrying <= on_best / 20 + 2 * seconds[2]  # one twentieth, give or take probe and confirmation
+    assert chosen.count(2) > 1  # still retried: conditions may change back
+    assert retrying <= on_best / 20 + 2 * seconds[2]  # one twentieth, give or take the probe and its retry
 
 
 def test_a_change_of_conditions_moves_the_choice() -> None:
