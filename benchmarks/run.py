@@ -94,6 +94,7 @@ SATURATION_ANSWERS = 6
 the whole burst of the others, and its last one drains the queue: over a 6 s round (two or three
 answers each at 16 clients) that ramp and drain were a third of the window."""
 SATURATION_MAX_S = 45.0
+"""The longest round of the saturating loop, however slow the server."""
 MIN_PAIRS = 3
 # Between the calls timed in turn: a server's work goes on after its answer (imagegen-serve gives
 # its slots back 10 ms later, in a call of its own), and it would otherwise slow the bare pass

@@ -9,14 +9,15 @@ retries the others now and then so a change of conditions is noticed.
 
 A count's first pass at a batch size is only a probe: it pays that shape's one-off costs, and at
 start-up it often runs inside a burst that keeps the front end busy on the same cores. After the
-benchmark's warm-up bursts, the embedded default's two-thread probes at batch sizes 6-8 (in one
-start of five, at batch 1 too) lost to one thread. Blended into later passes at ``smoothing`` 0.3,
-such a probe takes three retries, some 75 passes, to overturn: that start's whole 1-client round ran
-on one thread (3.1 images/s, where starts on two threads made 5.0). So a count's second pass
-replaces its probe rather than blending with it, and a count that lost on its probe alone, by less
-than ``far_slower``, is retried after ``probe_every`` (not ``explore_every``) of its passes' worth.
-A probe that lost by more is not hurried: beside a noisy neighbour a two-thread pass at batch 1 took
-6.4 s instead of 0.3, and confirming it at a quarter of the time held up the requests behind it.
+benchmark's warm-up bursts, the embedded default's two-thread probe lost to one thread at batch 8
+in every start, at some of batch sizes 3-7 in most, and in one start of five at batch 1. Blended
+into later passes at ``smoothing`` 0.3, such a probe takes three retries, some 75 passes, to
+overturn: that start's whole 1-client round ran on one thread (3.1 images/s, where starts on two
+threads made 5.0). So a count's second pass replaces its probe rather than blending with it, and a
+count that lost on its probe alone, by less than ``far_slower``, is retried after ``probe_every``
+(not ``explore_every``) of its passes' worth. A probe that lost by more is not hurried: beside a
+noisy neighbour a two-thread pass at batch 1 took 6.4 s instead of 0.3, and confirming it at a
+quarter of the time held up the requests behind it.
 
 Retries are paid for in time, not counted in passes: a count whose passes cost k times the best
 one's is retried after ``explore_every * k`` passes on the others, so retrying each slower count
