@@ -56,11 +56,12 @@ if TYPE_CHECKING:
     from benchmarks.systems import BarePipeline, RunningServer
 
 RESULTS_DIR = Path(__file__).parent / "results"
-SYSTEM_ORDER = ("bare", "naive", "litserve", "imagegen", "imagegen-all-threads")
+SYSTEM_ORDER = ("bare", "naive", "litserve", "litserve-workers", "imagegen", "imagegen-all-threads")
 LABELS = {
     "bare": "bare pipeline (in-process)",
     "naive": "naive FastAPI",
     "litserve": "LitServe (batching)",
+    "litserve-workers": "LitServe, a one-thread worker per core",
     "imagegen": "imagegen-serve",
     "imagegen-all-threads": "imagegen-serve, cpu_threads: all",
 }
@@ -77,7 +78,7 @@ QUICK = {
 }
 FULL = {
     "duration": 6.0,  # per scenario and round
-    "systems": "bare,naive,litserve,imagegen",  # imagegen-all-threads on request
+    "systems": "bare,naive,litserve,litserve-workers,imagegen",  # imagegen-all-threads on request
     "clients": "1,8",
     "saturation_clients": 16,
     "load_fractions": "0.3,0.6,0.9,1.2",

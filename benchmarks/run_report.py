@@ -75,7 +75,7 @@ SCENARIO_COLUMNS = (
 )
 PLOTS = ("latency_cdf.png", "throughput_vs_load.png", "latency_vs_load.png")
 TARGET_SYSTEM = "imagegen"
-PEERS = ("naive", "litserve")
+PEERS = ("naive", "litserve", "litserve-workers")
 MODEL_PROCESS = "ModelReplica"  # in the process title of imagegen-serve's model replicas
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 from benchmarks.loadgen import RequestRecord
 from benchmarks.stats import Scenario
 from benchmarks.workload import PROMPTS
+from deployments.config import VariantConfig
 from deployments.contracts import ImageTask
+from deployments.models.cpu_threads import usable_cores
 
 STARTUP_TIMEOUT_S = 240
 SHUTDOWN_TIMEOUT_S = 60
@@ -56,6 +58,15 @@ def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
             name="litserve",
             label="LitServe (batching)",
             command=[python, "-m", "benchmarks.peers.litserve_server", "--port", str(port)],
+            ready_line="Swagger UI is available",
+        ),
+        "litserve-workers": ServerSystem(
+            name="litserve-workers",
+            label="LitServe, a one-thread worker per core",
+            command=[
+                *[python, "-m", "benchmarks.peers.litserve_server", "--port", str(port)],
+                *["--workers", str(usable_cores())],
+            ],
             ready_line="Swagger UI is available",
         ),
         "imagegen": ServerSystem(
@@ -143,6 +154,15 @@ def bare_weights_path() -> Path:
     return Path(resolve_weights(config.variants[0].weights, config.cache_dir))
 
 
+def single_process_variant() -> VariantConfig:
+    """The benchmarked variant as one process runs it, the way the bare pipeline and the peers do:
+    every pass on every core. How many replicas imagegen-serve runs, and on how many threads each,
+    is its deployment (configs/tiny-sd.yaml), not the model's."""
+    from serve_app.config import load_config
+
+    return load_config().variants[0].model_copy(update={"cpu_threads": "all"})
+
+
 def _default_steps_and_guidance() -> tuple[int, float]:
     """What imagegen-serve runs for a request that sets neither (quality 'auto' means medium)."""
     from serve_app.config import load_config
@@ -162,9 +182,8 @@ class BarePipeline:
         from deployments.models.registry import load_family
         from serve_app.config import load_config
 
-        config = load_config()
-        self.variant = config.variants[0]
-        self.family, _ = load_family(self.variant, config.cache_dir)
+        self.variant = single_process_variant()
+        self.family, _ = load_family(self.variant, load_config().cache_dir)
         if threads:
             torch.set_num_threads(threads)
 

@@ -20,9 +20,11 @@ import numpy as np
 from fastapi import HTTPException
 from pydantic import BaseModel
 
+from benchmarks.systems import single_process_variant
 from deployments.config import VariantConfig
 from deployments.contracts import ImageTask
 from deployments.images import encode_image
+from deployments.models.cpu_threads import usable_cores
 from serve_app.config import load_config
 
 Item = tuple[str, int, int]  # prompt, width, height
@@ -98,15 +100,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.01)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="model worker processes, each on its share of the cores (2 on 2 cores: one thread each)",
+    )
     args = parser.parse_args(argv)
-    variant = load_config().variants[0]
+    variant = single_process_variant()
+    if args.workers > 1:
+        variant = variant.model_copy(update={"cpu_threads": max(1, usable_cores() // args.workers)})
     api = DiffusionLitAPI(
         variant,
         steps=variant.steps.medium,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
     )
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=120)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, timeout=120)
     server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)
 
 
