@@ -338,7 +338,8 @@ async def benchmark_server(
     if bare is not None:
         # Peers may not batch one request's images into one pass: they are timed at batch 1 only.
         batches = [1, max_batch] if name.startswith(TARGET_SYSTEM) else [1]
-        await time_in_turn(args, name, base_url, mix, bare, batches, collector, round_index)
+        threads = server.system.torch_threads
+        await time_in_turn(args, name, base_url, mix, bare, batches, threads, collector, round_index)
     saturation_cpu: tuple[dict[int, tuple[str, float]], dict[int, tuple[str, float]]] | None = None
 
     async def settle() -> None:
@@ -411,6 +412,7 @@ async def time_in_turn(
     mix: RequestMix,
     bare: BarePipeline,
     batch_sizes: Sequence[int],
+    threads: int | None,
     collector: Collector,
     round_index: int,
 ) -> None:
@@ -419,7 +421,9 @@ async def time_in_turn(
     each), `SETTLE_S` apart: the two see the same seconds of a machine whose speed drifts by 1.5x
     within minutes. Scenarios ``beside-<name>-batch-<b>`` of the bare pipeline and
     ``paired-batch-<b>`` (mode "paired", not a load point) of the server, whose records carry the
-    replica's own model time."""
+    replica's own model time. The bare pass runs on the server's torch threads where it fixes
+    them (one thread in each of imagegen-serve's two replicas), so the two time the same
+    computation."""
     size = next(iter(mix.sizes))
     specs = iter_requests(mix, random.Random(args.seed - 1))
     async with http_client(base_url, args.timeout) as client:
@@ -430,7 +434,8 @@ async def time_in_turn(
             served: list[RequestRecord] = []
             origin = time.perf_counter()
             while len(served) < MIN_PAIRS or time.perf_counter() - origin < args.duration:
-                bare_records.append(bare.time_call(bare_scenario.name, batch, size, len(served), origin))
+                call = (bare_scenario.name, batch, size, len(served), origin, threads)
+                bare_records.append(bare.time_call(*call))
                 await asyncio.sleep(SETTLE_S)
                 spec = replace(next(specs), index=len(served), size=size, n=batch, stream=False)
                 served.append(

@@ -390,7 +390,8 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
         "passes (those under load too, where the front end shares the cores) against the bare "
         "round's; and, timed in turn (goal: at most 1.1x), a bare pass of b images and then one "
         "request for b images (one pass of b in the replica), again and again in this system's own "
-        "minutes, so that the machine's drift cancels out.\n\n"
+        "minutes, so that the machine's drift cancels out; the bare pass on the replica's torch "
+        "threads where the server fixes them.\n\n"
         + markdown_table(
             [
                 "system",

@@ -38,10 +38,13 @@ class ServerSystem:
     command: list[str]
     ready_line: str
     env: dict[str, str] = field(default_factory=dict)
+    torch_threads: int | None = None  # of each model worker, where fixed (None: every core)
 
 
 def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
     """The peers and imagegen-serve, each on ``port`` when it runs (one at a time)."""
+    from serve_app.config import load_config
+
     python = sys.executable
     weights = str(bare_weights_path())
     steps, guidance = _default_steps_and_guidance()
@@ -68,6 +71,7 @@ def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
                 *["--workers", str(usable_cores())],
             ],
             ready_line="Swagger UI is available",
+            torch_threads=1,
         ),
         "imagegen": ServerSystem(
             name="imagegen",
@@ -75,6 +79,7 @@ def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
             command=[str(Path(python).with_name("imagegen")), "serve"],
             ready_line="imagegen-serve ready",
             env={"IMAGEGEN_PORT": str(port), "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}"},
+            torch_threads=fixed_threads(load_config().variants[0]),
         ),
         "imagegen-all-threads": ServerSystem(
             name="imagegen-all-threads",
@@ -92,6 +97,7 @@ def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
 
 @dataclass
 class RunningServer:
+    system: ServerSystem
     base_url: str
     startup_s: float
     output: list[str]
@@ -130,7 +136,8 @@ def running_server(system: ServerSystem, port: int) -> Iterator[RunningServer]:
         if not any(system.ready_line in line for line in output):  # timed out, or exited first
             tail = "".join(output)[-3000:]
             raise RuntimeError(f"{system.name} did not start within {STARTUP_TIMEOUT_S}s:\n{tail}")
-        yield RunningServer(f"http://127.0.0.1:{port}", time.perf_counter() - started, output, process.pid)
+        startup_s = time.perf_counter() - started
+        yield RunningServer(system, f"http://127.0.0.1:{port}", startup_s, output, process.pid)
     finally:
         _stop(process)
 
@@ -152,6 +159,11 @@ def bare_weights_path() -> Path:
 
     config = load_config()
     return Path(resolve_weights(config.variants[0].weights, config.cache_dir))
+
+
+def fixed_threads(variant: VariantConfig) -> int | None:
+    """The torch threads ``variant`` runs on where it names a number (None: ``all``, ``auto``)."""
+    return variant.cpu_threads if isinstance(variant.cpu_threads, int) else None
 
 
 def single_process_variant() -> VariantConfig:
@@ -226,12 +238,22 @@ class BarePipeline:
             records.append(self.time_call(scenario, batch, size, len(records), origin))
         return records
 
-    def time_call(self, scenario: str, batch: int, size: str, index: int, origin: float) -> RequestRecord:
-        """One forward pass of ``batch`` images, timed: the record of call ``index`` of ``scenario``."""
+    def time_call(
+        self, scenario: str, batch: int, size: str, index: int, origin: float, threads: int | None = None
+    ) -> RequestRecord:
+        """One forward pass of ``batch`` images, timed: the record of call ``index`` of ``scenario``;
+        on ``threads`` torch threads if given."""
+        import torch
+
         tasks = self._tasks(batch, size, index)
-        start = time.perf_counter()
-        self.family.generate(tasks)
-        end = time.perf_counter()
+        own_threads = torch.get_num_threads()
+        torch.set_num_threads(threads or own_threads)
+        try:
+            start = time.perf_counter()
+            self.family.generate(tasks)
+            end = time.perf_counter()
+        finally:
+            torch.set_num_threads(own_threads)
         return RequestRecord(
             system="bare",
             scenario=scenario,
