@@ -5,10 +5,13 @@ request so every stage has worked once, lets it settle, then reads each of the s
 processes' CPU time from ``/proc`` over a window with no requests. Writes a Markdown table and
 JSON under ``benchmarks/results/idle/``. ``--env NAME=VALUE`` (repeatable) starts the service with
 extra environment, to compare settings; ``--repeat`` alternates the plain and the ``--env`` run
-(A B A B) so a busy minute on a shared machine does not favour one of them.
+(A B A B) so a busy minute on a shared machine does not favour one of them. ``--serve-floor N``
+measures instead the smallest Serve service (benchmarks/serve_floor.py: N trivial deployments on
+Ray as ``imagegen serve`` starts it), the floor under any service on the machine.
 
     python -m benchmarks.idle_cpu --window 60
     python -m benchmarks.idle_cpu --env RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.1 --repeat 2
+    python -m benchmarks.idle_cpu --serve-floor 1 --window 30
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from benchmarks.machine import ForeignLoadMeter, ProcessCpu, measure_idle
 from benchmarks.run import free_port
+from benchmarks.serve_floor import READY_LINE
 from benchmarks.systems import ServerSystem, running_server
 
 RESULTS_DIR = Path(__file__).parent / "results" / "idle"
 SETTLE_S = 20.0  # start-up work (compiles, first metrics pushes) ends well within this
 IDLE_TARGET = 0.05  # of one core, for the whole service (issue 13)
+Request = tuple[str, str, dict[str, Any] | None]  # method, path, JSON body: one to warm a service up
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,32 @@ def idle_run(config: str | None, extra_env: dict[str, str], window_s: float, sto
     command = [sys.executable, "-m", "serve_app.cli", "serve"]
     system = ServerSystem("imagegen", "imagegen-serve", command, "imagegen-serve ready", env)
     setting = " ".join(f"{name}={value}" for name, value in extra_env.items()) or "as shipped"
+    request = ("POST", "/v1/images/generations", {"prompt": "a handwritten 7"})
+    return measured(system, port, setting, [request], window_s)
+
+
+def floor_run(deployments: int, extra_env: dict[str, str], window_s: float) -> IdleRun:
+    port = free_port()
+    command = [sys.executable, "-m", "benchmarks.serve_floor", "--deployments", str(deployments)]
+    command += ["--port", str(port)]
+    system = ServerSystem("serve-floor", "Ray Serve floor", command, READY_LINE, extra_env)
+    setting = " ".join(
+        [f"Ray Serve alone, {deployments} trivial deployment(s)"]
+        + [f"{name}={value}" for name, value in extra_env.items()]
+    )
+    requests: list[Request] = [("GET", f"/{index}", None) for index in range(deployments)]
+    return measured(system, port, setting, requests, window_s)
+
+
+def measured(
+    system: ServerSystem, port: int, setting: str, requests: list[Request], window_s: float
+) -> IdleRun:
+    """Start ``system``, send it ``requests`` so that everything has worked once, let it settle,
+    then measure its processes' CPU over ``window_s`` with no requests."""
     print(f"[idle] starting the service ({setting})", flush=True)
     with running_server(system, port) as server:
-        answer = httpx.post(
-            f"{server.base_url}/v1/images/generations", json={"prompt": "a handwritten 7"}, timeout=300
-        )
-        answer.raise_for_status()
+        for method, path, body in requests:
+            httpx.request(method, server.base_url + path, json=body, timeout=300).raise_for_status()
         time.sleep(SETTLE_S)  # let start-up work finish before the window opens
         meter = ForeignLoadMeter()
         meter.start(server.session)
@@ -96,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=60.0, help="seconds measured with no requests")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for a compared run")
     parser.add_argument("--repeat", type=int, default=1, help="rounds (A B A B with --env)")
+    parser.add_argument(
+        "--serve-floor", type=int, metavar="N", help="measure Ray Serve alone with N trivial deployments"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     settings = [{}, parse_env(args.env)] if args.env else [{}]
@@ -103,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="imagegen-idle-") as storage:
         for _ in range(args.repeat):
             for extra_env in settings:
-                runs.append(idle_run(args.config, extra_env, args.window, Path(storage)))
+                if args.serve_floor:
+                    runs.append(floor_run(args.serve_floor, extra_env, args.window))
+                else:
+                    runs.append(idle_run(args.config, extra_env, args.window, Path(storage)))
                 print(f"[idle] {runs[-1].setting}: {runs[-1].total:.1%} of one core", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     report = render(runs)
