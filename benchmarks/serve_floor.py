@@ -1,21 +1,19 @@
 """The smallest Ray Serve service, started as ``imagegen serve`` starts Ray: Serve's own idle CPU.
 
 ``--deployments`` deployments whose ``__call__`` returns a string, each at ``/<index>``, with the
-same Ray settings as ``imagegen serve`` (serve_app/cli.py: its environment, no dashboard, the same
-object store). What it costs at idle is the floor under any Serve service on the machine; run it
+same Ray as ``imagegen serve`` (serve_app/cli.py `connect_ray`: its environment, no dashboard, the
+same object store). What it costs at idle is the floor under any Serve service on the machine; run it
 through the idle measurement: ``python -m benchmarks.idle_cpu --serve-floor 1``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import signal
 import threading
 from collections.abc import Sequence
 
-from serve_app.cli import LOCAL_OBJECT_STORE_BYTES, LOCAL_RAY_ENVIRONMENT
+from serve_app.cli import connect_ray
 
 READY_LINE = "serve floor ready"
 
@@ -25,8 +23,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deployments", type=int, default=1)
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    for name, value in LOCAL_RAY_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
     import ray
     from ray import serve
 
@@ -38,12 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        logging_level=logging.WARNING,
-    )
+    connect_ray("local")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         for index in range(args.deployments):

@@ -40,6 +40,22 @@ it); a value already in the environment wins. Joined clusters keep their own."""
 APP_NAME = "imagegen"
 
 
+def connect_ray(address: str) -> None:
+    """Ray as ``imagegen serve`` runs on it: ``local`` starts an instance of its own, with
+    `LOCAL_RAY_ENVIRONMENT` and a modest object store; any other address joins that cluster."""
+    import ray
+
+    if address == "local":
+        for name, value in LOCAL_RAY_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES if address == "local" else None,
+        logging_level=logging.WARNING,
+    )
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -51,15 +67,7 @@ def serve_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    if args.address == "local":
-        for name, value in LOCAL_RAY_ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
-    ray.init(
-        address=args.address,
-        include_dashboard=False,
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES if args.address == "local" else None,
-        logging_level=logging.WARNING,
-    )
+    connect_ray(args.address)
     try:
         # From a Serve config, as `serve deploy` would: the backlog policy comes with one only,
         # and `imagegen config apply` changes a service deployed from one.
