@@ -66,10 +66,15 @@ def answers(url: str) -> bool:
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     directory = tmp_path_factory.mktemp("serve-cli")
     app_config = directory / "tiny-sd.yaml"
-    stages = {"ingress": {"num_cpus": 0.1}, "preprocess": {"num_cpus": 0.1}, "postprocess": {"num_cpus": 0.2}}
-    stages = {name: {**resources, "max_ongoing_requests": 256} for name, resources in stages.items()}
-    app = {"host": "127.0.0.1", "default_model": "tiny-sd", "stages": stages}
-    app["variants"] = [str(TINY_SD_VARIANT)]
+    stage_cpus = {"ingress": 0.1, "preprocess": 0.1, "postprocess": 0.2}
+    app = {
+        "host": "127.0.0.1",
+        "default_model": "tiny-sd",
+        "variants": [str(TINY_SD_VARIANT)],
+        "stages": {
+            stage: {"num_cpus": cpus, "max_ongoing_requests": 256} for stage, cpus in stage_cpus.items()
+        },
+    }
     app_config.write_text(yaml.safe_dump(app))
     gcs, dashboard, agent, metrics, client, http = (free_port() for _ in range(6))
     env = {
