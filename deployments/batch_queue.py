@@ -1,8 +1,13 @@
 """The model replica's batch queue: which waiting image tasks leave together for the next pass, and when.
 
-One batch runs at a time. Tasks wait in arrival order; a batch takes at most ``max_batch_size`` of
-them, and tasks that arrive while a pass runs wait for the next one, so under load every batch
-leaves full. A partial batch waits ``batch_wait_timeout_s`` after its first task for more.
+Tasks wait in arrival order; a batch takes at most ``max_batch_size`` of them, and tasks that
+arrive while no pass may start wait for the next one, so under load every batch leaves full. A
+partial batch waits ``batch_wait_timeout_s`` after its first task for more.
+
+Up to ``concurrent`` batches run at once (the replica's ``concurrent_passes``), each told whether it
+runs *alone*: it started with no other batch running and none left waiting behind it. A batch
+alone may use every core, so no other starts until it ends (:func:`may_start`); under load batches
+run side by side, each on its share.
 
 Serve's ``@serve.batch`` does not do this: it forms the next batch as soon as a task arrives, even
 while a pass runs, and takes at most a full batch of what is queued, so what is left over forms a
@@ -25,11 +30,17 @@ logger = logging.getLogger("ray.serve")
 
 ItemT = TypeVar("ItemT")
 EventT = TypeVar("EventT")
-RunBatch = Callable[[list[ItemT]], AsyncIterator[tuple[int, EventT]]]
-"""Runs one batch; yields ``(position in the batch, event for that item)``."""
+RunBatch = Callable[[list[ItemT], bool], AsyncIterator[tuple[int, EventT]]]
+"""Runs one batch (and whether it runs alone); yields ``(position in the batch, event for that item)``."""
 
 END = object()
 """Put on a waiting item's events when its batch has run."""
+
+
+def may_start(running: int, running_alone: bool, concurrent: int) -> bool:
+    """Whether another batch may start: always when none runs, else while there is room beside
+    the ones running and none of them runs alone."""
+    return running == 0 or (running < concurrent and not running_alone)
 
 
 @dataclass(eq=False)
@@ -45,21 +56,26 @@ class BatchQueue(Generic[ItemT, EventT]):
     Runs on the replica's event loop; ``batching`` may be replaced at any time (the next batch uses it).
     """
 
-    def __init__(self, run_batch: RunBatch[ItemT, EventT], batching: BatchingConfig) -> None:
+    def __init__(
+        self, run_batch: RunBatch[ItemT, EventT], batching: BatchingConfig, concurrent: int = 1
+    ) -> None:
         self.run_batch = run_batch
         self.batching = batching
+        self.concurrent = concurrent
         self._waiting: list[Waiting[ItemT]] = []
-        self._arrived = asyncio.Event()
+        self._changed = asyncio.Event()  # a task arrived or a batch ended
         self._batches: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._running_alone = False
 
     async def submit(self, item: ItemT) -> AsyncGenerator[EventT, None]:
         """``item``'s events from the batch it runs in. Closing this takes the item out of the
         queue if it is still waiting (a pass it is already in goes on)."""
         if self._batches is None or self._batches.done():
-            self._batches = asyncio.create_task(self._run_batches())
+            self._batches = asyncio.create_task(self._start_batches())
         waiting = Waiting[ItemT](item, asyncio.get_running_loop().time())
         self._waiting.append(waiting)
-        self._arrived.set()
+        self._changed.set()
         try:
             while (event := await waiting.events.get()) is not END:
                 yield event  # type: ignore[misc]  # everything but END is an EventT
@@ -67,33 +83,45 @@ class BatchQueue(Generic[ItemT, EventT]):
             if waiting in self._waiting:
                 self._waiting.remove(waiting)
 
-    async def _run_batches(self) -> None:
+    async def _start_batches(self) -> None:
         while True:
             batch = await self._next_batch()
-            try:
-                async for position, event in self.run_batch([waiting.item for waiting in batch]):
-                    batch[position].events.put_nowait(event)
-            except Exception as error:  # run_batch gives each item its own errors: this is a fault in it
-                logger.exception("a batch failed as a whole")
-                for waiting in batch:
-                    waiting.events.put_nowait(error)
-            finally:
-                for waiting in batch:
-                    waiting.events.put_nowait(END)
+            alone = not self._running and not self._waiting
+            self._running_alone = alone
+            running = asyncio.create_task(self._run(batch, alone))
+            self._running.add(running)
+            running.add_done_callback(self._ended)
+
+    def _ended(self, batch: asyncio.Task[None]) -> None:
+        self._running.discard(batch)
+        self._running_alone = False
+        self._changed.set()
+
+    async def _run(self, batch: list[Waiting[ItemT]], alone: bool) -> None:
+        try:
+            async for position, event in self.run_batch([waiting.item for waiting in batch], alone):
+                batch[position].events.put_nowait(event)
+        except Exception as error:  # run_batch gives each item its own errors: this is a fault in it
+            logger.exception("a batch failed as a whole")
+            for waiting in batch:
+                waiting.events.put_nowait(error)
+        finally:
+            for waiting in batch:
+                waiting.events.put_nowait(END)
 
     async def _next_batch(self) -> list[Waiting[ItemT]]:
-        """The next batch: a full one, or what is there once the first task has waited
-        ``batch_wait_timeout_s`` (tasks that waited through a pass have)."""
+        """The next batch, once one may start: a full one, or what is there once the first task
+        has waited ``batch_wait_timeout_s`` (tasks that waited through a pass have)."""
         loop = asyncio.get_running_loop()
         while True:
             batching = self.batching
             timeout = None
-            if self._waiting:
+            if self._waiting and may_start(len(self._running), self._running_alone, self.concurrent):
                 timeout = self._waiting[0].arrived + batching.batch_wait_timeout_s - loop.time()
                 if len(self._waiting) >= batching.max_batch_size or timeout <= 0:
                     batch = self._waiting[: batching.max_batch_size]
                     del self._waiting[: batching.max_batch_size]
                     return batch
-            self._arrived.clear()
+            self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout)
+                await asyncio.wait_for(self._changed.wait(), timeout)

@@ -141,6 +141,13 @@ class VariantConfig(StrictModel):
         "may run on, 'auto' to choose per batch size by timing the passes as they run, or unset for "
         "Ray's choice (the replica's whole num_cpus, so 1 for num_cpus: 1).",
     )
+    concurrent_passes: PositiveInt = Field(
+        1,
+        description="Forward passes one replica may run at once, on one copy of the weights (data "
+        "parallel within the replica). Under load they run side by side, each on an equal share of "
+        "the pass's cpu_threads; a pass with nothing else running or waiting takes them all. "
+        "On a small CPU, one per core beats one pass spread over every core.",
+    )
     sizes: list[str] = Field(min_length=1, description="Allowed sizes as 'WxH'; the first is the default.")
     steps: QualitySteps = QualitySteps()
     max_steps: int = Field(50, ge=1, le=500, description="Upper bound for `num_inference_steps`.")

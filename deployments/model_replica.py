@@ -6,6 +6,16 @@ streaming or not. A batch is split by shape bucket and never mixes buckets in on
 forward pass runs in a worker thread so the replica keeps answering (health checks, new arrivals,
 cancellations) while it computes.
 
+With ``concurrent_passes`` above 1 the replica is data parallel on one copy of the weights: each
+*lane* is a compute thread with its own view of the family (``ImageFamily.lane``), and under load
+batches run side by side, each on its share of the cores (one thread each on two cores). A batch
+that runs alone (nothing else running or waiting: a lone request) takes every core on lane 0, on
+``cpu_threads`` (or, for ``auto``, on the count measured best). Only lane 0 ever runs a pass on more
+than its share: each thread that has run a multi-threaded pass keeps an OpenMP team, and once
+OpenMP counts more team threads than cores it stops spinning between parallel regions, which on
+this 2-core VM made every pass 3x slower (2026-12-01: a pass on two threads took 563-890 ms on a
+thread started after another thread's two-thread pass, 172-370 ms without it).
+
 One batch queue serves both kinds of call: each task gets its own events of the batch, its
 previews and then its image. ``generate`` keeps only the images; ``generate_stream`` (called with
 ``handle.options(stream=True)``) passes every event on.
@@ -31,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from ray import serve
 
 from deployments.batch_queue import BatchQueue
@@ -38,7 +49,7 @@ from deployments.config import BatchingConfig, VariantConfig
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
 from deployments.errors import quiet_serve_logs
 from deployments.metrics import stage_metrics
-from deployments.models.cpu_threads import ThreadTuner, thread_candidates, usable_cores
+from deployments.models.cpu_threads import ThreadTuner, set_pass_threads, thread_candidates, usable_cores
 from deployments.models.diffusion import choose_device
 from deployments.models.registry import DenoisingHooks, PassCancelled, load_family
 
@@ -74,6 +85,8 @@ class ReplicaStats:
     """Images whose forward pass completed (since start)."""
     threads_by_batch: dict[int, int]
     """``cpu_threads: auto``: the torch threads each batch size runs on now (empty otherwise)."""
+    peak_concurrent_passes: int
+    """The most forward passes that have run at once (since start); at most ``concurrent_passes``."""
 
 
 @cache
@@ -154,18 +167,34 @@ class ModelReplica:
         # its own OpenMP team, and idle teams keep spinning: with forward passes spread over
         # asyncio.to_thread's pool, a 2-core replica ran batch 1 at half speed (measured: 110 ms on
         # one thread, 240 ms once a second thread had used torch).
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-compute")
-        self.family, description = self._compute.submit(load_family, variant, cache_dir).result()
+        # The same holds for lanes: each has its own compute thread, always the same one.
+        self._lanes = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-lane-{lane}")
+            for lane in range(variant.concurrent_passes)
+        ]
+        self.family, description = self._lanes[0].submit(load_family, variant, cache_dir).result()
+        self._lane_views = [executor.submit(self.family.lane).result() for executor in self._lanes[1:]]
+        self._idle_lanes = list(range(variant.concurrent_passes))
+        on_cpu = choose_device(variant.device) == "cpu"
+        # A pass alone runs on the threads the family loaded with (every core for all and auto);
+        # side by side, each pass runs on its share of them. None: threads left as loaded.
+        cores = self._lanes[0].submit(torch.get_num_threads).result()
+        self._threads_alone_shared = (
+            (cores, max(1, cores // len(self._lanes))) if on_cpu and len(self._lanes) > 1 else None
+        )
         self.threads = (
             ThreadTuner(thread_candidates(usable_cores()))
-            if variant.cpu_threads == "auto" and choose_device(variant.device) == "cpu"
+            if variant.cpu_threads == "auto" and on_cpu
             else None
         )
         self.metrics = stage_metrics()
-        self._batches = BatchQueue[QueuedTask, ModelEvent | Exception](self._run_batch, variant.batching)
+        self._batches = BatchQueue[QueuedTask, ModelEvent | Exception](
+            self._run_batch, variant.batching, concurrent=variant.concurrent_passes
+        )
         self._in_flight = 0
         self._running = 0
-        self._pass_started: float | None = None  # monotonic start of the forward pass now running
+        self._pass_started: dict[int, float] = {}  # lane -> monotonic start of its pass now running
+        self._peak_concurrent_passes = 0
         self._cancelled = 0
         self._stopped_passes = 0
         self._received = 0
@@ -184,7 +213,7 @@ class ModelReplica:
         """Serve's periodic check: a forward pass stuck past ``max_pass_s`` makes this replica
         unhealthy, so Serve replaces it and callers retry elsewhere. (A process that is stopped
         altogether does not answer at all, which Serve's check timeout catches.)"""
-        started = self._pass_started
+        started = min(self._pass_started.values(), default=None)
         if started is not None and time.monotonic() - started > self.variant.max_pass_s:
             raise RuntimeError(
                 f"a forward pass has run {time.monotonic() - started:.0f}s, over max_pass_s "
@@ -200,6 +229,7 @@ class ModelReplica:
             self._received,
             self._generated,
             self.threads.best() if self.threads else {},
+            self._peak_concurrent_passes,
         )
 
     async def generate(self, tasks: list[ImageTask]) -> list[GeneratedImage]:
@@ -254,17 +284,24 @@ class ModelReplica:
         self.metrics.set_in_flight(self.variant.name, self._in_flight)
 
     async def _run_batch(
-        self, queued: list[QueuedTask]
+        self, queued: list[QueuedTask], alone: bool
     ) -> AsyncGenerator[tuple[int, ModelEvent | Exception], None]:
-        """One batch from the queue: a forward pass per shape bucket, skipping cancelled tasks."""
-        for positions in group_by_bucket([item.task for item in queued]).values():
-            live = [position for position in positions if not queued[position].cancelled]
-            if live:
-                async for row, event in self._run_isolated([queued[position] for position in live]):
-                    yield live[row], event
+        """One batch from the queue, on a lane of its own (lane 0 when it runs alone): a forward
+        pass per shape bucket, skipping cancelled tasks."""
+        lane = 0 if alone else self._idle_lanes[-1]
+        self._idle_lanes.remove(lane)
+        try:
+            for positions in group_by_bucket([item.task for item in queued]).values():
+                live = [position for position in positions if not queued[position].cancelled]
+                if live:
+                    group = [queued[position] for position in live]
+                    async for row, event in self._run_isolated(group, lane, alone):
+                        yield live[row], event
+        finally:
+            self._idle_lanes.append(lane)
 
     async def _run_isolated(
-        self, group: list[QueuedTask]
+        self, group: list[QueuedTask], lane: int, alone: bool
     ) -> AsyncGenerator[tuple[int, ModelEvent | Exception], None]:
         """A forward pass; when one of several images fails it, each half runs again, and so on.
 
@@ -272,7 +309,7 @@ class ModelReplica:
         costs its batch-mates a rerun, not their images. Previews already sent may come again.
         """
         failed = False
-        async for row, event in self._run_pass(group):
+        async for row, event in self._run_pass(group, lane, alone):
             if isinstance(event, Exception) and len(group) > 1:
                 failed = True
             else:
@@ -281,17 +318,23 @@ class ModelReplica:
             return
         half = len(group) // 2
         for offset, part in ((0, group[:half]), (half, group[half:])):
-            async for row, event in self._run_isolated(part):
+            async for row, event in self._run_isolated(part, lane, alone):
                 yield offset + row, event
 
-    def _forward_pass(self, tasks: list[ImageTask], hooks: PassHooks) -> list[np.ndarray]:
-        """On the compute thread: the family's pass, on the threads ``cpu_threads: auto`` picks."""
-        if self.threads is None:
-            return self.family.generate(tasks, hooks)
-        return self.threads.run(tasks, lambda: self.family.generate(tasks, hooks))
+    def _forward_pass(
+        self, lane: int, alone: bool, tasks: list[ImageTask], hooks: PassHooks
+    ) -> list[np.ndarray]:
+        """On the lane's compute thread: its family's pass, on every core when it runs alone (on
+        the count ``cpu_threads: auto`` picks), else on its share."""
+        family = self.family if lane == 0 else self._lane_views[lane - 1]
+        if self.threads is not None and (alone or len(self._lanes) == 1):
+            return self.threads.run(tasks, lambda: family.generate(tasks, hooks))
+        if self._threads_alone_shared is not None:
+            set_pass_threads(self._threads_alone_shared[0 if alone else 1])
+        return family.generate(tasks, hooks)
 
     async def _run_pass(
-        self, group: list[QueuedTask]
+        self, group: list[QueuedTask], lane: int, alone: bool
     ) -> AsyncGenerator[tuple[int, ModelEvent | Exception], None]:
         """One forward pass in a worker thread: its previews as they come, then its images."""
         loop = asyncio.get_running_loop()
@@ -304,8 +347,9 @@ class ModelReplica:
         tasks = [item.task for item in group]
         started = time.perf_counter()
         self._running += len(group)
-        self._pass_started = time.monotonic()
-        forward = loop.run_in_executor(self._compute, self._forward_pass, tasks, hooks)
+        self._pass_started[lane] = time.monotonic()
+        self._peak_concurrent_passes = max(self._peak_concurrent_passes, len(self._pass_started))
+        forward = loop.run_in_executor(self._lanes[lane], self._forward_pass, lane, alone, tasks, hooks)
         forward.add_done_callback(lambda _: previews.put_nowait(None))
         try:
             while (preview := await previews.get()) is not None:
@@ -322,7 +366,7 @@ class ModelReplica:
             hooks.stopped = True  # if this generator is closed early, the thread stops at its next step
             forward.add_done_callback(retrieve_outcome)  # and nobody else will await it then
             self._running -= len(group)
-            self._pass_started = None
+            del self._pass_started[lane]
         elapsed = time.perf_counter() - started
         self._generated += len(group)
         self.metrics.observe_batch(self.variant.name, len(group))

@@ -27,6 +27,7 @@ Two kinds of checkpoint, told apart by their files:
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ class ImageTokenModel:
     """What the decoding loop needs from a checkpoint: prompts in, logits over the codebook out."""
 
     model: Any
+    tokenizer: Any
 
     rows: int
     columns: int
@@ -217,6 +219,14 @@ class AutoregressiveFamily(ImageFamily):
             f"temperature={self.model.temperature}, top_k={self.model.top_k}"
             + (f", threads={torch.get_num_threads()}" if device == "cpu" else "")
         )
+
+    def lane(self) -> AutoregressiveFamily:
+        """The same model with a tokenizer of its own (a fast tokenizer is not safe across threads)."""
+        model = copy.copy(self.model)
+        model.tokenizer = copy.deepcopy(self.model.tokenizer)
+        view = copy.copy(self)
+        view.model = model
+        return view
 
     def kept_tokens(self, tasks: Sequence[ImageTask]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For edits: the starting images' tokens, and where they are kept (True) rather than sampled."""

@@ -60,6 +60,13 @@ def cpu_thread_count(requested: CpuThreads) -> int:
     return usable_cores() if requested in ("all", "auto") else int(requested)
 
 
+def set_pass_threads(count: int) -> None:
+    """This thread's torch threads for its next passes, set only when they change (setting them
+    also clears this thread's cache of oneDNN kernels)."""
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 def thread_candidates(cores: int) -> tuple[int, ...]:
     """1, 2, 4, ... up to ``cores``, and ``cores`` itself."""
     counts = {cores}
@@ -157,7 +164,7 @@ class ThreadTuner:
         """Run ``forward_pass`` over ``tasks`` on the chosen threads and learn from its time
         (on the thread that runs every pass; a pass that raises teaches nothing)."""
         threads = self.choose(len(tasks))
-        torch.set_num_threads(threads)
+        set_pass_threads(threads)
         started = time.perf_counter()
         result = forward_pass()
         self.record(len(tasks), threads, (time.perf_counter() - started) / work_units(tasks))

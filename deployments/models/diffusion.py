@@ -12,6 +12,7 @@ runs in float32. Seeds drive CPU generators, so one seed gives the same latents 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +28,8 @@ from deployments.models.cpu_threads import cpu_thread_count
 from deployments.models.registry import DenoisingHooks, ImageFamily
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PER_CALL = frozenset({"scheduler", "tokenizer", "tokenizer_2", "tokenizer_3"})
+"""Pipeline components that change as a pass runs (not weights): each lane has its own copies."""
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 
@@ -59,14 +62,13 @@ class DiffusionFamily(ImageFamily):
     inpainting: Any | None
 
     def load(self) -> str:
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+        from diffusers import DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
         device = choose_device(self.variant.device)
         dtype = choose_dtype(self.variant.dtype, device)
         pipeline = DiffusionPipeline.from_pretrained(self.weights_source(), dtype=dtype)
-        pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
         if device == "cpu" and self.variant.cpu_threads is not None:
             torch.set_num_threads(cpu_thread_count(self.variant.cpu_threads))
@@ -79,9 +81,7 @@ class DiffusionFamily(ImageFamily):
                 attention = "xformers"
             if self.variant.compile:
                 denoiser.compile(mode="max-autotune-no-cudagraphs")
-        self.pipeline = pipeline
-        self.image_to_image = self._sharing_weights(AutoPipelineForImage2Image, pipeline)
-        self.inpainting = self._sharing_weights(AutoPipelineForInpainting, pipeline)
+        self._serve(pipeline)
         derived = {"img2img": self.image_to_image, "inpaint": self.inpainting}
         edits = [name for name, pipe in derived.items() if pipe is not None]
         return (
@@ -91,15 +91,32 @@ class DiffusionFamily(ImageFamily):
             + (f", threads={torch.get_num_threads()}" if device == "cpu" else "")
         )
 
-    @staticmethod
-    def _sharing_weights(auto_pipeline: Any, pipeline: Any) -> Any | None:
-        """The same components under another task's pipeline, or None where diffusers has none."""
-        try:
-            derived = auto_pipeline.from_pipe(pipeline)
-        except ValueError:
-            return None
-        derived.set_progress_bar_config(disable=True)
-        return derived
+    def lane(self) -> DiffusionFamily:
+        """The same modules under pipelines of their own: a pipeline keeps per-call state on itself
+        and on its scheduler (timesteps, step index) and tokenizer, so each lane copies those."""
+        components = self.pipeline.components.items()
+        own = {name: copy.deepcopy(part) for name, part in components if name in PER_CALL}
+        pipeline = type(self.pipeline).from_pipe(self.pipeline, **own)
+        view = copy.copy(self)
+        view._serve(pipeline)
+        return view
+
+    def _serve(self, pipeline: Any) -> None:
+        """Serve ``pipeline``, and the edits diffusers has for it on the same components."""
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        def sharing_weights(auto_pipeline: Any) -> Any | None:
+            try:
+                derived = auto_pipeline.from_pipe(pipeline)
+            except ValueError:
+                return None
+            derived.set_progress_bar_config(disable=True)
+            return derived
+
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+        self.image_to_image = sharing_weights(AutoPipelineForImage2Image)
+        self.inpainting = sharing_weights(AutoPipelineForInpainting)
 
     def generate(self, tasks: Sequence[ImageTask], hooks: DenoisingHooks | None = None) -> list[np.ndarray]:
         first = tasks[0]

@@ -83,6 +83,16 @@ class ImageFamily:
         """
         raise NotImplementedError
 
+    def lane(self) -> ImageFamily:
+        """Another view of this loaded family whose passes may run at the same time as this one's,
+        on another thread (``concurrent_passes`` above 1): the same weights, so no more memory, but
+        its own copy of whatever a pass changes as it runs (a diffusers scheduler's step count, a
+        tokenizer's padding settings). A family without it serves one pass at a time."""
+        raise NotImplementedError(
+            f"the {type(self).__name__} family runs one forward pass at a time: "
+            f"variant {self.variant.name!r} needs concurrent_passes: 1"
+        )
+
 
 def family_class(name: str) -> type[ImageFamily]:
     target = FAMILIES.get(name, name)

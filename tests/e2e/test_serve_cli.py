@@ -33,9 +33,8 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).parents[2]
 SERVE_CONFIG = ROOT / "serve_app" / "configs" / "serve_config.yaml"
 # The random tiny-sd rather than the shipped digits-ar: its denoising passes are slow enough for a
-# stream to be abandoned mid-pass (so the cancellation counter is exported). One model replica, the
-# variant as shipped, so that concurrent requests share its batches.
-TINY_SD_VARIANT = ROOT / "serve_app" / "configs" / "variants" / "tiny-sd.yaml"
+# stream to be abandoned mid-pass (so the cancellation counter is exported).
+APP_CONFIG = ROOT / "benchmarks" / "configs" / "tiny-sd.yaml"
 MODEL_DEPLOYMENT = "ModelReplica-tiny-sd"
 DEADLINE_S = 240.0
 T = TypeVar("T")
@@ -65,22 +64,11 @@ def answers(url: str) -> bool:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     directory = tmp_path_factory.mktemp("serve-cli")
-    app_config = directory / "tiny-sd.yaml"
-    stage_cpus = {"ingress": 0.1, "preprocess": 0.1, "postprocess": 0.2}
-    app = {
-        "host": "127.0.0.1",
-        "default_model": "tiny-sd",
-        "variants": [str(TINY_SD_VARIANT)],
-        "stages": {
-            stage: {"num_cpus": cpus, "max_ongoing_requests": 256} for stage, cpus in stage_cpus.items()
-        },
-    }
-    app_config.write_text(yaml.safe_dump(app))
     gcs, dashboard, agent, metrics, client, http = (free_port() for _ in range(6))
     env = {
         **os.environ,
         # Replicas read the app's settings from the cluster's environment, as `make serve` does.
-        "IMAGEGEN_CONFIG": str(app_config),
+        "IMAGEGEN_CONFIG": str(APP_CONFIG),
         "IMAGEGEN_STORAGE__URL": f"file://{directory / 'store'}",
         "RAY_USAGE_STATS_ENABLED": "0",
         # Every port of this cluster is on loopback; token auth would only stand between the test's

@@ -10,7 +10,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from deployments.batch_queue import BatchQueue
+import pytest
+
+from deployments.batch_queue import BatchQueue, may_start
 from deployments.config import BatchingConfig
 
 PASS_S = 0.05  # the fake pass's compute time
@@ -19,12 +21,19 @@ PASS_S = 0.05  # the fake pass's compute time
 class FakeModel:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
+        self.alone: list[bool] = []  # whether each batch was told it runs alone
         self.running = asyncio.Event()  # set while a pass runs
+        self.passes_now = 0
+        self.peak_passes = 0  # the most passes that ran at once
 
-    async def run(self, items: list[str]) -> AsyncIterator[tuple[int, str]]:
+    async def run(self, items: list[str], alone: bool) -> AsyncIterator[tuple[int, str]]:
         self.batches.append(items)
+        self.alone.append(alone)
         self.running.set()
+        self.passes_now += 1
+        self.peak_passes = max(self.peak_passes, self.passes_now)
         await asyncio.sleep(PASS_S)
+        self.passes_now -= 1
         self.running.clear()
         if "bad" in items:
             raise RuntimeError("the pass failed")
@@ -33,11 +42,10 @@ class FakeModel:
 
 
 def make_queue(
-    model: FakeModel, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.0
+    model: FakeModel, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.0, concurrent: int = 1
 ) -> BatchQueue[str, str]:
-    return BatchQueue(
-        model.run, BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
-    )
+    batching = BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+    return BatchQueue(model.run, batching, concurrent)
 
 
 async def answer(queue: BatchQueue[str, str], item: str) -> list[str]:
@@ -101,3 +109,52 @@ def test_a_failing_batch_reaches_each_of_its_callers_and_the_queue_goes_on() -> 
         return await answer(queue, "after")
 
     assert asyncio.run(scenario()) == ["image of after"]
+
+
+@pytest.mark.parametrize(
+    ("running", "running_alone", "concurrent", "expected"),
+    [
+        (0, False, 1, True),  # an idle replica always starts the next batch
+        (1, False, 1, False),  # one at a time
+        (1, False, 2, True),  # room beside a batch that shares the cores
+        (1, True, 2, False),  # a batch alone has every core: the next one waits
+        (2, False, 2, False),  # no room left
+    ],
+)
+def test_when_another_batch_may_start(
+    running: int, running_alone: bool, concurrent: int, expected: bool
+) -> None:
+    assert may_start(running, running_alone, concurrent) is expected
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+def test_under_load_batches_run_side_by_side_none_of_them_alone(concurrent: int) -> None:
+    async def scenario() -> FakeModel:
+        model = FakeModel()
+        queue = make_queue(model, concurrent=concurrent)
+        callers = [asyncio.ensure_future(answer(queue, f"t{index}")) for index in range(8)]
+        await asyncio.wait_for(asyncio.gather(*callers), 10)
+        return model
+
+    model = asyncio.run(scenario())
+    assert [len(batch) for batch in model.batches] == [4, 4]
+    assert model.peak_passes == concurrent
+    # The first left with four behind it; the second started beside the first (or, one at a time,
+    # after it with nothing behind it: alone).
+    assert model.alone == [False, concurrent == 1]
+
+
+def test_a_batch_alone_keeps_later_arrivals_waiting_until_it_ends() -> None:
+    async def scenario() -> FakeModel:
+        model = FakeModel()
+        queue = make_queue(model, concurrent=2)
+        lone = asyncio.ensure_future(answer(queue, "lone"))
+        await model.running.wait()
+        later = [asyncio.ensure_future(answer(queue, name)) for name in ("a", "b")]
+        await asyncio.wait_for(asyncio.gather(lone, *later), 10)
+        return model
+
+    model = asyncio.run(scenario())
+    assert model.batches == [["lone"], ["a", "b"]]
+    assert model.alone == [True, True]
+    assert model.peak_passes == 1

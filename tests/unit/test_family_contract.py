@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from pydantic import ValidationError
 
 from deployments.config import VariantConfig, parse_size
 from deployments.contracts import ImageTask
 from deployments.models.builtin import BUILTIN_PREFIX, EMBEDDED_PREFIX
+from deployments.models.cpu_threads import set_pass_threads
 from deployments.models.registry import FAMILIES, ImageFamily, family_class, load_family
 from serve_app.config import CONFIG_DIR
 from tests.janus import save_tiny_janus
@@ -123,6 +126,29 @@ def test_batch_of_k_equals_k_single_runs(family: ImageFamily) -> None:
         alone = family.generate([task])[0]
         difference = np.abs(image.astype(np.int16) - alone.astype(np.int16))
         assert difference.max() <= BATCH_ROUNDING_LEVELS, f"seed {task.seed}"
+
+
+def test_a_lane_runs_passes_beside_its_family_and_gives_the_same_images(family: ImageFamily) -> None:
+    """``concurrent_passes``: a lane shares the weights but no per-call state, so passes on the
+    family and on its lane, overlapping on two threads, give what each gives one at a time."""
+    views = (family, family.lane())
+    tasks = [[make_task(family, seed=41 + k, prompt=f"lane {k}")] for k in range(len(views))]
+
+    def passes(view: ImageFamily, view_tasks: list[ImageTask], count: int) -> list[np.ndarray]:
+        set_pass_threads(1)  # one thread per lane, as the replica runs them side by side
+        return [view.generate(view_tasks)[0] for _ in range(count)]
+
+    previous = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(len(views)) as pool:
+            pairs = list(zip(views, tasks, strict=True))
+            one_at_a_time = [pool.submit(passes, *pair, 1).result()[0] for pair in pairs]
+            side_by_side = [pool.submit(passes, *pair, 3) for pair in pairs]
+            overlapping = [future.result() for future in side_by_side]
+    finally:
+        torch.set_num_threads(previous)
+    for expected, images in zip(one_at_a_time, overlapping, strict=True):
+        assert all(np.array_equal(expected, image) for image in images)
 
 
 def test_edits_keep_the_contract_where_supported(family: ImageFamily) -> None:

@@ -233,3 +233,32 @@ def test_tasks_arriving_behind_a_busy_model_leave_in_one_batch(
     finally:
         release.set()
         replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.01})  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def two_lane_replica(
+    loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[object]:
+    """``concurrent_passes: 2`` on two threads: a pass alone on both, side by side on one each."""
+    changes = {"concurrent_passes": 2, "cpu_threads": 2}
+    yield from in_process_replica(loop, tmp_path_factory.mktemp("lanes"), changes)
+
+
+def test_two_lanes_run_batches_side_by_side_with_the_images_of_one_lane(
+    replica: object, two_lane_replica: object, loop: asyncio.AbstractEventLoop
+) -> None:
+    # Two full batches; the second holds an inpainting edit too (a lane has its own edit pipelines).
+    tasks = [make_task(90 + index) for index in range(7)] + [make_edit(97, masked=True)]
+
+    async def images(on: object) -> list[np.ndarray]:
+        results = await asyncio.gather(*(on.generate([task]) for task in tasks))  # type: ignore[attr-defined]
+        return [image.pixels for (image,) in results]
+
+    with batches_of(replica, 4), batches_of(two_lane_replica, 4):
+        expected = loop.run_until_complete(images(replica))
+        got = loop.run_until_complete(images(two_lane_replica))
+    stats: ReplicaStats = loop.run_until_complete(two_lane_replica.stats())  # type: ignore[attr-defined]
+    assert stats.peak_concurrent_passes == 2
+    for want, image in zip(expected, got, strict=True):
+        # Passes on other thread counts may sum in another order: a level at most, as in a batch.
+        assert np.abs(want.astype(np.int16) - image.astype(np.int16)).max() <= 1
