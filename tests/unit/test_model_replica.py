@@ -259,6 +259,11 @@ def test_two_lanes_run_batches_side_by_side_with_the_images_of_one_lane(
         got = loop.run_until_complete(images(two_lane_replica))
     stats: ReplicaStats = loop.run_until_complete(two_lane_replica.stats())  # type: ignore[attr-defined]
     assert stats.peak_concurrent_passes == 2
+    # One copy of the weights: the lane's pipelines hold the very modules lane 0's do.
+    lanes = [two_lane_replica.family, *two_lane_replica._lane_views]  # type: ignore[attr-defined]
+    assert len({id(lane.pipeline.unet) for lane in lanes}) == 1
+    assert len({id(lane.inpainting.vae) for lane in lanes}) == 1
+    assert len({id(lane.pipeline.scheduler) for lane in lanes}) == len(lanes)
     for want, image in zip(expected, got, strict=True):
         # Passes on other thread counts may sum in another order: a level at most, as in a batch.
         assert np.abs(want.astype(np.int16) - image.astype(np.int16)).max() <= 1
