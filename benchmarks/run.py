@@ -422,8 +422,7 @@ async def time_in_turn(
     within minutes. Scenarios ``beside-<name>-batch-<b>`` of the bare pipeline and
     ``paired-batch-<b>`` (mode "paired", not a load point) of the server, whose records carry the
     replica's own model time. The bare pass runs on the server's torch threads where it fixes
-    them (one thread in each of imagegen-serve's two replicas), so the two time the same
-    computation."""
+    them (one thread in each of LitServe's workers), so the two time the same computation."""
     size = next(iter(mix.sizes))
     specs = iter_requests(mix, random.Random(args.seed - 1))
     async with http_client(base_url, args.timeout) as client:
