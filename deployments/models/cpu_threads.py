@@ -160,12 +160,19 @@ class ThreadTuner:
             for size in sorted({size for size, _ in cost})
         }
 
-    def run(self, tasks: Sequence[ImageTask], forward_pass: Callable[[], T]) -> T:
+    def run(
+        self,
+        tasks: Sequence[ImageTask],
+        forward_pass: Callable[[], T],
+        learn: Callable[[], bool] | None = None,
+    ) -> T:
         """Run ``forward_pass`` over ``tasks`` on the chosen threads and learn from its time
-        (on the thread that runs every pass; a pass that raises teaches nothing)."""
+        (on the thread that runs every pass; a pass that raises teaches nothing, nor one for which
+        ``learn``, asked once it ends, says no)."""
         threads = self.choose(len(tasks))
         set_pass_threads(threads)
         started = time.perf_counter()
         result = forward_pass()
-        self.record(len(tasks), threads, (time.perf_counter() - started) / work_units(tasks))
+        if learn is None or learn():
+            self.record(len(tasks), threads, (time.perf_counter() - started) / work_units(tasks))
         return result

@@ -142,6 +142,20 @@ def test_run_sets_the_threads_and_learns_only_from_passes_that_finish() -> None:
     assert list(tuner.cost) == [(1, 1)]  # the failed pass on 2 threads left no time behind
 
 
+def test_run_learns_nothing_from_a_pass_it_is_told_not_to() -> None:
+    tuner = ThreadTuner((1, 2))
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    tasks = [make_task(0)]
+    try:
+        for learn in (False, False, True):
+            tuner.run(tasks, lambda: seen.append(torch.get_num_threads()), learn=lambda learn=learn: learn)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1]  # one thread stays the untried count to probe until a pass teaches it
+    assert tuner.passes == {(1, 1): 1}
+
+
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     yield from replica_event_loop()
