@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pydantic import SecretStr
 
@@ -40,3 +42,11 @@ def make_test_config(storage_dir: Path, **overrides: object) -> AppConfig:
 @pytest.fixture
 def config(tmp_path: Path) -> AppConfig:
     return make_test_config(tmp_path / "store")
+
+
+@pytest.fixture
+def torch_threads_restored() -> Iterator[None]:
+    """For a test that sets torch's threads: they are set back as they were when it ends."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

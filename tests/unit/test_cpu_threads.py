@@ -127,31 +127,25 @@ def test_a_count_far_slower_at_another_batch_size_is_not_tried_at_once() -> None
     assert learn(quiet, 8, {1: 0.5, 2: 0.3}, passes=3) == [1, 2, 2]
 
 
+@pytest.mark.usefixtures("torch_threads_restored")
 def test_run_sets_the_threads_and_learns_only_from_passes_that_finish() -> None:
     tuner = ThreadTuner((1, 2))
-    before = torch.get_num_threads()
     seen: list[int] = []
     tasks = [make_task(0)]
-    try:
-        tuner.run(tasks, lambda: seen.append(torch.get_num_threads()))
-        with pytest.raises(RuntimeError):
-            tuner.run(tasks, lambda: (_ for _ in ()).throw(RuntimeError("a failed pass")))
-    finally:
-        torch.set_num_threads(before)
+    tuner.run(tasks, lambda: seen.append(torch.get_num_threads()))
+    with pytest.raises(RuntimeError):
+        tuner.run(tasks, lambda: (_ for _ in ()).throw(RuntimeError("a failed pass")))
     assert seen == [1]
     assert list(tuner.cost) == [(1, 1)]  # the failed pass on 2 threads left no time behind
 
 
+@pytest.mark.usefixtures("torch_threads_restored")
 def test_run_learns_nothing_from_a_pass_it_is_told_not_to() -> None:
     tuner = ThreadTuner((1, 2))
-    before = torch.get_num_threads()
     seen: list[int] = []
     tasks = [make_task(0)]
-    try:
-        for learn in (False, False, True):
-            tuner.run(tasks, lambda: seen.append(torch.get_num_threads()), learn=lambda learn=learn: learn)
-    finally:
-        torch.set_num_threads(before)
+    for learn in (False, False, True):
+        tuner.run(tasks, lambda: seen.append(torch.get_num_threads()), learn=lambda learn=learn: learn)
     assert seen == [1, 1, 1]  # one thread stays the untried count to probe until a pass teaches it
     assert tuner.passes == {(1, 1): 1}
 

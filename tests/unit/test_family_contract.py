@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from pydantic import ValidationError
 
@@ -128,6 +127,7 @@ def test_batch_of_k_equals_k_single_runs(family: ImageFamily) -> None:
         assert difference.max() <= BATCH_ROUNDING_LEVELS, f"seed {task.seed}"
 
 
+@pytest.mark.usefixtures("torch_threads_restored")
 def test_a_lane_runs_passes_beside_its_family_and_gives_the_same_images(family: ImageFamily) -> None:
     """``concurrent_passes``: a lane shares the weights but no per-call state, so passes on the
     family and on its lane, overlapping on two threads, give what each gives one at a time."""
@@ -138,15 +138,11 @@ def test_a_lane_runs_passes_beside_its_family_and_gives_the_same_images(family: 
         set_pass_threads(1)  # one thread per lane, as the replica runs them side by side
         return [view.generate(view_tasks)[0] for _ in range(count)]
 
-    previous = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(len(views)) as pool:
-            pairs = list(zip(views, tasks, strict=True))
-            one_at_a_time = [pool.submit(passes, *pair, 1).result()[0] for pair in pairs]
-            side_by_side = [pool.submit(passes, *pair, 3) for pair in pairs]
-            overlapping = [future.result() for future in side_by_side]
-    finally:
-        torch.set_num_threads(previous)
+    with ThreadPoolExecutor(len(views)) as pool:
+        pairs = list(zip(views, tasks, strict=True))
+        one_at_a_time = [pool.submit(passes, *pair, 1).result()[0] for pair in pairs]
+        side_by_side = [pool.submit(passes, *pair, 3) for pair in pairs]
+        overlapping = [future.result() for future in side_by_side]
     for expected, images in zip(one_at_a_time, overlapping, strict=True):
         assert all(np.array_equal(expected, image) for image in images)
 
