@@ -328,13 +328,13 @@ class ModelReplica:
         the count ``cpu_threads: auto`` picks), else on its share."""
         family = self.family if lane == 0 else self._lane_views[lane - 1]
         if self.threads is not None and (alone or len(self._lanes) == 1):
-            # With lanes the tuner chooses for a lone request only, so it learns only from passes
+            # With lanes the tuner chooses for a lone request only, so it trusts only passes
             # during which no request arrived: beside a burst's others the front end slows a
             # two-thread pass, and such first samples chose one thread (make bench 19:01: the
-            # batch-8 pass timed in turn 1.20x the bare two-thread pass). One lane learns from all.
+            # batch-8 pass timed in turn 1.20x the bare two-thread pass). One lane trusts all.
             received = self._received
             undisturbed = None if len(self._lanes) == 1 else (lambda: self._received == received)
-            return self.threads.run(tasks, lambda: family.generate(tasks, hooks), learn=undisturbed)
+            return self.threads.run(tasks, lambda: family.generate(tasks, hooks), trusted=undisturbed)
         if self._threads_alone_shared is not None:
             set_pass_threads(self._threads_alone_shared[0 if alone else 1])
         return family.generate(tasks, hooks)

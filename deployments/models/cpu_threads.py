@@ -28,6 +28,14 @@ would have tripled the mean pass time, while the budget keeps it near the one-th
 same reason a batch size's first try of a count is skipped when the nearest batch size measured on
 every count found it over ``far_slower`` times the best: the count is then retried on the budget.
 
+A caller may say a pass is not to be trusted (a replica with lanes: a request arrived during it,
+so the front end took cores from it). Such a pass teaches only where nothing trusted is known: its
+time is *provisional*, the first trusted pass on that count replaces it, and a count whose only
+sample is a provisional probe is checked once at once against a trusted best. Ignoring such passes
+altogether left a count that only ever ran disturbed untried, so chosen for every pass: at 8
+clients, where every pass had arrivals, `make bench` (2026-12-01 21:00) ran all of them on one
+thread (3.55 images/s, against 5.93 at 19:01).
+
 The price: float sums split over another number of threads may round differently, so on some
 models (the embedded ``digits``) the same seed can differ by one level in a few pixels between
 passes on different counts. That is why ``auto`` is opt-in.
@@ -102,6 +110,8 @@ class ThreadTuner:
     have run this many of its passes' worth (confirming it costs at most a quarter of the time)."""
     passes: dict[tuple[int, int], int] = field(default_factory=dict)
     """(batch size, threads) -> passes timed on that count."""
+    provisional: set[tuple[int, int]] = field(default_factory=set)
+    """(batch size, threads) whose cost comes only from passes the caller did not trust."""
 
     def estimates(self, batch_size: int) -> dict[int, float]:
         """Seconds per work unit of ``batch_size`` on each count: measured, or else borrowed from the
@@ -130,27 +140,37 @@ class ThreadTuner:
             threads
             for threads in slower
             if self.passes_since.get((batch_size, threads), 0)
-            >= self._retry_after(batch_size, threads, estimate[threads] / estimate[best])
+            >= self._retry_after(batch_size, threads, estimate[threads] / estimate[best], best)
         ]
         return max(due, key=lambda threads: self.passes_since.get((batch_size, threads), 0), default=best)
 
-    def _retry_after(self, batch_size: int, threads: int, slowdown: float) -> float:
-        """Passes on the other counts before ``threads`` (``slowdown`` times the best) runs again."""
-        probe_alone = self.passes.get((batch_size, threads)) == 1
+    def _retry_after(self, batch_size: int, threads: int, slowdown: float, best: int) -> float:
+        """Passes on the other counts before ``threads`` (``slowdown`` times ``best``) runs again."""
+        key = (batch_size, threads)
         # A burst can make a probe lose by a little; losing by far_slower is the machine, not noise.
-        confirm_soon = probe_alone and slowdown < self.far_slower
+        confirm_soon = self.passes.get(key) == 1 and slowdown < self.far_slower
+        if confirm_soon and key in self.provisional and (batch_size, best) not in self.provisional:
+            return 0  # a disturbed probe against a trusted best: check it now
         return (self.probe_every if confirm_soon else self.explore_every) * slowdown
 
-    def record(self, batch_size: int, threads: int, seconds_per_unit: float) -> None:
+    def record(self, batch_size: int, threads: int, seconds_per_unit: float, trusted: bool = True) -> None:
+        """One pass's time; an untrusted one counts only where no trusted pass has (provisionally)."""
         key = (batch_size, threads)
+        for other in self.candidates:
+            waited = (batch_size, other)
+            self.passes_since[waited] = 0 if other == threads else self.passes_since.get(waited, 0) + 1
+        if not trusted and key in self.cost and key not in self.provisional:
+            return
+        if trusted and key in self.provisional:
+            self.provisional.discard(key)
+            self.passes[key] = 0  # the first trusted pass replaces what untrusted ones taught
+        elif not trusted:
+            self.provisional.add(key)
         self.passes[key] = self.passes.get(key, 0) + 1
         if self.passes[key] <= 2:  # the probe, or the pass that replaces it
             self.cost[key] = seconds_per_unit
         else:
             self.cost[key] += self.smoothing * (seconds_per_unit - self.cost[key])
-        for other in self.candidates:
-            waited = (batch_size, other)
-            self.passes_since[waited] = 0 if other == threads else self.passes_since.get(waited, 0) + 1
 
     def best(self) -> dict[int, int]:
         """The count each measured batch size runs on now (safe to call from another thread)."""
@@ -164,15 +184,15 @@ class ThreadTuner:
         self,
         tasks: Sequence[ImageTask],
         forward_pass: Callable[[], T],
-        learn: Callable[[], bool] | None = None,
+        trusted: Callable[[], bool] | None = None,
     ) -> T:
-        """Run ``forward_pass`` over ``tasks`` on the chosen threads and learn from its time
-        (on the thread that runs every pass; a pass that raises teaches nothing, nor one for which
-        ``learn``, asked once it ends, says no)."""
+        """Run ``forward_pass`` over ``tasks`` on the chosen threads and learn from its time (on
+        the thread that runs every pass; a pass that raises teaches nothing, and one for which
+        ``trusted``, asked once it ends, says no is :meth:`record`ed as untrusted)."""
         threads = self.choose(len(tasks))
         set_pass_threads(threads)
         started = time.perf_counter()
         result = forward_pass()
-        if learn is None or learn():
-            self.record(len(tasks), threads, (time.perf_counter() - started) / work_units(tasks))
+        seconds_per_unit = (time.perf_counter() - started) / work_units(tasks)
+        self.record(len(tasks), threads, seconds_per_unit, trusted=trusted is None or trusted())
         return result
