@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ class SaturationRun:
     per_request_core_ms_per_image: float  # outside the model, less the idle CPU over the same time
     processes: list[ProcessCost]
     foreign_load: str | None
+    images_by_batch_size: dict[int, int]  # at saturation: how many images ran in batches of each size
 
 
 def per_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
@@ -176,6 +178,7 @@ def saturation_run(
         per_request,
         rows,
         load.describe() if load else None,
+        dict(sorted(Counter(size for record in sample.records for size in record.batch_sizes).items())),
     )
 
 
@@ -188,15 +191,17 @@ def render(runs: Sequence[SaturationRun], clients: int) -> str:
     lines += [
         "",
         "| setting | img/s | 1-client p50 ms | outside model core-ms/img | per request | idle outside "
-        "(% of a core) | all core-ms/img | others |",
-        "|---|---|---|---|---|---|---|---|",
+        "(% of a core) | all core-ms/img | images by batch size | others |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         p50 = f"{run.one_client_p50_ms:.0f}" if run.one_client_p50_ms is not None else "-"
         lines.append(
             f"| {run.setting} | {run.images_per_s:.2f} | {p50} | {run.outside_model_core_ms_per_image:.1f} "
             f"| {run.per_request_core_ms_per_image:.1f} | {run.outside_model_idle_share:.1%} "
-            f"| {run.total_core_ms_per_image:.1f} | {run.foreign_load or 'n/a'} |"
+            f"| {run.total_core_ms_per_image:.1f} "
+            f"| {' '.join(f'{size}:{count}' for size, count in run.images_by_batch_size.items())} "
+            f"| {run.foreign_load or 'n/a'} |"
         )
     for index, run in enumerate(runs, 1):
         lines += ["", f"## Run {index}: {run.setting} ({run.images} images)", ""]

@@ -189,7 +189,10 @@ class ModelReplica:
         )
         self.metrics = stage_metrics()
         self._batches = BatchQueue[QueuedTask, ModelEvent | Exception](
-            self._run_batch, variant.batching, concurrent=variant.concurrent_passes
+            self._run_batch,
+            variant.batching,
+            concurrent=variant.concurrent_passes,
+            caller=lambda queued: queued.task.request_id,
         )
         self._in_flight = 0
         self._running = 0

@@ -12,7 +12,7 @@ from contextlib import aclosing
 
 import pytest
 
-from deployments.batch_queue import BatchQueue, may_start
+from deployments.batch_queue import BatchQueue, expects_company, may_start
 from deployments.config import BatchingConfig
 
 PASS_S = 0.05  # the fake pass's compute time
@@ -140,8 +140,8 @@ def test_under_load_batches_run_side_by_side_none_of_them_alone(concurrent: int)
     assert [len(batch) for batch in model.batches] == [4, 4]
     assert model.peak_passes == concurrent
     # The first left with four behind it; the second started beside the first (or, one at a time,
-    # after it with nothing behind it: alone).
-    assert model.alone == [False, concurrent == 1]
+    # just after it, while the first one's four callers may come back).
+    assert model.alone == [False, False]
 
 
 def test_a_batch_alone_keeps_later_arrivals_waiting_until_it_ends() -> None:
@@ -158,3 +158,55 @@ def test_a_batch_alone_keeps_later_arrivals_waiting_until_it_ends() -> None:
     assert model.batches == [["lone"], ["a", "b"]]
     assert model.alone == [True, True]
     assert model.peak_passes == 1
+
+
+@pytest.mark.parametrize(
+    ("last_callers", "ended_ago", "expected"),
+    [
+        (0, 0.0, False),  # nothing has run yet
+        (1, 0.01, False),  # one caller: a lone client's next request runs alone
+        (5, 0.01, True),  # several callers, just ended: the rest of them are on their way
+        (5, 0.24, True),
+        (5, 0.26, False),  # a quarter of the 1 s run has gone: they are not coming soon
+    ],
+)
+def test_when_the_last_batch_s_callers_are_expected_back(
+    last_callers: int, ended_ago: float, expected: bool
+) -> None:
+    assert expects_company(last_callers, 10.0, 11.0, 11.0 + ended_ago) is expected
+
+
+def test_callers_of_a_shared_batch_coming_back_a_few_at_a_time_run_side_by_side() -> None:
+    """8 clients: their next requests come back a few at a time; the first few must not take every
+    core and hold the others back (they did: batches of about 5 and 3 took turns, alone)."""
+
+    async def scenario() -> FakeModel:
+        model = FakeModel()
+        queue = make_queue(model, concurrent=2)
+        await asyncio.wait_for(asyncio.gather(answer(queue, "a"), answer(queue, "b")), 10)
+        first_back = asyncio.ensure_future(answer(queue, "a2"))
+        await model.running.wait()
+        second_back = asyncio.ensure_future(answer(queue, "b2"))
+        await asyncio.wait_for(asyncio.gather(first_back, second_back), 10)
+        return model
+
+    model = asyncio.run(scenario())
+    assert model.batches == [["a", "b"], ["a2"], ["b2"]]
+    assert model.alone == [True, False, False]
+    assert model.peak_passes == 2
+
+
+def test_one_caller_s_images_are_one_caller() -> None:
+    """A request for several images comes back as one: its next batch may run alone."""
+
+    async def scenario() -> FakeModel:
+        model = FakeModel()
+        batching = BatchingConfig(max_batch_size=4, batch_wait_timeout_s=0.0)
+        queue = BatchQueue(model.run, batching, concurrent=2, caller=str.upper)
+        await asyncio.wait_for(asyncio.gather(answer(queue, "a"), answer(queue, "A")), 10)
+        await answer(queue, "a")
+        return model
+
+    model = asyncio.run(scenario())
+    assert model.batches == [["a", "A"], ["a"]]
+    assert model.alone == [True, True]
