@@ -19,7 +19,8 @@ PASS_S = 0.05  # the fake pass's compute time
 
 
 class FakeModel:
-    def __init__(self) -> None:
+    def __init__(self, pass_s: float = PASS_S) -> None:
+        self.pass_s = pass_s
         self.batches: list[list[str]] = []
         self.alone: list[bool] = []  # whether each batch was told it runs alone
         self.running = asyncio.Event()  # set while a pass runs
@@ -32,7 +33,7 @@ class FakeModel:
         self.running.set()
         self.passes_now += 1
         self.peak_passes = max(self.peak_passes, self.passes_now)
-        await asyncio.sleep(PASS_S)
+        await asyncio.sleep(self.pass_s)
         self.passes_now -= 1
         self.running.clear()
         if "bad" in items:
@@ -130,7 +131,7 @@ def test_when_another_batch_may_start(
 @pytest.mark.parametrize("concurrent", [1, 2])
 def test_under_load_batches_run_side_by_side_none_of_them_alone(concurrent: int) -> None:
     async def scenario() -> FakeModel:
-        model = FakeModel()
+        model = FakeModel(pass_s=0.4)  # one at a time, the second starts well within 100 ms of its end
         queue = make_queue(model, concurrent=concurrent)
         callers = [asyncio.ensure_future(answer(queue, f"t{index}")) for index in range(8)]
         await asyncio.wait_for(asyncio.gather(*callers), 10)
@@ -181,7 +182,7 @@ def test_callers_of_a_shared_batch_coming_back_a_few_at_a_time_run_side_by_side(
     core and hold the others back (they did: batches of about 5 and 3 took turns, alone)."""
 
     async def scenario() -> FakeModel:
-        model = FakeModel()
+        model = FakeModel(pass_s=0.4)  # company is expected for a quarter of it: 100 ms, ample
         queue = make_queue(model, concurrent=2)
         await asyncio.wait_for(asyncio.gather(answer(queue, "a"), answer(queue, "b")), 10)
         first_back = asyncio.ensure_future(answer(queue, "a2"))
