@@ -141,6 +141,13 @@ class VariantConfig(StrictModel):
         "may run on, 'auto' to choose per batch size by timing the passes as they run, or unset for "
         "Ray's choice (the replica's whole num_cpus, so 1 for num_cpus: 1).",
     )
+    thread_calibration_s: float = Field(
+        15.0,
+        ge=0,
+        description="With cpu_threads 'auto', the most seconds a replica spends at start-up, before it "
+        "takes requests, timing passes of the default request at batch 1 and at max_batch_size on each "
+        "thread count (its first pass always runs, and warms the kernels); 0 leaves it all to requests.",
+    )
     concurrent_passes: PositiveInt = Field(
         1,
         description="Forward passes one replica may run at once, on one copy of the weights (data "

@@ -36,7 +36,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,7 +45,7 @@ import torch
 from ray import serve
 
 from deployments.batch_queue import BatchQueue
-from deployments.config import BatchingConfig, VariantConfig
+from deployments.config import BatchingConfig, VariantConfig, parse_size
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
 from deployments.errors import quiet_serve_logs
 from deployments.metrics import stage_metrics
@@ -159,6 +159,28 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncGenerator[T, None]:
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
+def default_tasks(variant: VariantConfig, batch_size: int) -> list[ImageTask]:
+    """A batch of the variant's default request (its default size, quality ``medium``)."""
+    width, height = parse_size(variant.default_size)
+    return [
+        ImageTask(
+            request_id="calibration",
+            index=index,
+            tenant="",
+            variant=variant.name,
+            kind="generate",
+            prompt="a lighthouse at dusk",
+            negative_prompt=None,
+            width=width,
+            height=height,
+            steps=variant.steps.medium,
+            guidance_scale=variant.guidance_scale,
+            seed=index,
+        )
+        for index in range(batch_size)
+    ]
+
+
 @serve.deployment
 class ModelReplica:
     def __init__(self, variant: VariantConfig, cache_dir: Path) -> None:
@@ -187,6 +209,14 @@ class ModelReplica:
             if variant.cpu_threads == "auto" and on_cpu
             else None
         )
+        if self.threads is not None and variant.thread_calibration_s > 0:
+            sizes = sorted({1, variant.batching.max_batch_size})
+            calibrate = self.threads.calibrate
+            tasks_for = partial(default_tasks, variant)
+            self._lanes[0].submit(
+                calibrate, sizes, tasks_for, self.family.generate, variant.thread_calibration_s
+            ).result()
+            description += f"; thread counts by batch size after calibrating: {self.threads.best()}"
         self.metrics = stage_metrics()
         self._batches = BatchQueue[QueuedTask, ModelEvent | Exception](
             self._run_batch,

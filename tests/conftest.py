@@ -35,7 +35,9 @@ def make_test_config(storage_dir: Path, **overrides: object) -> AppConfig:
     storage = base.storage.model_copy(
         update={"url": f"file://{storage_dir}", "signing_key": SecretStr(TEST_SIGNING_KEY)}
     )
-    update = {"storage": storage, "variants": [load_variant("tiny-sd")], "default_model": "tiny-sd"}
+    # Calibrating threads would add seconds to every replica's start; the tests about it turn it on.
+    tiny = load_variant("tiny-sd").model_copy(update={"thread_calibration_s": 0})
+    update = {"storage": storage, "variants": [tiny], "default_model": "tiny-sd"}
     return base.model_copy(update={**update, **overrides})
 
 

@@ -62,5 +62,6 @@ def replica_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
         pending = asyncio.all_tasks(loop)
         for task in pending:
             task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:  # gather() of nothing makes a future on another loop
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()

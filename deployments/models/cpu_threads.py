@@ -36,6 +36,16 @@ altogether left a count that only ever ran disturbed untried, so chosen for ever
 clients, where every pass had arrivals, `make bench` (2026-12-01 21:00) ran all of them on one
 thread (3.55 images/s, against 5.93 at 19:01).
 
+Before its first request a replica calibrates (:meth:`ThreadTuner.calibrate`): batch 1, then the
+largest batch, each on every count, a probe and then a timed pass, within a budget of seconds. So
+the counts a lone request or a full batch runs on are known before the service takes requests, and
+a request never pays a probe. Learning from requests alone, `make bench` (2026-12-01 21:22) sent
+three lone 8-image requests a round and one of them probed one thread at batch 8: its passes took
+1.12 times the bare pass timed in turn. A count whose probe took ``far_slower`` times the best
+is not timed again, nor tried at the larger batch (beside a noisy neighbour a two-thread probe
+takes seconds); and no pass starts that the passes so far say would end past the budget, so on a
+large model calibration stops at the first pass, which still warms the kernels.
+
 The price: float sums split over another number of threads may round differently, so on some
 models (the embedded ``digits``) the same seed can differ by one level in a few pixels between
 passes on different counts. That is why ``auto`` is opt-in.
@@ -171,6 +181,55 @@ class ThreadTuner:
             self.cost[key] = seconds_per_unit
         else:
             self.cost[key] += self.smoothing * (seconds_per_unit - self.cost[key])
+
+    def calibrate(
+        self,
+        batch_sizes: Sequence[int],
+        tasks_for: Callable[[int], Sequence[ImageTask]],
+        forward_pass: Callable[[Sequence[ImageTask]], object],
+        budget_s: float,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """Time ``batch_sizes`` in order on every count, a probe and then the pass whose time
+        counts, by running ``forward_pass(tasks_for(size))`` on this thread; within ``budget_s``,
+        except that the first pass always runs. What was timed is learnt as trusted."""
+        deadline = clock() + budget_s
+        for batch_size in batch_sizes:
+            timed: dict[int, list[float]] = {}
+            in_budget = self._calibrate_batch_size(
+                tasks_for(batch_size), forward_pass, timed, deadline, clock
+            )
+            for threads, times in timed.items():
+                key = (batch_size, threads)
+                self.cost[key] = times[-1]  # the timed pass, or the probe where it was not timed again
+                self.passes[key] = len(times)
+            if not in_budget:
+                return
+
+    def _calibrate_batch_size(
+        self,
+        tasks: Sequence[ImageTask],
+        forward_pass: Callable[[Sequence[ImageTask]], object],
+        timed: dict[int, list[float]],
+        deadline: float,
+        clock: Callable[[], float],
+    ) -> bool:
+        """Fill ``timed`` (threads -> seconds per unit of each pass) for one batch size; False
+        when a pass was left out for the budget."""
+        units = work_units(tasks)
+        far = self.estimates(len(tasks))  # before any pass of its own: what smaller batches found far slower
+        for threads in (t for t in self.candidates if t not in far):
+            for _ in range(2):
+                seen = timed.get(threads) or [t[-1] for t in timed.values()] or list(self.cost.values())
+                if seen and clock() + units * min(seen) > deadline:
+                    return False
+                set_pass_threads(threads)
+                started = clock()
+                forward_pass(tasks)
+                timed.setdefault(threads, []).append((clock() - started) / units)
+                if timed[threads][-1] > self.far_slower * min(t[-1] for t in timed.values()):
+                    break  # its probe alone shows it: not worth timing again
+        return True
 
     def best(self) -> dict[int, int]:
         """The count each measured batch size runs on now (safe to call from another thread)."""

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
+from deployments.config import BatchingConfig
+from deployments.contracts import ImageTask
 from deployments.model_replica import ReplicaStats
-from deployments.models.cpu_threads import ThreadTuner, cpu_thread_count, thread_candidates, usable_cores
+from deployments.models.cpu_threads import (
+    ThreadTuner,
+    cpu_thread_count,
+    thread_candidates,
+    usable_cores,
+    work_units,
+)
 from tests.replica_loop import in_process_replica, make_task, replica_event_loop
 
 
@@ -179,6 +187,80 @@ def test_a_disturbed_probe_that_lost_by_far_is_not_checked_at_once() -> None:
     assert tuner.choose(1) == 1  # the choice is a pure function: once is enough
 
 
+class TimedModel:
+    """Passes that take ``seconds_per_unit[threads]`` per work unit of a fake clock."""
+
+    def __init__(self, seconds_per_unit: dict[int, float]) -> None:
+        self.seconds_per_unit = seconds_per_unit
+        self.now = 0.0
+        self.passes: list[tuple[int, int]] = []  # (batch size, threads)
+
+    def clock(self) -> float:
+        return self.now
+
+    def forward(self, tasks: Sequence[ImageTask]) -> None:
+        threads = torch.get_num_threads()
+        self.passes.append((len(tasks), threads))
+        self.now += self.seconds_per_unit[threads] * work_units(tasks)
+
+    def calibrate(self, tuner: ThreadTuner, budget_s: float) -> None:
+        tasks_for = lambda size: [make_task(index, steps=4) for index in range(size)]  # noqa: E731
+        tuner.calibrate((1, 8), tasks_for, self.forward, budget_s, clock=self.clock)
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_calibration_times_each_count_so_that_no_request_pays_a_probe() -> None:
+    """make bench 21:22: three lone 8-image requests a round, one of which probed one thread (1.8x
+    slower): the batch-8 pass took 1.12x the bare pass in turn."""
+    model = TimedModel({1: 0.05, 2: 0.03})
+    tuner = ThreadTuner((1, 2), explore_every=20, probe_every=4)
+    model.calibrate(tuner, budget_s=60)
+    assert model.passes == [(1, 1), (1, 1), (1, 2), (1, 2), (8, 1), (8, 1), (8, 2), (8, 2)]
+    assert tuner.provisional == set()
+    assert learn(tuner, 8, {1: 0.05, 2: 0.03}, passes=10) == [2] * 10
+    assert learn(tuner, 1, {1: 0.05, 2: 0.03}, passes=10) == [2] * 10
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_calibration_learns_the_timed_pass_not_the_probe() -> None:
+    model = TimedModel({1: 0.05, 2: 0.03})
+    tuner = ThreadTuner((1, 2))
+    original = model.forward
+
+    def first_pass_slow(tasks: Sequence[ImageTask]) -> None:
+        original(tasks)
+        if len(model.passes) == 1:
+            model.now += 10.0  # one-off costs: the first pass ever loads kernels
+
+    model.forward = first_pass_slow  # type: ignore[method-assign]
+    model.calibrate(tuner, budget_s=60)
+    assert tuner.cost[1, 1] == pytest.approx(0.05)
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_calibration_starts_no_pass_that_would_end_past_its_budget() -> None:
+    # Batch 1 costs 0.2 or 0.12 s a pass; a batch-8 pass, predicted at batch 1's best rate, 0.96 s.
+    model = TimedModel({1: 0.05, 2: 0.03})
+    tuner = ThreadTuner((1, 2))
+    model.calibrate(tuner, budget_s=1.0)
+    assert model.passes == [(1, 1), (1, 1), (1, 2), (1, 2)]  # 0.64 s; a batch-8 pass would end at 1.6
+    assert tuner.best() == {1: 2}
+    lone = ThreadTuner((1, 2))
+    TimedModel({1: 5.0, 2: 3.0}).calibrate(lone, budget_s=1.0)
+    assert list(lone.cost) == [(1, 1)]  # the first pass always runs; it warms the kernels
+    assert lone.passes == {(1, 1): 1}
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_calibration_does_not_time_again_or_at_a_larger_batch_a_count_whose_probe_lost_by_far() -> None:
+    """Beside a noisy neighbour a two-thread pass takes 20-90 times one thread's."""
+    model = TimedModel({1: 0.05, 2: 2.0})
+    tuner = ThreadTuner((1, 2))
+    model.calibrate(tuner, budget_s=60)
+    assert model.passes == [(1, 1), (1, 1), (1, 2), (8, 1), (8, 1)]
+    assert tuner.best() == {1: 1, 8: 1}
+
+
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     yield from replica_event_loop()
@@ -200,3 +282,15 @@ def test_an_auto_replica_tunes_its_passes(loop: asyncio.AbstractEventLoop) -> No
         replicas.close()
     assert stats.threads_by_batch.keys() == {1}
     assert stats.threads_by_batch[1] in thread_candidates(usable_cores())
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_an_auto_replica_calibrates_before_its_first_request(loop: asyncio.AbstractEventLoop) -> None:
+    batching = BatchingConfig(max_batch_size=3, batch_wait_timeout_s=0.002)
+    with tempfile.TemporaryDirectory() as storage:
+        changes = {"cpu_threads": "auto", "batching": batching, "thread_calibration_s": 15.0}
+        replicas = in_process_replica(loop, Path(storage), changes)
+        stats: ReplicaStats = loop.run_until_complete(next(replicas).stats())
+        replicas.close()
+    assert stats.received == 0
+    assert stats.threads_by_batch.keys() == {1, 3}
