@@ -217,6 +217,8 @@ class ModelReplica:
                 calibrate, sizes, tasks_for, self.family.generate, variant.thread_calibration_s
             ).result()
             description += f"; thread counts by batch size after calibrating: {self.threads.best()}"
+            if self.threads.provisional:  # (batch size, threads) that other processes disturbed
+                description += f", to be checked by requests: {sorted(self.threads.provisional)}"
         self.metrics = stage_metrics()
         self._batches = BatchQueue[QueuedTask, ModelEvent | Exception](
             self._run_batch,

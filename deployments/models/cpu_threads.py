@@ -44,7 +44,11 @@ three lone 8-image requests a round and one of them probed one thread at batch 8
 1.12 times the bare pass timed in turn. A count whose probe took ``far_slower`` times the best
 is not timed again, nor tried at the larger batch (beside a noisy neighbour a two-thread probe
 takes seconds); and no pass starts that the passes so far say would end past the budget, so on a
-large model calibration stops at the first pass, which still warms the kernels.
+large model calibration stops at the first pass, which still warms the kernels. A pass during
+which other processes kept a quarter of a core busy teaches only provisionally, as a disturbed
+probe, to be checked by the first lone requests: `make bench` (2026-12-01 23:49) started the
+replica while the service's other processes were still busy, and the batch-1 choice its
+calibration trusted (one thread) held the whole 1-client round (the pass 1.14 times the bare one).
 
 The price: float sums split over another number of threads may round differently, so on some
 models (the embedded ``digits``) the same seed can differ by one level in a few pixels between
@@ -57,6 +61,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
@@ -66,6 +71,24 @@ from deployments.contracts import ImageTask
 T = TypeVar("T")
 
 CpuThreads = int | Literal["all", "auto"]
+
+
+DISTURBED_SHARE = 0.25
+"""A calibration pass during which other processes kept this share of a core busy (or more) is not
+trusted: at start-up the service's other replicas are often still loading. The idle service's own
+background is about a tenth of a core."""
+
+
+def others_busy_s() -> float:
+    """CPU seconds the machine's cores have been busy (or stolen) for other processes than this one,
+    since boot (/proc/stat; 0 where there is none, so every pass looks undisturbed)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields)
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy - time.process_time()
 
 
 def usable_cores() -> int:
@@ -189,20 +212,24 @@ class ThreadTuner:
         forward_pass: Callable[[Sequence[ImageTask]], object],
         budget_s: float,
         clock: Callable[[], float] = time.perf_counter,
+        others_busy: Callable[[], float] = others_busy_s,
     ) -> None:
         """Time ``batch_sizes`` in order on every count, a probe and then the pass whose time
         counts, by running ``forward_pass(tasks_for(size))`` on this thread; within ``budget_s``,
-        except that the first pass always runs. What was timed is learnt as trusted."""
+        except that the first pass always runs. A count's last pass is learnt as trusted where
+        other processes left it alone (under `DISTURBED_SHARE`), else as a provisional probe."""
         deadline = clock() + budget_s
         for batch_size in batch_sizes:
-            timed: dict[int, list[float]] = {}
+            timed: dict[int, list[tuple[float, bool]]] = {}
             in_budget = self._calibrate_batch_size(
-                tasks_for(batch_size), forward_pass, timed, deadline, clock
+                tasks_for(batch_size), forward_pass, timed, deadline, clock, others_busy
             )
             for threads, times in timed.items():
                 key = (batch_size, threads)
-                self.cost[key] = times[-1]  # the timed pass, or the probe where it was not timed again
-                self.passes[key] = len(times)
+                self.cost[key], disturbed = times[-1]  # the timed pass, or the probe alone
+                self.passes[key] = 1 if disturbed else len(times)
+                if disturbed:
+                    self.provisional.add(key)
             if not in_budget:
                 return
 
@@ -210,24 +237,28 @@ class ThreadTuner:
         self,
         tasks: Sequence[ImageTask],
         forward_pass: Callable[[Sequence[ImageTask]], object],
-        timed: dict[int, list[float]],
+        timed: dict[int, list[tuple[float, bool]]],
         deadline: float,
         clock: Callable[[], float],
+        others_busy: Callable[[], float],
     ) -> bool:
-        """Fill ``timed`` (threads -> seconds per unit of each pass) for one batch size; False
-        when a pass was left out for the budget."""
+        """Fill ``timed`` (threads -> seconds per unit of each pass, and whether other processes
+        disturbed it) for one batch size; False when a pass was left out for the budget."""
         units = work_units(tasks)
         far = self.estimates(len(tasks))  # before any pass of its own: what smaller batches found far slower
         for threads in (t for t in self.candidates if t not in far):
             for _ in range(2):
-                seen = timed.get(threads) or [t[-1] for t in timed.values()] or list(self.cost.values())
+                last = [times[-1][0] for times in timed.values()]
+                seen = [cost for cost, _ in timed.get(threads, [])] or last or list(self.cost.values())
                 if seen and clock() + units * min(seen) > deadline:
                     return False
                 set_pass_threads(threads)
-                started = clock()
+                started, others_before = clock(), others_busy()
                 forward_pass(tasks)
-                timed.setdefault(threads, []).append((clock() - started) / units)
-                if timed[threads][-1] > self.far_slower * min(t[-1] for t in timed.values()):
+                seconds = clock() - started
+                disturbed = others_busy() - others_before >= DISTURBED_SHARE * seconds
+                timed.setdefault(threads, []).append((seconds / units, disturbed))
+                if seconds / units > self.far_slower * min(times[-1][0] for times in timed.values()):
                     break  # its probe alone shows it: not worth timing again
         return True
 

@@ -188,24 +188,33 @@ def test_a_disturbed_probe_that_lost_by_far_is_not_checked_at_once() -> None:
 
 
 class TimedModel:
-    """Passes that take ``seconds_per_unit[threads]`` per work unit of a fake clock."""
+    """Passes that take ``seconds_per_unit[threads]`` per work unit of a fake clock, while other
+    processes keep ``others_share`` of a core busy."""
 
-    def __init__(self, seconds_per_unit: dict[int, float]) -> None:
+    def __init__(self, seconds_per_unit: dict[int, float], others_share: float = 0.0) -> None:
         self.seconds_per_unit = seconds_per_unit
+        self.others_share = others_share
         self.now = 0.0
+        self.others_busy = 0.0
         self.passes: list[tuple[int, int]] = []  # (batch size, threads)
-
-    def clock(self) -> float:
-        return self.now
 
     def forward(self, tasks: Sequence[ImageTask]) -> None:
         threads = torch.get_num_threads()
         self.passes.append((len(tasks), threads))
-        self.now += self.seconds_per_unit[threads] * work_units(tasks)
+        seconds = self.seconds_per_unit[threads] * work_units(tasks)
+        self.now += seconds
+        self.others_busy += self.others_share * seconds
 
     def calibrate(self, tuner: ThreadTuner, budget_s: float) -> None:
         tasks_for = lambda size: [make_task(index, steps=4) for index in range(size)]  # noqa: E731
-        tuner.calibrate((1, 8), tasks_for, self.forward, budget_s, clock=self.clock)
+        tuner.calibrate(
+            (1, 8),
+            tasks_for,
+            self.forward,
+            budget_s,
+            clock=lambda: self.now,
+            others_busy=lambda: self.others_busy,
+        )
 
 
 @pytest.mark.usefixtures("torch_threads_restored")
@@ -235,6 +244,22 @@ def test_calibration_learns_the_timed_pass_not_the_probe() -> None:
     model.forward = first_pass_slow  # type: ignore[method-assign]
     model.calibrate(tuner, budget_s=60)
     assert tuner.cost[1, 1] == pytest.approx(0.05)
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_a_calibration_pass_other_processes_disturbed_is_checked_by_the_first_requests() -> None:
+    """make bench 23:49: the service's other processes were still busy when the replica calibrated,
+    and the batch-1 choice it trusted (one thread) held the whole 1-client round."""
+    model = TimedModel({1: 0.05, 2: 0.08}, others_share=0.5)  # two threads stall beside them
+    tuner = ThreadTuner((1, 2), explore_every=20, probe_every=4)
+    model.calibrate(tuner, budget_s=60)
+    assert tuner.provisional == {(1, 1), (1, 2), (8, 1), (8, 2)}
+    # Quiet now: one thread runs first, and its trusted time sends the next pass to two threads.
+    assert learn(tuner, 1, {1: 0.05, 2: 0.03}, passes=5) == [1, 2, 2, 2, 2]
+    quiet = TimedModel({1: 0.05, 2: 0.03}, others_share=0.1)  # the idle service's own background
+    calm = ThreadTuner((1, 2))
+    quiet.calibrate(calm, budget_s=60)
+    assert calm.provisional == set()
 
 
 @pytest.mark.usefixtures("torch_threads_restored")
