@@ -26,7 +26,7 @@ import yaml
 
 from deployments.config import VariantConfig
 from deployments.contracts import ImageTask
-from deployments.models.registry import ImageFamily, load_family
+from deployments.models.registry import ImageFamily, generation_tasks, load_family
 from serve_app.config import CONFIG_DIR, load_config
 from training.data import PROMPT_TEMPLATES, pixels_to_ink, prompt_for
 
@@ -84,27 +84,6 @@ def draws_digits(family: ImageFamily) -> bool:
     return info.is_file() and json.loads(info.read_text()).get("dataset") == DIGITS_DATASET
 
 
-def tasks_for(variant: VariantConfig, cases: list[PromptCase], steps: int) -> list[ImageTask]:
-    width, height = (int(side) for side in variant.default_size.split("x"))
-    return [
-        ImageTask(
-            request_id="eval",
-            index=index,
-            tenant="eval",
-            variant=variant.name,
-            kind="generate",
-            prompt=case.prompt,
-            negative_prompt=None,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=variant.guidance_scale,
-            seed=case.seed,
-        )
-        for index, case in enumerate(cases)
-    ]
-
-
 def generate_all(
     family: ImageFamily, tasks: list[ImageTask], batch_size: int
 ) -> tuple[list[np.ndarray], float]:
@@ -120,7 +99,7 @@ def evaluate(
     family: ImageFamily, cases: list[PromptCase], steps: int, reader: Any, scored: bool
 ) -> QualityRow:
     variant = family.variant
-    tasks = tasks_for(variant, cases, steps)
+    tasks = generation_tasks(variant, [(case.prompt, case.seed) for case in cases], "eval", steps=steps)
     latencies = []
     for task in tasks[:LATENCY_RUNS]:
         started = time.perf_counter()

@@ -272,21 +272,9 @@ class BarePipeline:
         )
 
     def _tasks(self, batch: int, size: str, call: int) -> list[ImageTask]:
-        width, height = (int(side) for side in size.split("x"))
-        return [
-            ImageTask(
-                request_id=f"bare-{call}",
-                index=index,
-                tenant="bench",
-                variant=self.variant.name,
-                kind="generate",
-                prompt=PROMPTS[(call + index) % len(PROMPTS)],
-                negative_prompt=None,
-                width=width,
-                height=height,
-                steps=self.variant.steps.medium,
-                guidance_scale=self.variant.guidance_scale,
-                seed=(call + 1) * 1000 + index,
-            )
-            for index in range(batch)
+        from deployments.models.registry import generation_tasks
+
+        prompts = [
+            (PROMPTS[(call + index) % len(PROMPTS)], (call + 1) * 1000 + index) for index in range(batch)
         ]
+        return generation_tasks(self.variant, prompts, f"bare-{call}", size=size)

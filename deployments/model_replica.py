@@ -45,13 +45,13 @@ import torch
 from ray import serve
 
 from deployments.batch_queue import BatchQueue
-from deployments.config import BatchingConfig, VariantConfig, parse_size
+from deployments.config import BatchingConfig, VariantConfig
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
 from deployments.errors import quiet_serve_logs
 from deployments.metrics import stage_metrics
 from deployments.models.cpu_threads import ThreadTuner, set_pass_threads, thread_candidates, usable_cores
 from deployments.models.diffusion import choose_device
-from deployments.models.registry import DenoisingHooks, PassCancelled, load_family
+from deployments.models.registry import DenoisingHooks, PassCancelled, generation_tasks, load_family
 
 logger = logging.getLogger("ray.serve")
 
@@ -159,26 +159,11 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncGenerator[T, None]:
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
-def default_tasks(variant: VariantConfig, batch_size: int) -> list[ImageTask]:
-    """A batch of the variant's default request (its default size, quality ``medium``)."""
-    width, height = parse_size(variant.default_size)
-    return [
-        ImageTask(
-            request_id="calibration",
-            index=index,
-            tenant="",
-            variant=variant.name,
-            kind="generate",
-            prompt="a lighthouse at dusk",
-            negative_prompt=None,
-            width=width,
-            height=height,
-            steps=variant.steps.medium,
-            guidance_scale=variant.guidance_scale,
-            seed=index,
-        )
-        for index in range(batch_size)
-    ]
+def calibration_tasks(variant: VariantConfig, batch_size: int) -> list[ImageTask]:
+    """A batch of the variant's default request, to time its passes before the first request."""
+    return generation_tasks(
+        variant, [("a lighthouse at dusk", seed) for seed in range(batch_size)], "calibration"
+    )
 
 
 @serve.deployment
@@ -212,7 +197,7 @@ class ModelReplica:
         if self.threads is not None and variant.thread_calibration_s > 0:
             sizes = sorted({1, variant.batching.max_batch_size})
             calibrate = self.threads.calibrate
-            tasks_for = partial(default_tasks, variant)
+            tasks_for = partial(calibration_tasks, variant)
             self._lanes[0].submit(
                 calibrate, sizes, tasks_for, self.family.generate, variant.thread_calibration_s
             ).result()

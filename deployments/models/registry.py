@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deployments.config import VariantConfig
+from deployments.config import VariantConfig, parse_size
 from deployments.contracts import ImageTask
 from deployments.models.builtin import resolve_weights
 
@@ -36,6 +36,36 @@ FAMILIES: dict[str, str] = {
     "diffusion": "deployments.models.diffusion:DiffusionFamily",
     "autoregressive": "deployments.models.autoregressive:AutoregressiveFamily",
 }
+
+
+def generation_tasks(
+    variant: VariantConfig,
+    prompts_and_seeds: Sequence[tuple[str, int]],
+    request_id: str,
+    size: str | None = None,
+    steps: int | None = None,
+) -> list[ImageTask]:
+    """Plain generations for a family called directly (start-up calibration, the benchmarks' bare
+    pipeline and quality runs): one task per (prompt, seed), at the variant's default size and
+    quality ``medium`` unless given."""
+    width, height = parse_size(size or variant.default_size)
+    return [
+        ImageTask(
+            request_id=request_id,
+            index=index,
+            tenant="local",
+            variant=variant.name,
+            kind="generate",
+            prompt=prompt,
+            negative_prompt=None,
+            width=width,
+            height=height,
+            steps=steps or variant.steps.medium,
+            guidance_scale=variant.guidance_scale,
+            seed=seed,
+        )
+        for index, (prompt, seed) in enumerate(prompts_and_seeds)
+    ]
 
 
 class PassCancelled(Exception):
