@@ -220,9 +220,8 @@ class ThreadTuner:
         other processes left it alone (under `DISTURBED_SHARE`), else as a provisional probe."""
         deadline = clock() + budget_s
         for batch_size in batch_sizes:
-            timed: dict[int, list[tuple[float, bool]]] = {}
-            in_budget = self._calibrate_batch_size(
-                tasks_for(batch_size), forward_pass, timed, deadline, clock, others_busy
+            timed, in_budget = self._calibrate_batch_size(
+                tasks_for(batch_size), forward_pass, deadline, clock, others_busy
             )
             for threads, times in timed.items():
                 key = (batch_size, threads)
@@ -237,13 +236,13 @@ class ThreadTuner:
         self,
         tasks: Sequence[ImageTask],
         forward_pass: Callable[[Sequence[ImageTask]], object],
-        timed: dict[int, list[tuple[float, bool]]],
         deadline: float,
         clock: Callable[[], float],
         others_busy: Callable[[], float],
-    ) -> bool:
-        """Fill ``timed`` (threads -> seconds per unit of each pass, and whether other processes
-        disturbed it) for one batch size; False when a pass was left out for the budget."""
+    ) -> tuple[dict[int, list[tuple[float, bool]]], bool]:
+        """One batch size's passes: threads -> seconds per unit of each, and whether other
+        processes disturbed it; and False when a pass was left out for the budget."""
+        timed: dict[int, list[tuple[float, bool]]] = {}
         units = work_units(tasks)
         far = self.estimates(len(tasks))  # before any pass of its own: what smaller batches found far slower
         for threads in (t for t in self.candidates if t not in far):
@@ -251,7 +250,7 @@ class ThreadTuner:
                 last = [times[-1][0] for times in timed.values()]
                 seen = [cost for cost, _ in timed.get(threads, [])] or last or list(self.cost.values())
                 if seen and clock() + units * min(seen) > deadline:
-                    return False
+                    return timed, False
                 set_pass_threads(threads)
                 started, others_before = clock(), others_busy()
                 forward_pass(tasks)
@@ -260,7 +259,7 @@ class ThreadTuner:
                 timed.setdefault(threads, []).append((seconds / units, disturbed))
                 if seconds / units > self.far_slower * min(times[-1][0] for times in timed.values()):
                     break  # its probe alone shows it: not worth timing again
-        return True
+        return timed, True
 
     def best(self) -> dict[int, int]:
         """The count each measured batch size runs on now (safe to call from another thread)."""

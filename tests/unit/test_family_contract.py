@@ -18,11 +18,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments.config import VariantConfig, parse_size
+from deployments.config import VariantConfig
 from deployments.contracts import ImageTask
 from deployments.models.builtin import BUILTIN_PREFIX, EMBEDDED_PREFIX
 from deployments.models.cpu_threads import set_pass_threads
-from deployments.models.registry import FAMILIES, ImageFamily, family_class, load_family
+from deployments.models.registry import FAMILIES, ImageFamily, family_class, generation_tasks, load_family
 from serve_app.config import CONFIG_DIR
 from tests.janus import save_tiny_janus
 
@@ -76,22 +76,8 @@ def load_variant_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[P
 
 def make_task(family: ImageFamily, seed: int, prompt: str = "a handwritten 3", **extra: object) -> ImageTask:
     variant = family.variant
-    width, height = parse_size(variant.default_size)
-    task = ImageTask(
-        request_id="contract",
-        index=seed,
-        tenant="contract",
-        variant=variant.name,
-        kind="generate",
-        prompt=prompt,
-        negative_prompt=None,
-        width=width,
-        height=height,
-        steps=variant.steps.low,
-        guidance_scale=variant.guidance_scale,
-        seed=seed,
-    )
-    return dataclasses.replace(task, **extra)  # type: ignore[arg-type]
+    (task,) = generation_tasks(variant, [(prompt, seed)], "contract", steps=variant.steps.low)
+    return dataclasses.replace(task, index=seed, **extra)  # type: ignore[arg-type]
 
 
 def assert_images(images: list[np.ndarray], tasks: list[ImageTask]) -> None:
