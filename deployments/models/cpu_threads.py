@@ -37,7 +37,8 @@ clients, where every pass had arrivals, `make bench` (2026-12-01 21:00) ran all 
 thread (3.55 images/s, against 5.93 at 19:01).
 
 Before its first request a replica calibrates (:meth:`ThreadTuner.calibrate`): batch 1, then the
-largest batch, each on every count, a probe and then a timed pass, within a budget of seconds. So
+largest batch, each on every count, a probe and then two timed passes (A B B A), within a budget of
+seconds; each count learns its fastest timed pass. So
 the counts a lone request or a full batch runs on are known before the service takes requests, and
 a request never pays a probe. Learning from requests alone, `make bench` (2026-12-01 21:22) sent
 three lone 8-image requests a round and one of them probed one thread at batch 8: its passes took
@@ -49,6 +50,10 @@ which other processes kept a quarter of a core busy teaches only provisionally, 
 probe, to be checked by the first lone requests: `make bench` (2026-12-01 23:49) started the
 replica while the service's other processes were still busy, and the batch-1 choice its
 calibration trusted (one thread) held the whole 1-client round (the pass 1.14 times the bare one).
+A slowing under that share still moves a two-thread pass, which waits at every barrier for a
+thread that lost its core for a moment: with one timed pass a count, one start in four (2026-12-02
+00:21) trusted one thread at batch 1 with no pass flagged. Its fastest of two, taken in turn with
+the other count's, is what the count can do.
 
 The price: float sums split over another number of threads may round differently, so on some
 models (the embedded ``digits``) the same seed can differ by one level in a few pixels between
@@ -145,6 +150,8 @@ class ThreadTuner:
     """(batch size, threads) -> passes timed on that count."""
     provisional: set[tuple[int, int]] = field(default_factory=set)
     """(batch size, threads) whose cost comes only from passes the caller did not trust."""
+    timed_rounds: int = 2
+    """Calibration: the passes timed on each count after its probe (the fastest counts)."""
 
     def estimates(self, batch_size: int) -> dict[int, float]:
         """Seconds per work unit of ``batch_size`` on each count: measured, or else borrowed from the
@@ -214,20 +221,22 @@ class ThreadTuner:
         clock: Callable[[], float] = time.perf_counter,
         others_busy: Callable[[], float] = others_busy_s,
     ) -> None:
-        """Time ``batch_sizes`` in order on every count, a probe and then the pass whose time
-        counts, by running ``forward_pass(tasks_for(size))`` on this thread; within ``budget_s``,
-        except that the first pass always runs. A count's last pass is learnt as trusted where
-        other processes left it alone (under `DISTURBED_SHARE`), else as a provisional probe."""
+        """Time ``batch_sizes`` in order on every count, a probe and then ``timed_rounds`` passes
+        whose times count, by running ``forward_pass(tasks_for(size))`` on this thread; within
+        ``budget_s``, except that the first pass always runs. A count learns its fastest timed pass
+        that other processes left alone (under `DISTURBED_SHARE`) as trusted: a disturbance only
+        ever slows a pass. With none, it learns its fastest pass as a provisional probe."""
         deadline = clock() + budget_s
         for batch_size in batch_sizes:
             timed, in_budget = self._calibrate_batch_size(
                 tasks_for(batch_size), forward_pass, deadline, clock, others_busy
             )
-            for threads, times in timed.items():
+            for threads, (probe, *counted) in timed.items():
                 key = (batch_size, threads)
-                self.cost[key], disturbed = times[-1]  # the timed pass, or the probe alone
-                self.passes[key] = 1 if disturbed else len(times)
-                if disturbed:
+                trusted = [cost for cost, disturbed in counted if not disturbed]
+                self.cost[key] = min(trusted or [cost for cost, _ in counted] or [probe[0]])
+                self.passes[key] = 2 if trusted else 1  # 1: the next pass replaces it
+                if not trusted and (counted or probe[1]):
                     self.provisional.add(key)
             if not in_budget:
                 return
@@ -240,25 +249,46 @@ class ThreadTuner:
         clock: Callable[[], float],
         others_busy: Callable[[], float],
     ) -> tuple[dict[int, list[tuple[float, bool]]], bool]:
-        """One batch size's passes: threads -> seconds per unit of each, and whether other
-        processes disturbed it; and False when a pass was left out for the budget."""
+        """One batch size's passes: threads -> seconds per unit of its probe and then of each
+        timed pass, and whether other processes disturbed it; and False when a pass was left out
+        for the budget. Each count runs a probe and a timed pass in turn, then the counts compared
+        run ``timed_rounds - 1`` more rounds in alternating order, so their timed passes run
+        A B B A and a drift of the machine's speed favours neither. A count whose probe took
+        ``far_slower`` times the best pass is not timed at all (beside a noisy neighbour a
+        two-thread probe takes seconds)."""
         timed: dict[int, list[tuple[float, bool]]] = {}
         units = work_units(tasks)
         far = self.estimates(len(tasks))  # before any pass of its own: what smaller batches found far slower
-        for threads in (t for t in self.candidates if t not in far):
+        counts = [t for t in self.candidates if t not in far]
+
+        def time_pass(threads: int) -> bool:
+            """One pass on ``threads``, unless the passes so far say it would end past the deadline."""
+            seen = [cost for cost, _ in timed.get(threads, [])]
+            seen = seen or [cost for times in timed.values() for cost, _ in times] or list(self.cost.values())
+            if seen and clock() + units * min(seen) > deadline:
+                return False
+            set_pass_threads(threads)
+            started, others_before = clock(), others_busy()
+            forward_pass(tasks)
+            seconds = clock() - started
+            disturbed = others_busy() - others_before >= DISTURBED_SHARE * seconds
+            timed.setdefault(threads, []).append((seconds / units, disturbed))
+            return True
+
+        for threads in counts:  # a probe, then a timed pass unless the probe alone lost by far
             for _ in range(2):
-                last = [times[-1][0] for times in timed.values()]
-                seen = [cost for cost, _ in timed.get(threads, [])] or last or list(self.cost.values())
-                if seen and clock() + units * min(seen) > deadline:
+                if not time_pass(threads):
                     return timed, False
-                set_pass_threads(threads)
-                started, others_before = clock(), others_busy()
-                forward_pass(tasks)
-                seconds = clock() - started
-                disturbed = others_busy() - others_before >= DISTURBED_SHARE * seconds
-                timed.setdefault(threads, []).append((seconds / units, disturbed))
-                if seconds / units > self.far_slower * min(times[-1][0] for times in timed.values()):
-                    break  # its probe alone shows it: not worth timing again
+                if timed[threads][-1][0] > self.far_slower * min(times[-1][0] for times in timed.values()):
+                    break
+        compared = [threads for threads in counts if len(timed[threads]) == 2]
+        for round_number in range(self.timed_rounds - 1) if len(compared) > 1 else ():
+            # A round runs whole or not at all: a count with one pass more would have a better minimum.
+            if clock() + units * sum(min(cost for cost, _ in timed[t]) for t in compared) > deadline:
+                return timed, False
+            for threads in compared[::-1] if round_number % 2 == 0 else compared:  # A B | B A | A B
+                if not time_pass(threads):
+                    return timed, False
         return timed, True
 
     def best(self) -> dict[int, int]:
