@@ -151,7 +151,8 @@ class ThreadTuner:
     provisional: set[tuple[int, int]] = field(default_factory=set)
     """(batch size, threads) whose cost comes only from passes the caller did not trust."""
     timed_rounds: int = 2
-    """Calibration: the passes timed on each count after its probe (the fastest counts)."""
+    """Calibration: the passes timed on each count after its probe (none for a count whose probe
+    lost by ``far_slower``)."""
 
     def estimates(self, batch_size: int) -> dict[int, float]:
         """Seconds per work unit of ``batch_size`` on each count: measured, or else borrowed from the
@@ -254,7 +255,7 @@ class ThreadTuner:
         for the budget. Each count runs a probe and a timed pass in turn, then the counts compared
         run ``timed_rounds - 1`` more rounds in alternating order, so their timed passes run
         A B B A and a drift of the machine's speed favours neither. A count whose probe took
-        ``far_slower`` times the best pass is not timed at all (beside a noisy neighbour a
+        ``far_slower`` times the best pass is not timed after its probe (beside a noisy neighbour a
         two-thread probe takes seconds)."""
         timed: dict[int, list[tuple[float, bool]]] = {}
         units = work_units(tasks)

@@ -291,7 +291,7 @@ def test_calibration_starts_no_pass_that_would_end_past_its_budget() -> None:
     model = TimedModel({1: 0.05, 2: 0.03})
     tuner = ThreadTuner((1, 2))
     model.calibrate(tuner, budget_s=1.0)
-    # 0.96 s: one more timed round at batch 1 (0.32 s) would end at 1.28 s, a batch-8 pass at 1.6.
+    # Both timed rounds at batch 1 end at 0.96 s; a batch-8 pass (0.96 s at batch 1's best rate) at 1.92.
     assert model.passes == [(1, 1), (1, 1), (1, 2), (1, 2), (1, 2), (1, 1)]
     assert tuner.best() == {1: 2}
     short = TimedModel({1: 0.05, 2: 0.03})
