@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -81,6 +82,33 @@ def test_flush_writes_hive_partitions_with_the_schema(tmp_path: Path) -> None:
     assert "| model |" in format_report([summary])
     plot_report([summary], tmp_path / "report.png")
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_the_report_reads_the_rows_since_a_time_and_files_written_before_a_column(tmp_path: Path) -> None:
+    store = ObjectStore(StorageConfig(url=f"file://{tmp_path}"))
+    log = GenerationLog(store, GenerationLogConfig())
+    early, late = (dt.datetime(2026, 11, 22, hour, tzinfo=dt.UTC) for hour in (7, 9))
+    log.append(generation_rows(REQUEST, [stored(10, 0.2), stored(11, 0.4)], include_prompt=False, now=early))
+    log.flush()
+    log.append(generation_rows(REQUEST, None, include_prompt=False, error_code="overloaded", now=late))
+    log.flush()
+    older = tmp_path / "generation_log" / "date=2026-11-22" / "hour=08" / "older.parquet"
+    older.parent.mkdir(parents=True)
+    columns = [name for name in SCHEMA.names if name != "alias"]  # a log written before aliases
+    first_row = read_generation_log(store).slice(0, 1).select(columns)
+    pq.write_table(
+        first_row.set_column(
+            0, "created_at", pa.array([early.replace(hour=8)], SCHEMA.field("created_at").type)
+        ),
+        older,
+    )
+
+    table = read_generation_log(store)
+    assert table.schema.remove_metadata() == SCHEMA
+    assert table.num_rows == 5
+    assert table.column("alias").null_count == table.num_rows
+    since = read_generation_log(store, since=early.replace(hour=8))
+    assert sorted(since.column("status").to_pylist()) == ["failed", "failed", "succeeded"]
 
 
 class OutageStore(ObjectStore):
