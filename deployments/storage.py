@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from deployments.config import StorageConfig
 from deployments.errors import StorageUnavailableError
@@ -158,6 +160,22 @@ class ObjectStore:
         """Paths (as the filesystem names them) of every object under ``prefix``."""
         root = self._path(prefix)
         return self._call(lambda: [str(path) for path in self.fs.find(root)])
+
+    def read_parquet(self, prefix: str, schema: pa.Schema) -> pa.Table:
+        """Every Parquet file under ``prefix`` as one table with ``schema`` (a column a file was
+        written without reads as nulls).
+
+        Each file is fetched whole (`get`: retries and the breaker) and parsed in memory. Handing
+        pyarrow the fsspec filesystem instead ran reads on Arrow's IO threads, which call back into
+        Python, and `imagegen report` against S3 aborted at exit in 2 of 90 runs ("terminate called
+        without an active exception", as in apache/arrow#34314); 0 of 60 reading this way.
+        """
+        root = f"{self.root.rstrip('/')}/"
+        paths = sorted(path for path in self.list_files(prefix) if path.endswith(".parquet"))
+        tables = [
+            pq.read_table(pa.BufferReader(self.get(path.removeprefix(root))), schema=schema) for path in paths
+        ]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 class UrlSigner:

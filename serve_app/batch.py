@@ -218,15 +218,7 @@ def run_batch(
 
 def read_results(storage: StorageConfig, variant: str) -> pa.Table:
     """Every results file of ``variant``'s batch runs in the store, as one table."""
-    store = ObjectStore(storage)
-    paths = [
-        path for path in store.list_files(f"{BATCH_PREFIX}/{variant}/results") if path.endswith(".parquet")
-    ]
-    if not paths:
-        return RESULTS_SCHEMA.empty_table()
-    return pa.concat_tables(
-        [pq.read_table(path, filesystem=store.fs, schema=RESULTS_SCHEMA) for path in paths]
-    )
+    return ObjectStore(storage).read_parquet(f"{BATCH_PREFIX}/{variant}/results", RESULTS_SCHEMA)
 
 
 def batch_settings(variant: VariantConfig, size: str | None, quality: str) -> BatchSettings:

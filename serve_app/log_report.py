@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from deployments.generation_log import LOG_PREFIX, SCHEMA, STAGES
 from deployments.storage import ObjectStore
@@ -30,19 +29,8 @@ def parse_duration(text: str) -> dt.timedelta:
 
 def read_generation_log(store: ObjectStore, since: dt.datetime | None = None) -> pa.Table:
     """Every row of the log (optionally those created at or after ``since``) with `SCHEMA`; a
-    column a file was written without reads as nulls.
-
-    Each file is fetched whole through the store's filesystem and parsed in memory. A dataset
-    scan over the fsspec filesystem ran its reads on Arrow's IO threads, which call back into
-    Python, and one `imagegen report` in 30 against S3 aborted at exit ("terminate called without
-    an active exception", as in apache/arrow#34314).
-    """
-    root = f"{store.root}/{LOG_PREFIX}"
-    if not store.fs.exists(root):
-        return SCHEMA.empty_table()
-    paths = sorted(path for path in store.fs.find(root) if path.endswith(".parquet"))
-    tables = [pq.read_table(pa.BufferReader(store.fs.cat_file(path)), schema=SCHEMA) for path in paths]
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    column a file was written without reads as nulls."""
+    table = store.read_parquet(LOG_PREFIX, SCHEMA)
     if since is not None:
         table = table.filter(pc.field("created_at") >= pa.scalar(since, pa.timestamp("ms", "UTC")))
     return table.select(SCHEMA.names)

@@ -98,7 +98,9 @@ def test_the_report_reads_the_rows_since_a_time_and_files_written_before_a_colum
     first_row = read_generation_log(store).slice(0, 1).select(columns)
     pq.write_table(
         first_row.set_column(
-            0, "created_at", pa.array([early.replace(hour=8)], SCHEMA.field("created_at").type)
+            columns.index("created_at"),
+            "created_at",
+            pa.array([early.replace(hour=8)], SCHEMA.field("created_at").type),
         ),
         older,
     )
