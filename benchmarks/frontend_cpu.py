@@ -1,11 +1,12 @@
 """Where the service's CPU per image goes at saturation, process by process:
 ``python -m benchmarks.frontend_cpu``.
 
-Starts ``imagegen serve`` (the benchmarks' tiny-sd config unless ``--config``) in its own session,
-warms it up, then runs a closed loop of ``--clients`` (16) for ``--window`` seconds and reads each of
-the session's processes' CPU time from ``/proc`` around it: core-ms per image for every process
-(proxy, ingress, scheduler, the stages, Ray's own), and their sum outside the model replicas, the
-front end's cost (issue 13). A 1-client loop before it gives the unloaded latency.
+Starts ``imagegen serve`` (the benchmarks' tiny-sd config unless ``--config``; its ingress listens
+itself, as in ``make bench``) in its own session, warms it up, then runs a closed loop of
+``--clients`` (16) for ``--window`` seconds and reads each of the session's processes' CPU time from
+``/proc`` around it: core-ms per image for every process (proxy, ingress, scheduler, the stages,
+Ray's own), and their sum outside the model replicas, the front end's cost (issue 13). A 1-client
+loop before it gives the unloaded latency.
 
 On a slow or shared machine the model makes few images per second, so the part of that sum that
 runs by the clock (Serve's controller, metrics, health checks, Ray's agents) weighs heavily per
@@ -44,7 +45,7 @@ from benchmarks.loadgen import RequestRecord, run_closed_loop, warm_up
 from benchmarks.machine import ForeignLoadMeter, session_cpu
 from benchmarks.run import free_port
 from benchmarks.run_report import MODEL_PROCESS
-from benchmarks.systems import ServerSystem, running_server
+from benchmarks.systems import SINGLE_SERVER, ServerSystem, running_server
 from benchmarks.workload import RequestMix, iter_requests
 
 RESULTS_DIR = Path(__file__).parent / "results" / "frontend_cpu"
@@ -141,6 +142,7 @@ def saturation_run(
         "IMAGEGEN_PORT": str(port),
         "IMAGEGEN_STORAGE__URL": f"file://{storage}",
         "IMAGEGEN_CONFIG": config,
+        **SINGLE_SERVER,  # as `make bench` runs it (`--env IMAGEGEN_STAGES__INGRESS__DIRECT=false`: proxied)
     }
     env.update(extra_env)
     command = [sys.executable, "-m", "serve_app.cli", "serve"]

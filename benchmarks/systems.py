@@ -27,6 +27,9 @@ from deployments.models.cpu_threads import usable_cores
 STARTUP_TIMEOUT_S = 240
 SHUTDOWN_TIMEOUT_S = 60
 ALL_THREADS_CONFIG = Path(__file__).parent / "configs" / "tiny-sd-all-threads.yaml"
+# imagegen-serve as a single server, as its peers run: `imagegen serve` on its own Ray with the
+# ingress listening on the port itself, without Serve's proxy in front (stages.ingress.direct).
+SINGLE_SERVER = {"IMAGEGEN_STAGES__INGRESS__DIRECT": "true"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,11 @@ def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
             label="imagegen-serve",
             command=[str(Path(python).with_name("imagegen")), "serve"],
             ready_line="imagegen-serve ready",
-            env={"IMAGEGEN_PORT": str(port), "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}"},
+            env={
+                "IMAGEGEN_PORT": str(port),
+                "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}",
+                **SINGLE_SERVER,
+            },
             torch_threads=fixed_threads(load_config().variants[0]),
         ),
         "imagegen-all-threads": ServerSystem(
@@ -90,6 +97,7 @@ def server_systems(port: int, storage_dir: Path) -> dict[str, ServerSystem]:
                 "IMAGEGEN_PORT": str(port),
                 "IMAGEGEN_STORAGE__URL": f"file://{storage_dir}",
                 "IMAGEGEN_CONFIG": str(ALL_THREADS_CONFIG),
+                **SINGLE_SERVER,
             },
         ),
     }

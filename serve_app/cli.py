@@ -12,11 +12,12 @@ import datetime as dt
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 
-from serve_app.replica_environment import PROXY_ENVIRONMENT
+from serve_app.replica_environment import PROXY_ENVIRONMENT, direct_ingress_environment
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # images are small; keep Ray's shared memory modest
 LOCAL_RAY_ENVIRONMENT = {
@@ -40,14 +41,17 @@ it); a value already in the environment wins. Joined clusters keep their own."""
 APP_NAME = "imagegen"
 
 
-def connect_ray(address: str) -> None:
+def connect_ray(address: str, direct_ingress_port: int | None = None) -> None:
     """Ray as ``imagegen serve`` runs on it: ``local`` starts an instance of its own, with
-    `LOCAL_RAY_ENVIRONMENT` and a modest object store; any other address joins that cluster."""
+    `LOCAL_RAY_ENVIRONMENT` and a modest object store, and with its ingress listening on
+    ``direct_ingress_port`` itself when one is given; any other address joins that cluster."""
     import ray
 
     if address == "local":
         for name, value in LOCAL_RAY_ENVIRONMENT.items():
             os.environ.setdefault(name, value)
+        if direct_ingress_port is not None:
+            os.environ.update(direct_ingress_environment(direct_ingress_port))
     ray.init(
         address=address,
         include_dashboard=False,
@@ -64,14 +68,23 @@ def serve_command(args: argparse.Namespace) -> int:
     from serve_app.deploy import deploy, wait_until_running
 
     config = load_config(args.config)
+    direct = config.stages.ingress.direct
+    if direct and args.address != "local":
+        print(
+            "imagegen serve: stages.ingress.direct needs a Ray of its own (--address local); a "
+            "cluster's ingress runs behind Serve's proxies",
+            file=sys.stderr,
+        )
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    connect_ray(args.address)
+    connect_ray(args.address, config.port if direct else None)
     try:
         # From a Serve config, as `serve deploy` would: the backlog policy comes with one only,
-        # and `imagegen config apply` changes a service deployed from one.
-        deploy(args.config, APP_NAME)
+        # and `imagegen config apply` changes a service deployed from one. A direct ingress
+        # holds the port, so Serve's proxy (started all the same) gets a free one.
+        deploy(args.config, APP_NAME, proxy_port=free_local_port(config.host) if direct else None)
         try:
             if not wait_until_running(APP_NAME, stop):
                 return 0  # stopped before it was ready
@@ -86,12 +99,24 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def free_local_port(host: str) -> int:
+    """A port nothing on ``host`` listens on now (the OS's choice)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def config_build_command(args: argparse.Namespace) -> int:
     import yaml
 
     from serve_app.deploy import serve_config
 
-    text = yaml.safe_dump(serve_config(args.config, args.app), sort_keys=False)
+    try:
+        text = yaml.safe_dump(serve_config(args.config, args.app), sort_keys=False)
+    except ValueError as refused:
+        print(f"imagegen config build: {refused}", file=sys.stderr)
+        return 2
     if args.out:
         Path(args.out).write_text(text)
         print(f"Serve config written to {args.out} (deploy it: serve deploy {args.out})")
@@ -108,6 +133,9 @@ def config_apply_command(args: argparse.Namespace) -> int:
     ray.init(address=args.address, logging_level=logging.WARNING)
     try:
         removed = apply(args.config, args.app)
+    except ValueError as refused:  # nothing was changed
+        print(f"imagegen config apply: {refused}", file=sys.stderr)
+        return 2
     finally:
         ray.shutdown()
     drained = f"; removed after their work finished: {', '.join(removed)}" if removed else ""

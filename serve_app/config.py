@@ -95,10 +95,28 @@ class ChainStageConfig(StageResourcesConfig):
         return self
 
 
+class IngressConfig(StageResourcesConfig):
+    """The ingress: behind Serve's proxy, or listening on ``port`` itself (``direct``)."""
+
+    direct: bool = Field(
+        False,
+        description="`imagegen serve` only: the one ingress replica serves HTTP on `port` itself, "
+        "without Serve's proxy in front (a process and a hop fewer per request). `imagegen config "
+        "apply` cannot replace an ingress that holds the port: restart the service to change its "
+        "config. See docs/architecture.md.",
+    )
+
+    @model_validator(mode="after")
+    def _one_listener(self) -> IngressConfig:
+        if self.direct and (self.autoscaling is not None or self.num_replicas != 1):
+            raise ValueError("a direct ingress is the one replica listening on `port`: no autoscaling")
+        return self
+
+
 class StageConfig(StrictModel):
     """Resources of the CPU stages around the model."""
 
-    ingress: StageResourcesConfig = StageResourcesConfig(num_cpus=0.1)
+    ingress: IngressConfig = IngressConfig(num_cpus=0.1)
     preprocess: ChainStageConfig = ChainStageConfig(num_cpus=0.1)
     postprocess: ChainStageConfig = ChainStageConfig(num_cpus=0.2)
 
@@ -256,7 +274,7 @@ class AppConfig(BaseSettings):
         env_prefix="IMAGEGEN_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy (or a direct ingress) binds.")
     port: int = Field(8000, ge=1, le=65535)
     cache_dir: Path = Field(Path.home() / ".cache" / "imagegen", description="Where built models live.")
     default_model: str | None = Field(None, description="Variant used when a request names none.")

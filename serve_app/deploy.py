@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from serve_app.aliases import Routing
 from serve_app.app import application_autoscaling_policy
 from serve_app.config import AppConfig, read_config_data
@@ -39,19 +41,31 @@ from serve_app.replica_environment import REPLICA_ENVIRONMENT
 APP_NAME = "imagegen"
 INGRESS = "Ingress"
 SCHEDULER = "Scheduler"
+DIRECT_INGRESS_VARIABLE = "IMAGEGEN_STAGES__INGRESS__DIRECT"
 POLL_INTERVAL_S = 0.5
 logger = logging.getLogger("imagegen.deploy")
 
 
-def serve_config(config_path: Path | None = None, app_name: str = APP_NAME) -> dict[str, Any]:
+def serve_config(
+    config_path: Path | None = None, app_name: str = APP_NAME, proxy_port: int | None = None
+) -> dict[str, Any]:
     """A Serve config (``ServeDeploySchema``) for the service that ``config_path`` configures.
 
     Every ``IMAGEGEN_*`` variable set now (settings, secrets) is passed on in the application's
     runtime environment, where it overrides the carried config as it overrides the file, and so
     are Serve's settings for our replicas (``REPLICA_ENVIRONMENT``; a value set now wins).
+
+    Serve's proxy listens on the config's port, or on ``proxy_port`` where `imagegen serve` runs a
+    direct ingress (``stages.ingress.direct``) on its own Ray; a Serve config for anything else
+    cannot hold a direct ingress (ValueError).
     """
     data = read_config_data(config_path)
     config = AppConfig(**data)  # checked here, before anything is deployed
+    if config.stages.ingress.direct and proxy_port is None:
+        raise ValueError(
+            "stages.ingress.direct is for `imagegen serve` on a Ray of its own, which it starts; "
+            "a Serve config runs the ingress behind Serve's proxies: drop the setting"
+        )
     env_vars = {name: os.environ.get(name, value) for name, value in REPLICA_ENVIRONMENT.items()}
     env_vars.update(
         (name, value)
@@ -75,7 +89,7 @@ def serve_config(config_path: Path | None = None, app_name: str = APP_NAME) -> d
         application["autoscaling_policy"] = policy
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": config.host, "port": config.port},
+        "http_options": {"host": config.host, "port": proxy_port or config.port},
         "applications": [application],
     }
 
@@ -91,9 +105,10 @@ def deploy_serve_config(serve_config: dict[str, Any]) -> None:
     client.deploy_apps(schema)
 
 
-def deploy(config_path: Path | None = None, app_name: str = APP_NAME) -> None:
-    """Deploy the service ``config_path`` configures on the connected Ray cluster; returns at once."""
-    deploy_serve_config(serve_config(config_path, app_name))
+def deploy(config_path: Path | None = None, app_name: str = APP_NAME, proxy_port: int | None = None) -> None:
+    """Deploy the service ``config_path`` configures on the connected Ray cluster; returns at
+    once. ``proxy_port``: see `serve_config`."""
+    deploy_serve_config(serve_config(config_path, app_name, proxy_port))
 
 
 def apply(config_path: Path | None = None, app_name: str = APP_NAME, timeout_s: float = 1800.0) -> list[str]:
@@ -106,6 +121,12 @@ def apply(config_path: Path | None = None, app_name: str = APP_NAME, timeout_s: 
     """
     target = serve_config(config_path, app_name)
     running = deployed_application(app_name)
+    if runs_direct_ingress(running):
+        raise ValueError(
+            f"application {app_name!r} runs a direct ingress (stages.ingress.direct), which holds "
+            "the port: a new ingress could not start beside it. Restart `imagegen serve` with the "
+            "new config instead"
+        )
     removed = sorted(carried_variants(running) - carried_variants(target["applications"][0]))
     if removed:
         logger.info("retiring %s: no new work; waiting for their queued and running work", removed)
@@ -130,6 +151,15 @@ def deployed_application(app_name: str) -> dict[str, Any]:
             "deploy one first (`imagegen serve` or `imagegen config apply`)"
         )
     return dict(deployed)
+
+
+def runs_direct_ingress(application: dict[str, Any]) -> bool:
+    """Whether a Serve config entry from `serve_config` runs a direct ingress: set in its config,
+    or by the ``IMAGEGEN_`` variable it carries, which wins as it does in the replicas."""
+    env_vars = (application.get("runtime_env") or {}).get("env_vars") or {}
+    ingress = application["args"]["config"].get("stages", {}).get("ingress", {})
+    setting = env_vars.get(DIRECT_INGRESS_VARIABLE, ingress.get("direct", False))
+    return TypeAdapter(bool).validate_python(setting)
 
 
 def carried_variants(application: dict[str, Any]) -> set[str]:

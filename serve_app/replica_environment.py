@@ -33,3 +33,20 @@ PROXY_ENVIRONMENT = {
     "RAY_SERVE_PROXY_USE_GRPC": "1",  # and reaches it over gRPC as well
 }
 """Serve's settings for the proxy (and for every process of a Ray that runs only this service)."""
+
+
+def direct_ingress_environment(port: int) -> dict[str, str]:
+    """Serve's settings for a Ray whose one ingress replica listens on ``port`` itself
+    (``stages.ingress.direct``): Serve's direct ingress, on one port. Serve still starts a proxy on
+    the head node; `imagegen serve` gives it a free port, where nothing calls it."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # the range excludes its end
+        # A released port waits out HAProxy's stale workers by default; there are none, and a
+        # replacement ingress (after a crash) must get the one port back at once.
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        # A stopping ingress stays open so a load balancer can deregister it; there is none. It
+        # still finishes the requests it holds.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }

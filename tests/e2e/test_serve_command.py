@@ -1,5 +1,6 @@
 """The service as the README starts it: `imagegen serve` (what `make serve` runs), then curl's request,
-and Ctrl-C, which writes the generation log's buffered rows before it exits."""
+and Ctrl-C, which writes the generation log's buffered rows before it exits; behind Serve's proxy,
+and with the ingress listening itself (``stages.ingress.direct``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pyarrow.compute as pc
 import pytest
 from PIL import Image
@@ -32,6 +34,7 @@ class Served:
     base_url: str
     store: Path
     process: subprocess.Popen[str]
+    direct: bool
     output: list[str] = field(default_factory=list)
 
     def stop(self) -> int:
@@ -46,8 +49,9 @@ class Served:
         return self.process.returncode
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+@pytest.fixture(scope="module", params=[False, True], ids=["behind-the-proxy", "direct-ingress"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    direct: bool = request.param
     port = free_port()
     store = tmp_path_factory.mktemp("store")
     env = {
@@ -58,12 +62,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "IMAGEGEN_STORAGE__LOG__FLUSH_ROWS": "10000",
         "IMAGEGEN_STORAGE__LOG__FLUSH_INTERVAL_S": "3600",
         "PYTHONUNBUFFERED": "1",
+        "IMAGEGEN_STAGES__INGRESS__DIRECT": str(direct).lower(),
     }
     executable = Path(sys.executable).with_name("imagegen")
     process = subprocess.Popen(
         [str(executable), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    server = Served(f"http://127.0.0.1:{port}", store, process)
+    server = Served(f"http://127.0.0.1:{port}", store, process, direct)
     output = server.output
     ready = threading.Event()
 
@@ -100,6 +105,20 @@ def test_readme_curl_returns_a_png(served: Served) -> None:
     image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
     assert image.format == "PNG" and image.size == (64, 64)
     assert httpx.get(f"{served.base_url}/readyz", timeout=30).json()["ready"] is True
+
+
+def test_the_port_is_held_by_serves_proxy_or_by_the_direct_ingress_replica(served: Served) -> None:
+    port = int(served.base_url.rsplit(":", 1)[1])
+    listening = [
+        connection.pid
+        for connection in psutil.net_connections(kind="tcp")
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+    ]
+    assert len(listening) == 1 and listening[0] is not None, listening
+    title = " ".join(psutil.Process(listening[0]).cmdline())  # Ray names its workers' processes
+    assert title.startswith("ray::ServeReplica:imagegen:Ingress" if served.direct else "ray::ProxyActor"), (
+        title
+    )
 
 
 def test_generation_log_is_written_at_shutdown(served: Served) -> None:

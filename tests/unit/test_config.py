@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.config import VariantConfig, parse_size
-from serve_app.config import load_config
+from serve_app.config import AppConfig, load_config, read_config_data
 
 
 def test_default_config_loads() -> None:
@@ -97,3 +97,14 @@ def test_benchmark_configs_load() -> None:
     assert configs
     for path in configs:
         assert load_config(path).variants
+
+
+@pytest.mark.parametrize(
+    "ingress",
+    [{"direct": True, "num_replicas": 2}, {"direct": True, "autoscaling": {"target_ongoing_requests": 8}}],
+)
+def test_a_direct_ingress_is_one_fixed_replica(ingress: dict[str, object]) -> None:
+    data = read_config_data()  # the embedded default
+    with pytest.raises(ValidationError, match="direct ingress"):
+        AppConfig(**{**data, "stages": {"ingress": ingress}})
+    assert AppConfig(**{**data, "stages": {"ingress": {"direct": True}}}).stages.ingress.direct

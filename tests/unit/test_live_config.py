@@ -13,7 +13,13 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from serve_app.aliases import Routing
 from serve_app.config import CONFIG_DIR
-from serve_app.deploy import carried_variants, retiring, serve_config
+from serve_app.deploy import (
+    DIRECT_INGRESS_VARIABLE,
+    carried_variants,
+    retiring,
+    runs_direct_ingress,
+    serve_config,
+)
 from serve_app.replica_environment import REPLICA_ENVIRONMENT
 
 VARIANTS = CONFIG_DIR / "variants"
@@ -118,3 +124,44 @@ def test_replicas_anywhere_get_serves_settings_for_them_and_a_value_set_now_wins
 def test_the_shipped_serve_config_gives_replicas_the_same_settings() -> None:
     shipped = yaml.safe_load(SHIPPED_SERVE_CONFIG.read_text())
     assert shipped["applications"][0]["runtime_env"]["env_vars"] == REPLICA_ENVIRONMENT
+
+
+def write_direct_config(directory: Path, direct: bool) -> Path:
+    path = write_config(directory, ["digits"], {})
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "stages": {"ingress": {"direct": direct}}}))
+    return path
+
+
+def test_a_direct_ingress_gets_the_port_and_serves_proxy_another_only_under_imagegen_serve(
+    tmp_path: Path,
+) -> None:
+    path = write_direct_config(tmp_path, direct=True)
+    with pytest.raises(ValueError, match="imagegen serve"):  # `config build`, `config apply`
+        serve_config(path)
+    built = serve_config(path, proxy_port=41234)  # `imagegen serve`, which starts its own Ray
+    ServeDeploySchema(**built)
+    assert built["http_options"] == {"host": "127.0.0.1", "port": 41234}
+    behind_the_proxy = serve_config(write_direct_config(tmp_path, direct=False), proxy_port=41234)
+    assert (
+        behind_the_proxy["http_options"]["port"] == 41234
+    )  # as asked; `imagegen serve` asks only for direct
+
+
+@pytest.mark.parametrize(
+    ("in_file", "variable", "direct"),
+    [
+        (True, None, True),
+        (False, None, False),
+        (False, "true", True),
+        (True, "false", False),
+        (True, "0", False),
+    ],
+)
+def test_a_running_direct_ingress_is_read_from_its_config_or_the_variable_that_overrides_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_file: bool, variable: str | None, direct: bool
+) -> None:
+    if variable is not None:
+        monkeypatch.setenv(DIRECT_INGRESS_VARIABLE, variable)
+    entry = serve_config(write_direct_config(tmp_path, in_file), proxy_port=41234)["applications"][0]
+    assert runs_direct_ingress(entry) is direct
