@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from serve_app.replica_environment import PROXY_ENVIRONMENT, direct_ingress_environment
 
+PORT_WAIT_S = 90.0  # past Linux's 60 s TIME_WAIT
+PORT_POLL_S = 1.0
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # images are small; keep Ray's shared memory modest
 LOCAL_RAY_ENVIRONMENT = {
     # Serve's controller loop runs every 0.1 s by default; a single-node service needs no faster
@@ -76,6 +80,12 @@ def serve_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if direct:
+        try:
+            wait_until_bindable(config.host, config.port)
+        except OSError as failure:  # TimeoutError included
+            print(f"imagegen serve: {failure}", file=sys.stderr)
+            return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -97,6 +107,38 @@ def serve_command(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def wait_until_bindable(host: str, port: int, timeout_s: float = PORT_WAIT_S) -> None:
+    """Wait while ``port`` is held only by closed connections, then return; raise OSError at once
+    if a server listens on it, TimeoutError past ``timeout_s``.
+
+    Serve's direct ingress binds its port without SO_REUSEADDR, so a connection the last server
+    on it closed (TIME_WAIT: 60 s on Linux) fails the bind, and Serve then never tries that port
+    again: a restart within the minute would not start.
+    """
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as failure:
+                if failure.errno != errno.EADDRINUSE:
+                    raise
+        with socket.socket() as client:
+            client.settimeout(1.0)
+            if client.connect_ex((host, port)) == 0:
+                raise OSError(errno.EADDRINUSE, f"another server listens on {host}:{port}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{host}:{port} was still held by closed connections after {timeout_s:.0f}s")
+        if not announced:
+            print(
+                f"waiting for {host}:{port}: the last server's closed connections still hold it", flush=True
+            )
+            announced = True
+        time.sleep(PORT_POLL_S)  # TIME_WAIT ends by the clock; there is nothing to wait on
 
 
 def free_local_port(host: str) -> int:
