@@ -156,10 +156,12 @@ class ObjectStore:
         assert not self.is_local, "local objects are served by the ingress through UrlSigner"
         return str(self.fs.sign(self._path(key), expiration=ttl_s))
 
-    def list_files(self, prefix: str) -> list[str]:
-        """Paths (as the filesystem names them) of every object under ``prefix``."""
-        root = self._path(prefix)
-        return self._call(lambda: [str(path) for path in self.fs.find(root)])
+    def list_keys(self, prefix: str) -> list[str]:
+        """The keys of every object under ``prefix`` (the filesystem names them with the store's
+        root in front)."""
+        root = f"{self.root.rstrip('/')}/"
+        paths = self._call(lambda: [str(path) for path in self.fs.find(self._path(prefix))])
+        return [path.removeprefix(root) for path in paths]
 
     def read_parquet(self, prefix: str, schema: pa.Schema) -> pa.Table:
         """Every Parquet file under ``prefix`` as one table with ``schema`` (a column a file was
@@ -170,11 +172,8 @@ class ObjectStore:
         Python, and `imagegen report` against S3 aborted at exit in 2 of 90 runs ("terminate called
         without an active exception", as in apache/arrow#34314); 0 of 60 reading this way.
         """
-        root = f"{self.root.rstrip('/')}/"
-        paths = sorted(path for path in self.list_files(prefix) if path.endswith(".parquet"))
-        tables = [
-            pq.read_table(pa.BufferReader(self.get(path.removeprefix(root))), schema=schema) for path in paths
-        ]
+        keys = sorted(key for key in self.list_keys(prefix) if key.endswith(".parquet"))
+        tables = [pq.read_table(pa.BufferReader(self.get(key)), schema=schema) for key in keys]
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
 

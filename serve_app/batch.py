@@ -155,8 +155,7 @@ class BatchRun:
 
 
 def stored_keys(store: ObjectStore, prefix: str) -> frozenset[str]:
-    root = f"{store.root.rstrip('/')}/"
-    return frozenset(path.removeprefix(root) for path in store.list_files(prefix) if path.endswith(".png"))
+    return frozenset(key for key in store.list_keys(prefix) if key.endswith(".png"))
 
 
 def run_batch(

@@ -73,14 +73,14 @@ def serve_command(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     direct = config.stages.ingress.direct
-    if direct and args.address != "local":
-        print(
-            "imagegen serve: stages.ingress.direct needs a Ray of its own (--address local); a "
-            "cluster's ingress runs behind Serve's proxies",
-            file=sys.stderr,
-        )
-        return 2
     if direct:
+        if args.address != "local":
+            print(
+                "imagegen serve: stages.ingress.direct needs a Ray of its own (--address local); a "
+                "cluster's ingress runs behind Serve's proxies",
+                file=sys.stderr,
+            )
+            return 2
         try:
             wait_until_bindable(config.host, config.port)
         except OSError as failure:  # TimeoutError included

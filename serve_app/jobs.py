@@ -164,7 +164,7 @@ class JobStore:
 
     def active(self) -> list[JobRecord]:
         """Every job that had not finished, oldest first."""
-        ids = [path.rsplit("/", 1)[-1] for path in self.store.list_files(ACTIVE)]
+        ids = [key.rsplit("/", 1)[-1] for key in self.store.list_keys(ACTIVE)]
         records = [record for job_id in ids if (record := self.load(job_id)) is not None]
         return sorted(records, key=lambda record: record.created_at)
 

@@ -49,22 +49,16 @@ class SweepResult:
     keys_deleted: int
 
 
-def store_key(path: str, prefix: str) -> str:
-    """The object key of a listed path (listings name paths with the store's root in front)."""
-    return path[path.index(f"{prefix}/") :]
-
-
 def sweep(jobs: JobStore, policy: RetentionPolicy, now: float) -> SweepResult:
     """Delete expired idempotency keys, then expired job records and their images (blocking)."""
     store = jobs.store
     keys_deleted = jobs_deleted = 0
-    for path in store.list_files(IDEMPOTENCY):
-        key = store_key(path, IDEMPOTENCY)
+    for key in store.list_keys(IDEMPOTENCY):
         if policy.key_expired(jobs.load(store.get(key).decode()), now):
             store.delete(key)
             keys_deleted += 1
-    for path in store.list_files(RECORDS):
-        job_id = store_key(path, RECORDS).removeprefix(f"{RECORDS}/").removesuffix(".json")
+    for key in store.list_keys(RECORDS):
+        job_id = key.removeprefix(f"{RECORDS}/").removesuffix(".json")
         record = jobs.load(job_id)
         if record is not None and policy.job_expired(record, now):
             for image in record.images:

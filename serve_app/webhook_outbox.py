@@ -175,8 +175,8 @@ class WebhookOutbox:
 
     def stored(self) -> list[WebhookDelivery]:
         """Every delivery in the store (blocking)."""
-        paths = self.store.list_files(OUTBOX)
-        names = [path.rsplit("/", 1)[-1].removesuffix(".json") for path in paths]
+        keys = self.store.list_keys(OUTBOX)
+        names = [key.rsplit("/", 1)[-1].removesuffix(".json") for key in keys]
         return [WebhookDelivery.model_validate_json(self.store.get(self._path(name))) for name in names]
 
     def arm(self, delivery: WebhookDelivery) -> None:

@@ -74,7 +74,7 @@ def test_recovery_queues_again_an_unfinished_job_and_runs_it(tmp_path: Path) -> 
         restarted.dispatch()
         done = await asyncio.wait_for(restarted.jobs.wait("local", view.record.id), DEADLINE_S)
         assert done.record.status == "succeeded"
-        assert not restarted.store.list_files(ACTIVE)
+        assert not restarted.store.list_keys(ACTIVE)
         stages.gate.set()  # the first scheduler's run ends too; its outcome is the same
         await until(first.is_idle)
 
@@ -121,7 +121,7 @@ def test_store_errors_while_a_job_runs_are_retried_until_it_succeeds(tmp_path: P
         assert stages.runs == 3
         stored = JobStore(harness.store).load(view.record.id)
         assert stored is not None and stored.status == "succeeded"
-        assert not harness.store.list_files(ACTIVE)
+        assert not harness.store.list_keys(ACTIVE)
         await until(harness.is_idle)
 
     asyncio.run(scenario())
@@ -188,7 +188,7 @@ def test_recovery_leaves_finished_jobs_alone(tmp_path: Path) -> None:
         await until(restarted.is_idle)
         assert stages.runs == 0
         assert jobs.load(record.id).status == "failed"  # type: ignore[union-attr]
-        assert not restarted.store.list_files(ACTIVE)
+        assert not restarted.store.list_keys(ACTIVE)
 
     asyncio.run(scenario())
 
@@ -236,7 +236,7 @@ def test_a_recovered_job_whose_model_was_removed_fails_with_a_404_and_the_others
         assert (failed.record.error_status, failed.record.error_code) == (404, "model_not_found")
         done = await asyncio.wait_for(restarted.jobs.wait("local", kept.record.id), DEADLINE_S)
         assert done.record.status == "succeeded"
-        assert not restarted.store.list_files(ACTIVE)
+        assert not restarted.store.list_keys(ACTIVE)
         stages.gate.set()
         await until(first.is_idle)
 

@@ -142,10 +142,9 @@ def test_a_direct_ingress_gets_the_port_and_serves_proxy_another_only_under_imag
     built = serve_config(path, proxy_port=41234)  # `imagegen serve`, which starts its own Ray
     ServeDeploySchema(**built)
     assert built["http_options"] == {"host": "127.0.0.1", "port": 41234}
+    # The port asked for, direct or not (`imagegen serve` asks only for a direct ingress).
     behind_the_proxy = serve_config(write_direct_config(tmp_path, direct=False), proxy_port=41234)
-    assert (
-        behind_the_proxy["http_options"]["port"] == 41234
-    )  # as asked; `imagegen serve` asks only for direct
+    assert behind_the_proxy["http_options"]["port"] == 41234
 
 
 @pytest.mark.parametrize(

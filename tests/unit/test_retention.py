@@ -52,6 +52,6 @@ def test_expired_jobs_and_keys_leave_the_store_and_nothing_else_does(tmp_path: P
     result = sweep(jobs, POLICY, now + 8 * 24 * HOUR)
     assert result.jobs_deleted == 1
     assert jobs.load("job_finished") is None
-    images = " ".join(jobs.store.list_files("acme"))
+    images = " ".join(jobs.store.list_keys("acme"))
     assert "job_finished" not in images and "job_running" in images  # a job's images go with it
     assert jobs.load("job_running") is not None  # a job that has not finished is never pruned

@@ -148,13 +148,13 @@ def test_a_receiver_down_for_minutes_then_up_gets_the_webhook_once(
         assert time.now - delivery.created_at > OLD_WINDOW_S and receiver.delivered() == []
         receiver.down = False
         # Until the outbox has seen the 2xx and dropped its file, not merely until the receiver got it.
-        await running(box, lambda: bool(receiver.delivered()) and not box.store.list_files(OUTBOX))
+        await running(box, lambda: bool(receiver.delivered()) and not box.store.list_keys(OUTBOX))
         [(headers, body)] = receiver.delivered()
         assert json.loads(body) == PAYLOAD and signature_is_valid(headers, body)
         ids = {headers["webhook-id"] for headers, _, _ in receiver.attempts}
         assert ids == {"whk_job_1"}  # one id across every attempt: receivers drop repeats
         assert receiver.count() > 4  # more than the old four attempts
-        assert box.store.list_files(OUTBOX) == [] and box.armed == {}
+        assert box.store.list_keys(OUTBOX) == [] and box.armed == {}
 
     asyncio.run(scenario())
 
@@ -176,7 +176,7 @@ def test_a_restarted_outbox_delivers_what_the_stopped_one_had_not(tmp_path: Path
         assert set(restarted.armed) == {"whk_job_done"}  # a job still running sends its own later
 
         def stored() -> list[str]:
-            return [path.rsplit("/", 1)[-1] for path in restarted.store.list_files(OUTBOX)]
+            return [key.rsplit("/", 1)[-1] for key in restarted.store.list_keys(OUTBOX)]
 
         await running(restarted, lambda: bool(receiver.delivered()) and len(stored()) < 2)
         [(headers, _)] = receiver.delivered()
