@@ -142,7 +142,9 @@ def saturation_run(
         "IMAGEGEN_PORT": str(port),
         "IMAGEGEN_STORAGE__URL": f"file://{storage}",
         "IMAGEGEN_CONFIG": config,
-        **SINGLE_SERVER,  # as `make bench` runs it (`--env IMAGEGEN_STAGES__INGRESS__DIRECT=false`: proxied)
+        # As `make bench` runs it; `--env IMAGEGEN_SCHEDULER__COLOCATE=false`: the scheduler apart,
+        # and with `--env IMAGEGEN_STAGES__INGRESS__DIRECT=false` as well, behind the proxy.
+        **SINGLE_SERVER,
     }
     env.update(extra_env)
     command = [sys.executable, "-m", "serve_app.cli", "serve"]

@@ -20,7 +20,7 @@ from deployments.stage_chain import LocalStage, StageChain
 from serve_app.aliases import Routing
 from serve_app.config import AppConfig, StageAutoscalingConfig, load_config
 from serve_app.ingress import Ingress
-from serve_app.scheduler import Scheduler
+from serve_app.scheduler import ColocatedScheduler, Scheduler
 
 # Serve reads the scheduler's backlog report this often and averages it over this window: short,
 # so a burst reaches the policy within about a second.
@@ -107,7 +107,7 @@ def _deployment(decorated: object) -> Deployment:
 
 def build_app(config: AppConfig) -> Application:
     """Bind ingress, scheduler, one ModelReplica per variant, and preprocess and postprocess
-    (deployed apart, or colocated in their callers)."""
+    (deployed apart, or colocated in their callers; the scheduler, in the ingress)."""
     config = config.with_secrets()
     stages = config.stages
     models = {
@@ -148,7 +148,11 @@ def build_app(config: AppConfig) -> Application:
     # scheduler (jobs). Bound applications now; Serve hands the deployments handles in their
     # place at run time.
     chain = StageChain(preprocess, postprocess, models)  # type: ignore[arg-type]
-    scheduler = _deployment(Scheduler).options(**scheduler_options).bind(config, chain)
+    scheduler: Application | ColocatedScheduler = (
+        ColocatedScheduler(config, chain)
+        if config.scheduler.colocate
+        else _deployment(Scheduler).options(**scheduler_options).bind(config, chain)
+    )
     ingress = _deployment(Ingress).options(
         user_config=Routing(config.aliases).user_config(),
         **_deployment_options(stages.ingress, stages.ingress.autoscaling),

@@ -206,6 +206,12 @@ class SchedulerConfig(StrictModel):
         600.0, gt=0, description="How often expired job and idempotency records are pruned from the store."
     )
     webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private addresses.")
+    colocate: bool = Field(
+        False,
+        description="Run the scheduler in the ingress's own process, not as a deployment of its own: "
+        "admission then costs no hop (and the service a process fewer). Needs `stages.ingress.direct` "
+        "(one ingress, never two at once) and no autoscaling. See docs/architecture.md.",
+    )
     # In a rollout the new scheduler takes over once the old one has stopped: a short drain keeps
     # that gap short (a caller still waiting on the old one for slots then asks the new one).
     resources: ResourcesConfig = ResourcesConfig(
@@ -348,6 +354,24 @@ class AppConfig(BaseSettings):
                 f"host {self.host!r} is not a loopback address and there is no auth.keys_file: anyone who "
                 "reaches it could use the service. Configure API keys, bind 127.0.0.1, or set "
                 "auth.allow_open_network: true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _colocated_scheduler_alone(self) -> AppConfig:
+        if not self.scheduler.colocate:
+            return self
+        if not self.stages.ingress.direct:
+            raise ValueError(
+                "scheduler.colocate needs stages.ingress.direct: the scheduler owns queue order and "
+                "jobs, so it may live only in an ingress that is never run twice at once"
+            )
+        scaled = [variant.name for variant in self.variants if variant.autoscaling]
+        scaled += [name for name in ("preprocess", "postprocess") if getattr(self.stages, name).autoscaling]
+        if scaled:
+            raise ValueError(
+                f"scheduler.colocate: autoscaling ({', '.join(scaled)}) reads its backlog from the "
+                "Scheduler deployment; deploy the scheduler apart to autoscale"
             )
         return self
 

@@ -35,6 +35,7 @@ from serve_app.protocol import (
     JobResponse,
     ModelList,
 )
+from serve_app.scheduler import ColocatedScheduler, InProcessHandle, SchedulerHandle
 from serve_app.service import ImageService
 from serve_app.signed_files import FILES_ROUTE
 from serve_app.uploads import (
@@ -148,13 +149,24 @@ def current_request_id() -> str:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle) -> None:
+    def __init__(
+        self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle | ColocatedScheduler
+    ) -> None:
         quiet_serve_logs()
-        self.service = ImageService(config, chain, scheduler)
+        # A colocated scheduler starts with this replica and lives in it (scheduler.colocate).
+        self.colocated_scheduler: InProcessHandle | None = None
+        calls: SchedulerHandle
+        if isinstance(scheduler, ColocatedScheduler):
+            calls = self.colocated_scheduler = scheduler.start()
+        else:
+            calls = scheduler
+        self.service = ImageService(config, chain, calls)
         self.upload_limits = UploadLimits.from_config(config.limits)
 
     def __del__(self) -> None:
         self.service.close()
+        if self.colocated_scheduler is not None:
+            self.colocated_scheduler.target.close()
 
     def reconfigure(self, routing: dict[str, Any]) -> None:
         """Serve's ``user_config``: the routing table (aliases, retired variants), changed in place."""

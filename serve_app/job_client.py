@@ -15,8 +15,6 @@ import dataclasses
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from ray.serve.handle import DeploymentHandle
-
 from deployments.call_timeouts import bounded, bounded_on_a_live_replica
 from deployments.contracts import ImageRequest
 from deployments.errors import APIError, UpstreamTimeoutError, unwrap_remote_error
@@ -29,6 +27,7 @@ from serve_app.errors import NotFoundError, error_info
 from serve_app.job_lifecycle import JobSubmission, JobView
 from serve_app.jobs import JobRecord, is_valid_job_id
 from serve_app.protocol import ImageData, ImagesResponse, JobResponse
+from serve_app.scheduler import SchedulerHandle
 from serve_app.signed_files import SignedFiles
 
 UPLOADS_PREFIX = "jobs/uploads"
@@ -52,7 +51,7 @@ class JobClient:
 
     def __init__(
         self,
-        scheduler: DeploymentHandle,
+        scheduler: SchedulerHandle,
         store: ObjectStore,
         files: SignedFiles,
         timeouts: CallTimeoutsConfig,

@@ -5,6 +5,8 @@ give the slots back (`release`). Jobs (``Prefer: respond-async`` or an ``Idempot
 submitted here and run here when their turn comes; `JobLifecycle` (serve_app/job_lifecycle.py)
 holds their records and runs them, `SchedulerCore` (serve_app/admission_policy.py) decides who
 gets slots when. This module wires the two to Ray: the one replica, its timers, its metrics.
+With ``scheduler.colocate`` the same object runs in the ingress's process instead
+(`ColocatedScheduler`), called through `InProcessHandle` as through its deployment's handle.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState, ServeStatus
 
 from autoscaling.policy import QUEUED_IMAGES, RUNNING_IMAGES, backlog_metric
@@ -403,6 +407,51 @@ class Scheduler:
         """Cancel a queued job at once, or a running one (its work stops at the next step)."""
         return await self.jobs.cancel(tenant, job_id)
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Write the jobs' buffered generation-log rows (at a graceful shutdown)."""
         with contextlib.suppress(Exception):
             self.log.flush()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class InProcessMethod:
+    method: Callable[..., Awaitable[Any]]
+
+    def remote(self, *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        return asyncio.ensure_future(self.method(*args, **kwargs))
+
+
+class InProcessHandle:
+    """A deployment handle's calls on an object in this process: ``handle.acquire.remote(...)``
+    starts ``acquire(...)`` as a task, awaited and cancelled as a handle's response is (a cancel
+    reaches the method as it would the replica's), without the hop. Arguments are shared, not
+    copied: what crosses (requests, grants, job views) is frozen or a snapshot."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def __getattr__(self, name: str) -> InProcessMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return InProcessMethod(getattr(self.target, name))
+
+
+SchedulerHandle = DeploymentHandle | InProcessHandle
+"""How the ingress calls the scheduler: its deployment, or the one colocated with it."""
+
+
+@dataclass(frozen=True)
+class ColocatedScheduler:
+    """The scheduler that runs in the ingress's own process (``scheduler.colocate``), bound into
+    the ingress in place of the deployment; the ingress starts it as it starts."""
+
+    config: AppConfig
+    chain: StageChain
+
+    def start(self) -> InProcessHandle:
+        """The scheduler, built here (on the running event loop: its timers start at once)."""
+        scheduler_class = Scheduler.func_or_class  # type: ignore[attr-defined]  # the class under @serve.deployment
+        return InProcessHandle(scheduler_class(self.config, self.chain))

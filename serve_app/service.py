@@ -16,8 +16,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from ray.serve.handle import DeploymentHandle
-
 from deployments.call_timeouts import bounded, each_within
 from deployments.config import VariantConfig
 from deployments.contracts import StoredImage
@@ -53,7 +51,7 @@ from serve_app.job_client import JobClient
 from serve_app.jobs import check_webhook_url, new_job_id
 from serve_app.planning import PlanTarget, plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import ImageData, ImageFields, ModelCard, ModelList
-from serve_app.scheduler import Grant
+from serve_app.scheduler import Grant, SchedulerHandle
 from serve_app.signed_files import SignedFiles
 from serve_app.slot_client import SlotClient
 from serve_app.streaming import StreamDescription, estimate_usage, event_stream
@@ -65,7 +63,7 @@ logger = logging.getLogger("imagegen.service")
 
 
 class ImageService:
-    def __init__(self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle) -> None:
+    def __init__(self, config: AppConfig, chain: StageChain, scheduler: SchedulerHandle) -> None:
         self.config = config
         self.chain = chain
         self.scheduler = scheduler
@@ -338,7 +336,7 @@ class ImageService:
         cold = {v.name for v in self.config.variants if v.autoscaling is not None and v.autoscaling.cold}
         stages = {"scheduler": self.scheduler, **self.chain.probes(cold)}
 
-        async def is_ready(handle: DeploymentHandle) -> bool:
+        async def is_ready(handle: SchedulerHandle) -> bool:
             try:
                 return bool(await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S))
             except Exception:

@@ -19,13 +19,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from ray.serve.handle import DeploymentHandle
-
 from deployments.call_timeouts import bounded_on_a_live_replica
 from deployments.errors import APIError, UpstreamTimeoutError, unwrap_remote_error
 from serve_app.admission_policy import WorkRequest
 from serve_app.errors import OverloadedError
-from serve_app.scheduler import Grant, Release
+from serve_app.scheduler import Grant, Release, SchedulerHandle
 
 RELEASE_DELAY_S = 0.01  # a slot held this much longer is noise beside a forward pass
 SHED_MEMORY_S = 1.0
@@ -33,7 +31,7 @@ SHED_MEMORY_S = 1.0
 
 class SlotClient:
     def __init__(
-        self, scheduler: DeploymentHandle, slot_wait_s: float, clock: Callable[[], float] = time.monotonic
+        self, scheduler: SchedulerHandle, slot_wait_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.scheduler = scheduler
         self.slot_wait_s = slot_wait_s

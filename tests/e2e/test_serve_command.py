@@ -1,6 +1,7 @@
 """The service as the README starts it: `imagegen serve` (what `make serve` runs), then curl's request,
 and Ctrl-C, which writes the generation log's buffered rows before it exits; behind Serve's proxy,
-and with the ingress listening itself (``stages.ingress.direct``)."""
+and as one server: the ingress listening itself (``stages.ingress.direct``) with the scheduler in
+its process (``scheduler.colocate``), as the benchmarks run it."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         "IMAGEGEN_STORAGE__LOG__FLUSH_INTERVAL_S": "3600",
         "PYTHONUNBUFFERED": "1",
         "IMAGEGEN_STAGES__INGRESS__DIRECT": str(direct).lower(),
+        "IMAGEGEN_SCHEDULER__COLOCATE": str(direct).lower(),
     }
     executable = Path(sys.executable).with_name("imagegen")
     process = subprocess.Popen(
@@ -121,6 +123,12 @@ def test_the_port_is_held_by_serves_proxy_or_by_the_direct_ingress_replica(serve
     )
 
 
+def test_the_scheduler_is_a_replica_of_its_own_or_lives_in_the_ingress(served: Served) -> None:
+    titles = {" ".join(process.info["cmdline"] or []) for process in psutil.process_iter(["cmdline"])}
+    schedulers = [title for title in titles if title.startswith("ray::ServeReplica:imagegen:Scheduler")]
+    assert len(schedulers) == (0 if served.direct else 1), schedulers
+
+
 def test_generation_log_is_written_at_shutdown(served: Served) -> None:
     response = httpx.post(
         f"{served.base_url}/v1/images/generations",
@@ -129,9 +137,20 @@ def test_generation_log_is_written_at_shutdown(served: Served) -> None:
         timeout=60,
     )
     assert response.status_code == 200, response.text
+    # An Idempotency-Key makes it a job, which the scheduler runs and logs; the answer waits for it.
+    job = httpx.post(
+        f"{served.base_url}/v1/images/generations",
+        json={"prompt": "a job logged at the end", "size": "64x64"},
+        headers={"Idempotency-Key": "logged-job"},
+        timeout=60,
+    )
+    assert job.status_code == 200, job.text
+    job_id = job.headers["x-imagegen-job-id"]
     assert not list(served.store.rglob("*.parquet"))  # still buffered: no flush by count or age
     assert served.stop() == 0, "".join(served.output)[-3000:]
     table = read_generation_log(ObjectStore(StorageConfig(url=f"file://{served.store}")))
     ours = table.filter(pc.equal(table.column("request_id"), "flushed-at-shutdown"))
     assert ours.column("image_index").to_pylist() == [0, 1]
     assert set(ours.column("status").to_pylist()) == {"succeeded"}
+    jobs = table.filter(pc.equal(table.column("request_id"), job_id))
+    assert jobs.column("status").to_pylist() == ["succeeded"]

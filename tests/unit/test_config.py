@@ -108,3 +108,15 @@ def test_a_direct_ingress_is_one_fixed_replica(ingress: dict[str, object]) -> No
     with pytest.raises(ValidationError, match="direct ingress"):
         AppConfig(**{**data, "stages": {"ingress": ingress}})
     assert AppConfig(**{**data, "stages": {"ingress": {"direct": True}}}).stages.ingress.direct
+
+
+def test_a_colocated_scheduler_lives_only_in_a_direct_ingress_and_without_autoscaling() -> None:
+    data = read_config_data()  # the embedded default
+    direct = {"ingress": {"direct": True}}
+    with pytest.raises(ValidationError, match=r"needs stages\.ingress\.direct"):
+        AppConfig(**{**data, "scheduler": {"colocate": True}})
+    scaled_stage = {**direct, "postprocess": {"autoscaling": {"target_ongoing_requests": 8}}}
+    with pytest.raises(ValidationError, match=r"autoscaling \(postprocess\)"):
+        AppConfig(**{**data, "stages": scaled_stage, "scheduler": {"colocate": True}})
+    config = AppConfig(**{**data, "stages": direct, "scheduler": {"colocate": True}})
+    assert config.scheduler.colocate

@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 
 from deployments.errors import APIError
 from serve_app.admission_policy import WorkRequest
 from serve_app.errors import OverloadedError, RateLimitError
-from serve_app.scheduler import Grant, Release
+from serve_app.scheduler import Grant, InProcessMethod, Release
 from serve_app.slot_client import SHED_MEMORY_S, SlotClient
 
 DEADLINE_S = 10.0
-
-
-class Remote:
-    def __init__(self, method: Callable[..., Awaitable[Any]]) -> None:
-        self.method = method
-
-    def remote(self, *args: Any) -> asyncio.Task[Any]:
-        return asyncio.ensure_future(self.method(*args))
 
 
 class SchedulerStandIn:
@@ -41,8 +32,8 @@ class SchedulerStandIn:
         self.acquire_arrived = asyncio.Event()
         self.releases_arrived = asyncio.Event()
         self.answer = answer or grant
-        self.acquire = Remote(self._acquire)
-        self.release_all = Remote(self._release_all)
+        self.acquire = InProcessMethod(self._acquire)
+        self.release_all = InProcessMethod(self._release_all)
 
     async def _acquire(self, work: WorkRequest, released: list[Release]) -> Grant:
         self.acquires.append((work.ticket_id, list(released)))
