@@ -84,7 +84,7 @@ class AnswerHeaders:
     idempotency_key: str | None
 
 
-def answer_headers(
+async def answer_headers(  # async: FastAPI runs a plain `def` dependency on a worker thread
     authorization: AuthorizationHeader = None,
     prefer: PreferHeader = None,
     idempotency_key: IdempotencyHeader = None,
