@@ -31,11 +31,10 @@ from serve_app.job_lifecycle import JobLifecycle, JobSubmission
 from serve_app.jobs import JobRecord, JobStore, new_job_id
 from serve_app.planning import PlanTarget, plan_generation
 from serve_app.protocol import ImageGenerationRequest
-from serve_app.scheduler import Scheduler, slots_per_variant
+from serve_app.scheduler import ColocatedScheduler, slots_per_variant
 from tests.conftest import make_test_config
 
 DEADLINE_S = 30.0
-SchedulerClass: Any = Scheduler.func_or_class  # type: ignore[attr-defined]
 
 
 class FakeStages(StageChain):
@@ -94,8 +93,9 @@ def scheduler_config(tmp_path: Path) -> AppConfig:
 
 
 def start_scheduler(config: AppConfig, stages: FakeStages) -> Any:
-    """The scheduler deployment's class on this event loop, with ``stages`` as its chain."""
-    return SchedulerClass(config, stages)
+    """The scheduler deployment's class on this event loop, with ``stages`` as its chain (built as
+    an ingress builds its colocated scheduler)."""
+    return ColocatedScheduler(config, stages).start().target
 
 
 class JobHarness:
