@@ -1,4 +1,5 @@
-"""The ingress's side of the scheduler's slots: one scheduler round trip per request.
+"""The ingress's side of the scheduler's slots: one scheduler round trip per request (none when
+the scheduler lives in the ingress, ``scheduler.colocate``).
 
 A request asks for its slots once (`SlotClient.acquire`). Giving them back costs no round trip of
 its own: a release waits a moment (`RELEASE_DELAY_S`) and rides on the next acquire, or, when none

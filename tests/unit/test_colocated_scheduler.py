@@ -47,7 +47,8 @@ def test_the_slot_client_gets_grants_and_the_schedulers_own_refusals(tmp_path: P
         slots = SlotClient(handle, slot_wait_s=DEADLINE_S)
         first = await slots.acquire(submission(config).work)
         slots.release(first.ticket_id, 1)
-        second = await slots.acquire(submission(config).work)  # granted once the first's release rode in
+        # One slot: granted only once the first's release has reached the scheduler in-process.
+        second = await slots.acquire(submission(config).work)
         assert second.ticket_id != first.ticket_id
         removed = dataclasses.replace(submission(config).work, variant="retired-variant")
         with pytest.raises(NotFoundError) as refused:
