@@ -5,7 +5,8 @@ Starts ``imagegen serve`` (the benchmarks' tiny-sd config unless ``--config``; i
 itself, as in ``make bench``) in its own session, warms it up, then runs a closed loop of
 ``--clients`` (16) for ``--window`` seconds and reads each of the session's processes' CPU time from
 ``/proc`` around it: core-ms per image for every process (proxy, ingress, scheduler, the stages,
-Ray's own), and their sum outside the model replicas, the front end's cost (issue 13). A 1-client
+Ray's own), and their sum outside the forward passes (all but the model's compute threads), the
+front end's cost (issue 13). A 1-client
 loop before it gives the unloaded latency.
 
 On a slow or shared machine the model makes few images per second, so the part of that sum that
@@ -42,9 +43,8 @@ from typing import Any
 
 from benchmarks.idle_cpu import parse_env
 from benchmarks.loadgen import RequestRecord, run_closed_loop, warm_up
-from benchmarks.machine import ForeignLoadMeter, session_cpu
+from benchmarks.machine import MODEL_PASSES, ForeignLoadMeter, session_cpu
 from benchmarks.run import free_port
-from benchmarks.run_report import MODEL_PROCESS
 from benchmarks.systems import SINGLE_SERVER, ServerSystem, running_server
 from benchmarks.workload import RequestMix, iter_requests
 
@@ -168,8 +168,8 @@ def saturation_run(
         reverse=True,
     )
     total = sum(row.core_ms_per_image for row in rows)
-    outside = sum(row.core_ms_per_image for row in rows if MODEL_PROCESS not in row.label)
-    idle = sum(share for label, share in sample.idle.items() if MODEL_PROCESS not in label)
+    outside = sum(row.core_ms_per_image for row in rows if MODEL_PASSES not in row.label)
+    idle = sum(share for label, share in sample.idle.items() if MODEL_PASSES not in label)
     per_request = outside - idle * sample.used_s * 1000 / images
     return SaturationRun(
         setting,
@@ -187,10 +187,11 @@ def saturation_run(
 
 
 def render(runs: Sequence[SaturationRun], clients: int) -> str:
-    lines = ["# CPU per image at saturation, outside the model replica", ""]
+    lines = ["# CPU per image at saturation, outside the forward passes", ""]
     lines.append(f"Closed loop of {clients} clients, tiny-sd 64x64; core-ms per image from /proc.")
     lines.append(
-        "Outside the model: all its processes but the model replicas; per request: less their idle CPU."
+        "Outside the model: every process, less the model's compute threads (its forward passes); per "
+        "request: less their idle CPU."
     )
     lines += [
         "",

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
+# The model's compute threads are named after deployments/model_replica.py's LANE_THREAD_NAME.
+MODEL_THREAD_PREFIX = "torch-lane-"
+MODEL_PASSES = "model passes"
+"""In a `session_cpu` label: the forward passes' threads; everything else is outside the model."""
 
 
 def _processes() -> Iterator[tuple[int, int, float, Path]]:
@@ -50,13 +54,36 @@ def process_label(cmdline: list[str]) -> str:
     return f"{program} {scripts[0]}" if program.startswith("python") and scripts else program
 
 
+def _model_threads_cpu(entry: Path) -> float | None:
+    """CPU seconds so far of the model's compute threads in the process at ``entry`` (each lane's
+    thread and the OpenMP team it started, which inherits its name); None where it has none."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total: float | None = None
+    with suppress(OSError):
+        for task in (entry / "task").iterdir():
+            with suppress(OSError, IndexError):
+                if (task / "comm").read_text().startswith(MODEL_THREAD_PREFIX):
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def session_cpu(session: int) -> dict[int, tuple[str, float]]:
-    """A label and the CPU seconds so far of every process in ``session``."""
+    """A label and the CPU seconds so far of every process in ``session``. A process that runs
+    the model's forward passes (a model replica, or an ingress that holds the models) counts as
+    two: its compute threads, labelled ``<process>: MODEL_PASSES`` under the negative pid, and
+    the rest of it (request handling, Ray's threads) under its own."""
     usage: dict[int, tuple[str, float]] = {}
     for pid, own_session, cpu, entry in _processes():
         if own_session == session:
             with suppress(OSError):
-                usage[pid] = (process_label((entry / "cmdline").read_text().split("\0")), cpu)
+                label = process_label((entry / "cmdline").read_text().split("\0"))
+                passes = _model_threads_cpu(entry)
+                if passes is None:
+                    usage[pid] = (label, cpu)
+                else:
+                    usage[pid] = (label, cpu - passes)
+                    usage[-pid] = (f"{label}: {MODEL_PASSES}", passes)
     return usage
 
 

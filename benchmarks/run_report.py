@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.loadgen import RequestRecord
+from benchmarks.machine import MODEL_PASSES
 from benchmarks.stats import batch_size_counts, percentile
 
 REQUEST_SCHEMA = pa.schema(
@@ -76,19 +77,18 @@ SCENARIO_COLUMNS = (
 PLOTS = ("latency_cdf.png", "throughput_vs_load.png", "latency_vs_load.png")
 TARGET_SYSTEM = "imagegen"
 PEERS = ("naive", "litserve", "litserve-workers")
-MODEL_PROCESS = "ModelReplica"  # in the process title of imagegen-serve's model replicas
 
 
 @dataclass(frozen=True)
 class ServerCpu:
     """A server's CPU in one round, from ``/proc``: idle after warming up, and per image at
-    saturation, over all its processes and (imagegen-serve) outside its model replicas."""
+    saturation, over all its processes and (imagegen-serve) outside its forward passes' threads."""
 
     system: str
     round: int
     idle_share: float  # of one core, with no requests
     core_ms_per_image: float | None
-    outside_model_core_ms_per_image: float | None  # None for a server that is one process
+    outside_model_core_ms_per_image: float | None  # None for a server whose passes are not told apart
 
     @classmethod
     def from_samples(
@@ -105,8 +105,8 @@ class ServerCpu:
             pid: (label, seconds - before[pid][1]) for pid, (label, seconds) in after.items() if pid in before
         }
         total = sum(seconds for _, seconds in used.values())
-        outside = sum(seconds for label, seconds in used.values() if MODEL_PROCESS not in label)
-        split = any(MODEL_PROCESS in label for label, _ in used.values())
+        outside = sum(seconds for label, seconds in used.values() if MODEL_PASSES not in label)
+        split = any(MODEL_PASSES in label for label, _ in used.values())
         return cls(
             system,
             round_index,
@@ -413,7 +413,8 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
     parts.append(
         "Idle: the whole server after warming up, with no requests (goal for imagegen-serve: under 5% "
         "of one core). Per image: CPU of every process of the server over the saturated closed loop, "
-        "and for imagegen-serve the share outside its model replicas.\n\n"
+        "and for imagegen-serve the share outside its forward passes (all but the model's compute "
+        "threads: request handling, the front end, Ray's own processes).\n\n"
         + markdown_table(
             ["system", "round", "idle, % of one core", "core-ms per image", "outside the model"],
             [

@@ -30,7 +30,11 @@ ALL_THREADS_CONFIG = Path(__file__).parent / "configs" / "tiny-sd-all-threads.ya
 # imagegen-serve as a single server, as its peers run: `imagegen serve` on its own Ray with the
 # ingress listening on the port itself, without Serve's proxy in front (stages.ingress.direct),
 # and the scheduler in the ingress's process (scheduler.colocate).
-SINGLE_SERVER = {"IMAGEGEN_STAGES__INGRESS__DIRECT": "true", "IMAGEGEN_SCHEDULER__COLOCATE": "true"}
+SINGLE_SERVER = {
+    "IMAGEGEN_STAGES__INGRESS__DIRECT": "true",
+    "IMAGEGEN_SCHEDULER__COLOCATE": "true",
+    "IMAGEGEN_STAGES__INGRESS__COLOCATE_MODELS": "true",
+}
 
 
 @dataclass(frozen=True)

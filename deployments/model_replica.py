@@ -30,7 +30,9 @@ end with them (rows cannot leave a running pass) but gets no previews and its im
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,7 @@ from deployments.batch_queue import BatchQueue
 from deployments.config import BatchingConfig, VariantConfig
 from deployments.contracts import GeneratedImage, ImageTask, ModelEvent, PartialImage, group_by_bucket
 from deployments.errors import quiet_serve_logs
+from deployments.in_process import InProcessHandle
 from deployments.metrics import stage_metrics
 from deployments.models.cpu_threads import ThreadTuner, set_pass_threads, thread_candidates, usable_cores
 from deployments.models.diffusion import choose_device
@@ -159,6 +162,18 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncGenerator[T, None]:
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
+LANE_THREAD_NAME = "torch-lane-{lane}"
+"""A lane's compute thread, by name in the OS too (``/proc/<pid>/task/<tid>/comm``), so that its
+CPU (with its OpenMP team's, which inherits the name) can be told from the rest of its process."""
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` (up to 15 bytes) where the OS keeps one (Linux)."""
+    if sys.platform == "linux":
+        pr_set_name = 15
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_name, name.encode()[:15], 0, 0, 0)
+
+
 def calibration_tasks(variant: VariantConfig, batch_size: int) -> list[ImageTask]:
     """A batch of the variant's default request, to time its passes before the first request."""
     return generation_tasks(
@@ -176,7 +191,12 @@ class ModelReplica:
         # one thread, 240 ms once a second thread had used torch).
         # The same holds for lanes: each has its own compute thread, always the same one.
         self._lanes = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-lane-{lane}")
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=LANE_THREAD_NAME.format(lane=lane),
+                initializer=name_os_thread,
+                initargs=(LANE_THREAD_NAME.format(lane=lane),),
+            )
             for lane in range(variant.concurrent_passes)
         ]
         self.family, description = self._lanes[0].submit(load_family, variant, cache_dir).result()
@@ -401,3 +421,18 @@ class ModelReplica:
             queue_s = started - item.arrived
             timings = {"preprocess": item.task.preprocess_s, "queue": queue_s, "model": elapsed}
             yield row, GeneratedImage(item.task, image, batch_size=len(group), timings=timings)
+
+
+@dataclass(frozen=True)
+class ColocatedModel:
+    """A variant's model replica that runs in the ingress's own process
+    (``stages.ingress.colocate_models``), bound into the stage chain in place of its deployment;
+    the ingress starts it as it starts (`StageChain.started`)."""
+
+    variant: VariantConfig
+    cache_dir: Path
+
+    def start(self) -> InProcessHandle:
+        """The replica, built here: its weights loaded and its threads calibrated before it returns."""
+        replica_class = ModelReplica.func_or_class  # type: ignore[attr-defined]  # the class under @serve.deployment
+        return InProcessHandle(replica_class(self.variant, self.cache_dir))

@@ -1,8 +1,8 @@
 """Postprocess stage: encode each image and return it as base64 or as a stored object.
 
-Streaming requests run through here too: ``stream`` calls the request's model replica with
-``options(stream=True)`` and encodes each preview and image as it arrives, so every output pixel
-passes this stage (and only encoded bytes go on to the ingress).
+Streaming requests run through here too: ``stream`` calls the request's model replica (its handle
+comes with the call) with ``options(stream=True)`` and encodes each preview and image as it
+arrives, so every output pixel passes this stage (and only encoded bytes go on to the ingress).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 
 import numpy as np
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentResponseGenerator
 
 from deployments.config import StorageConfig
 from deployments.contracts import (
@@ -29,6 +29,7 @@ from deployments.contracts import (
 )
 from deployments.errors import quiet_serve_logs
 from deployments.images import encode_image
+from deployments.in_process import LocalEvents, StageHandle
 from deployments.metrics import stage_metrics
 from deployments.moderation import ModerationConfig, Moderator
 from deployments.storage import ObjectStore, build_object_key
@@ -77,15 +78,9 @@ class Postprocessor:
     """The postprocess stage's work, in whichever process runs it: its own deployment
     (`Postprocess`), or the caller's when the stage is colocated (``stages.postprocess.colocate``)."""
 
-    def __init__(
-        self,
-        storage: StorageConfig,
-        models: dict[str, DeploymentHandle] | None = None,
-        moderation: ModerationConfig | None = None,
-    ) -> None:
+    def __init__(self, storage: StorageConfig, moderation: ModerationConfig | None = None) -> None:
         self.store = ObjectStore(storage)
         self.metrics = stage_metrics()
-        self.models = models or {}
         self.moderator = Moderator(moderation or ModerationConfig(), self.metrics.count_moderation_block)
         quiet_serve_logs()  # a stream's bad input surfaces here too
 
@@ -111,14 +106,15 @@ class Postprocessor:
         return list(stored)
 
     async def stream(
-        self, tasks: list[ImageTask], options: EncodeOptions
+        self, tasks: list[ImageTask], options: EncodeOptions, model: StageHandle
     ) -> AsyncGenerator[StreamEvent, None]:
-        """A request's previews and images from its model replica, each encoded as it comes.
-
-        Closing this stream (a client disconnect) cancels the model call, which stops the task.
+        """A request's previews and images from its model replica (``model``), each encoded as it
+        comes. Closing this stream (a client disconnect) cancels the model call, which stops the task.
         """
-        events = self.models[tasks[0].variant].options(stream=True).generate_stream.remote(tasks)
-        assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
+        events = model.options(stream=True).generate_stream.remote(tasks)
+        assert isinstance(
+            events, DeploymentResponseGenerator | LocalEvents
+        )  # what options(stream=True) returns
         finished = False
         try:
             async for event in events:

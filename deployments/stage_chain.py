@@ -7,7 +7,9 @@ the caller's router awaits each and sends its value on, so a stage's output pass
 caller (over Ray's actor transport it would go through the object store instead). A CPU stage
 may be colocated (``stages.<stage>.colocate``, the default): it then runs in the caller's own
 process, a `LocalStage`, and its hop (a request through Serve each way, and its serialization)
-is gone; the model replica is always its own deployment. A replica that dies mid-batch fails the
+is gone. The model replicas are deployments of their own, or on a single-process service
+(``stages.ingress.colocate_models``) built in the ingress as it starts (`StageChain.started`) and
+called there through an `InProcessHandle`. A replica that dies mid-batch fails the
 whole chain, which is then run again (bounded): the tasks are deterministic and jobs have stable
 object keys, so a retry neither changes the images nor stores them twice.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
@@ -24,6 +26,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 from deployments.call_timeouts import CancellableStream, bounded
 from deployments.contracts import EncodeOptions, ImageRequest, ImageTask, StoredImage, StreamEvent
 from deployments.errors import UpstreamTimeoutError, is_replica_failure
+from deployments.in_process import InProcessHandle, LocalEvents, StageHandle
+from deployments.model_replica import ColocatedModel
 from deployments.postprocess import Postprocessor
 from deployments.preprocess import Preprocessor
 
@@ -50,36 +54,20 @@ class LocalStage:
         return {"stage_class": self.stage_class, "args": self.args, "_instance": None}
 
 
-class LocalEvents:
-    """A colocated postprocess's stream with a handle stream's face: iterate it, cancel it."""
-
-    def __init__(self, events: AsyncGenerator[StreamEvent, None]) -> None:
-        self._events = events
-        self._running = False
-        self._closing: asyncio.Task[None] | None = None
-
-    def __aiter__(self) -> LocalEvents:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        self._running = True
-        try:
-            return await self._events.__anext__()
-        finally:
-            self._running = False
-
-    def cancel(self) -> None:
-        """Close the stream (its model call is cancelled as it closes). A pending `__anext__` is
-        cancelled by its own caller, which also ends the stream."""
-        if self._closing is None and not self._running:
-            self._closing = asyncio.get_running_loop().create_task(self._events.aclose())
-
-
 @dataclass
 class StageChain:
     preprocess: DeploymentHandle | LocalStage
     postprocess: DeploymentHandle | LocalStage
-    models: dict[str, DeploymentHandle]
+    models: dict[str, StageHandle]
+
+    def started(self) -> StageChain:
+        """This chain with its colocated model replicas (`ColocatedModel`) built and started in
+        this process, each called through an `InProcessHandle`; the chain itself without any."""
+        models = {
+            name: model.start() if isinstance(model, ColocatedModel) else model
+            for name, model in self.models.items()
+        }
+        return replace(self, models=models)
 
     async def make_images(
         self,
@@ -110,7 +98,7 @@ class StageChain:
         replica, postprocess. On a timeout or a cancel every stage call still running is
         cancelled too (each is its own request), so the model stops between denoising steps
         instead of finishing work nobody wants."""
-        calls: list[DeploymentResponse[Any] | DeploymentResponseGenerator[Any]] = []
+        calls: list[DeploymentResponse[Any] | DeploymentResponseGenerator[Any] | asyncio.Future[Any]] = []
 
         async def run() -> list[StoredImage]:
             tasks: Any
@@ -139,14 +127,15 @@ class StageChain:
     def stream_events(self, request: ImageRequest, options: EncodeOptions) -> CancellableStream[StreamEvent]:
         """The request's previews and images as postprocess encodes them from the model's stream.
 
-        Postprocess calls the model replica itself (it holds the model handles for this leg), so
-        the pixels go model -> postprocess and only encoded events come back to the caller.
+        Postprocess calls the model replica itself (its handle goes with the call), so the pixels
+        go model -> postprocess and only encoded events come back to the caller.
         """
         if isinstance(self.preprocess, LocalStage) or isinstance(self.postprocess, LocalStage):
             return LocalEvents(self._stream_here(request, options))
         tasks = self.preprocess.prepare.remote(request)
         assert isinstance(tasks, DeploymentResponse)  # a unary call
-        events = self.postprocess.options(stream=True).stream.remote(tasks, options)
+        model = self.models[request.variant]
+        events = self.postprocess.options(stream=True).stream.remote(tasks, options, model)
         assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
         return events
 
@@ -160,11 +149,12 @@ class StageChain:
             tasks = await self.preprocess.instance.prepare(request)
         else:
             tasks = await self.preprocess.prepare.remote(request)
+        model = self.models[request.variant]
         if isinstance(self.postprocess, LocalStage):
-            async for event in self.postprocess.instance.stream(tasks, options):
+            async for event in self.postprocess.instance.stream(tasks, options, model):
                 yield event
             return
-        events = self.postprocess.options(stream=True).stream.remote(tasks, options)
+        events = self.postprocess.options(stream=True).stream.remote(tasks, options, model)
         assert isinstance(events, DeploymentResponseGenerator)  # what options(stream=True) returns
         finished = False
         try:
@@ -178,16 +168,23 @@ class StageChain:
     def colocated(self) -> list[str]:
         """The stages that run in this process (ready whenever it answers)."""
         stages = (("preprocess", self.preprocess), ("postprocess", self.postprocess))
-        return [name for name, stage in stages if isinstance(stage, LocalStage)]
+        names = [name for name, stage in stages if isinstance(stage, LocalStage)]
+        return names + [
+            f"model:{name}" for name, model in self.models.items() if isinstance(model, InProcessHandle)
+        ]
 
-    def probes(self, cold_variants: set[str]) -> dict[str, DeploymentHandle]:
+    def probes(self, cold_variants: set[str]) -> dict[str, StageHandle]:
         """The stages to ask for readiness: every one but the variants that may sit at zero."""
-        stages = {
+        stages: dict[str, StageHandle] = {
             name: stage
             for name, stage in (("preprocess", self.preprocess), ("postprocess", self.postprocess))
             if not isinstance(stage, LocalStage)
         }
         stages.update(
-            {f"model:{name}": handle for name, handle in self.models.items() if name not in cold_variants}
+            {
+                f"model:{name}": handle
+                for name, handle in self.models.items()
+                if name not in cold_variants and not isinstance(handle, InProcessHandle)
+            }
         )
         return stages

@@ -13,7 +13,7 @@ from ray.serve import Application, Deployment
 
 from autoscaling.policy import BacklogPolicy
 from deployments.config import ModelAutoscalingConfig, ResourcesConfig
-from deployments.model_replica import ModelReplica
+from deployments.model_replica import ColocatedModel, ModelReplica
 from deployments.postprocess import Postprocess, Postprocessor
 from deployments.preprocess import Preprocess, Preprocessor
 from deployments.stage_chain import LocalStage, StageChain
@@ -107,11 +107,13 @@ def _deployment(decorated: object) -> Deployment:
 
 def build_app(config: AppConfig) -> Application:
     """Bind ingress, scheduler, one ModelReplica per variant, and preprocess and postprocess
-    (deployed apart, or colocated in their callers; the scheduler, in the ingress)."""
+    (deployed apart, or colocated in their callers; the scheduler and the models, in the ingress)."""
     config = config.with_secrets()
     stages = config.stages
-    models = {
-        variant.name: _deployment(ModelReplica)
+    models: dict[str, Application | ColocatedModel] = {
+        variant.name: ColocatedModel(variant, config.cache_dir)
+        if stages.ingress.colocate_models
+        else _deployment(ModelReplica)
         .options(
             name=variant.deployment_name,
             user_config=variant.batching.model_dump(),
@@ -129,7 +131,7 @@ def build_app(config: AppConfig) -> Application:
         .options(**_deployment_options(stages.preprocess, stages.preprocess.autoscaling))
         .bind(*preprocess_args)
     )
-    postprocess_args = (config.storage, models, config.moderation)  # it streams from the models
+    postprocess_args = (config.storage, config.moderation)
     postprocess: Application | LocalStage = (
         LocalStage(Postprocessor, postprocess_args)
         if stages.postprocess.colocate
@@ -149,13 +151,19 @@ def build_app(config: AppConfig) -> Application:
     # place at run time.
     chain = StageChain(preprocess, postprocess, models)  # type: ignore[arg-type]
     scheduler: Application | ColocatedScheduler = (
-        ColocatedScheduler(config, chain)
+        ColocatedScheduler(config)
         if config.scheduler.colocate
         else _deployment(Scheduler).options(**scheduler_options).bind(config, chain)
     )
+    ingress_options = _deployment_options(stages.ingress, stages.ingress.autoscaling)
+    if stages.ingress.colocate_models:  # the ingress's process holds the models: their resources too
+        ingress_options["ray_actor_options"] = {
+            resource: amount
+            + sum(variant.resources.ray_actor_options()[resource] for variant in config.variants)
+            for resource, amount in ingress_options["ray_actor_options"].items()
+        }
     ingress = _deployment(Ingress).options(
-        user_config=Routing(config.aliases).user_config(),
-        **_deployment_options(stages.ingress, stages.ingress.autoscaling),
+        user_config=Routing(config.aliases).user_config(), **ingress_options
     )
     return ingress.bind(config, chain, scheduler)
 

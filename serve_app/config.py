@@ -106,6 +106,15 @@ class IngressConfig(StageResourcesConfig):
         "config. See docs/architecture.md.",
     )
 
+    colocate_models: bool = Field(
+        False,
+        description="Run every variant's model replica inside the ingress's own process, not as a "
+        "deployment of its own: a single-process service (no hop to the model, a process fewer), "
+        "its resources the ingress's plus the variants'. Needs `scheduler.colocate` (and with it "
+        "`direct`), preprocess and postprocess colocated, and one replica per variant. See "
+        "docs/architecture.md.",
+    )
+
     @model_validator(mode="after")
     def _one_listener(self) -> IngressConfig:
         if self.direct and (self.autoscaling is not None or self.num_replicas != 1):
@@ -372,6 +381,24 @@ class AppConfig(BaseSettings):
             raise ValueError(
                 f"scheduler.colocate: autoscaling ({', '.join(scaled)}) reads its backlog from the "
                 "Scheduler deployment; deploy the scheduler apart to autoscale"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _colocated_models_in_one_process(self) -> AppConfig:
+        if not self.stages.ingress.colocate_models:
+            return self
+        apart = [name for name in ("preprocess", "postprocess") if not getattr(self.stages, name).colocate]
+        if not self.scheduler.colocate or apart:
+            needs = ["scheduler.colocate"] + [f"stages.{name}.colocate" for name in apart]
+            raise ValueError(
+                f"stages.ingress.colocate_models needs {' and '.join(needs)}: every caller of a model "
+                "replica must share its process"
+            )
+        if several := [variant.name for variant in self.variants if variant.resources.num_replicas != 1]:
+            raise ValueError(
+                f"stages.ingress.colocate_models: variants {several} ask for several replicas; the one "
+                "ingress holds one replica of each"
             )
         return self
 

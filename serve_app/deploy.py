@@ -73,9 +73,10 @@ def serve_config(
         if name.startswith("IMAGEGEN_") and name != "IMAGEGEN_CONFIG"
     )
     routing = Routing(config.aliases)
-    models = [
+    models = [  # none where they live in the ingress (stages.ingress.colocate_models)
         {"name": variant.deployment_name, "user_config": variant.batching.model_dump()}
         for variant in config.variants
+        if not config.stages.ingress.colocate_models
     ]
     application: dict[str, Any] = {
         "name": app_name,

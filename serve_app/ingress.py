@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import quiet_serve_logs
 from deployments.images import MEDIA_TYPES
+from deployments.in_process import InProcessHandle, StageHandle
 from deployments.resilience import BreakerState
 from deployments.stage_chain import StageChain
 from serve_app.answers import Accepted, Delivery, Outcome, Streaming
@@ -35,7 +36,7 @@ from serve_app.protocol import (
     JobResponse,
     ModelList,
 )
-from serve_app.scheduler import ColocatedScheduler, InProcessHandle, SchedulerHandle
+from serve_app.scheduler import ColocatedScheduler
 from serve_app.service import ImageService
 from serve_app.signed_files import FILES_ROUTE
 from serve_app.uploads import (
@@ -153,11 +154,16 @@ class Ingress:
         self, config: AppConfig, chain: StageChain, scheduler: DeploymentHandle | ColocatedScheduler
     ) -> None:
         quiet_serve_logs()
-        # A colocated scheduler starts with this replica and lives in it (scheduler.colocate).
+        # Colocated model replicas (stages.ingress.colocate_models) and a colocated scheduler
+        # (scheduler.colocate) start with this replica and live in it.
+        chain = chain.started()
+        self.colocated_models = [
+            model for model in chain.models.values() if isinstance(model, InProcessHandle)
+        ]
         self.colocated_scheduler: InProcessHandle | None = None
-        calls: SchedulerHandle
+        calls: StageHandle
         if isinstance(scheduler, ColocatedScheduler):
-            calls = self.colocated_scheduler = scheduler.start()
+            calls = self.colocated_scheduler = scheduler.start(chain)
         else:
             calls = scheduler
         self.service = ImageService(config, chain, calls)
@@ -167,6 +173,12 @@ class Ingress:
         self.service.close()
         if self.colocated_scheduler is not None:
             self.colocated_scheduler.target.close()
+
+    def check_health(self) -> None:
+        """Serve's periodic check; a colocated model replica's own check fails this replica (a
+        wedged forward pass: Serve replaces the replica, model and all)."""
+        for model in self.colocated_models:
+            model.target.check_health()
 
     def reconfigure(self, routing: dict[str, Any]) -> None:
         """Serve's ``user_config``: the routing table (aliases, retired variants), changed in place."""

@@ -18,6 +18,7 @@ from typing import TypeVar
 from deployments.call_timeouts import bounded, bounded_on_a_live_replica
 from deployments.contracts import ImageRequest
 from deployments.errors import APIError, UpstreamTimeoutError, unwrap_remote_error
+from deployments.in_process import StageHandle
 from deployments.storage import ObjectStore
 from serve_app.admission_policy import work_request
 from serve_app.answers import Accepted, Completed, Delivery, PlannedRequest, images_response
@@ -27,7 +28,6 @@ from serve_app.errors import NotFoundError, error_info
 from serve_app.job_lifecycle import JobSubmission, JobView
 from serve_app.jobs import JobRecord, is_valid_job_id
 from serve_app.protocol import ImageData, ImagesResponse, JobResponse
-from serve_app.scheduler import SchedulerHandle
 from serve_app.signed_files import SignedFiles
 
 UPLOADS_PREFIX = "jobs/uploads"
@@ -51,7 +51,7 @@ class JobClient:
 
     def __init__(
         self,
-        scheduler: SchedulerHandle,
+        scheduler: StageHandle,
         store: ObjectStore,
         files: SignedFiles,
         timeouts: CallTimeoutsConfig,

@@ -15,20 +15,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
-from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState, ServeStatus
 
 from autoscaling.policy import QUEUED_IMAGES, RUNNING_IMAGES, backlog_metric
 from deployments.config import VariantConfig
 from deployments.errors import ServiceUnavailableError, quiet_serve_logs
 from deployments.generation_log import GenerationLog
+from deployments.in_process import InProcessHandle
 from deployments.metrics import stage_metrics
 from deployments.stage_chain import StageChain
 from deployments.storage import ObjectStore
@@ -417,41 +416,14 @@ class Scheduler:
 
 
 @dataclass(frozen=True)
-class InProcessMethod:
-    method: Callable[..., Awaitable[Any]]
-
-    def remote(self, *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
-        return asyncio.ensure_future(self.method(*args, **kwargs))
-
-
-class InProcessHandle:
-    """A deployment handle's calls on an object in this process: ``handle.acquire.remote(...)``
-    starts ``acquire(...)`` as a task, awaited and cancelled as a handle's response is (a cancel
-    reaches the method as it would the replica's), without the hop. Arguments are shared, not
-    copied: what crosses (requests, grants, job views) is frozen or a snapshot."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    def __getattr__(self, name: str) -> InProcessMethod:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return InProcessMethod(getattr(self.target, name))
-
-
-SchedulerHandle = DeploymentHandle | InProcessHandle
-"""How the ingress calls the scheduler: its deployment, or the one colocated with it."""
-
-
-@dataclass(frozen=True)
 class ColocatedScheduler:
     """The scheduler that runs in the ingress's own process (``scheduler.colocate``), bound into
     the ingress in place of the deployment; the ingress starts it as it starts."""
 
     config: AppConfig
-    chain: StageChain
 
-    def start(self) -> InProcessHandle:
-        """The scheduler, built here (on the running event loop: its timers start at once)."""
+    def start(self, chain: StageChain) -> InProcessHandle:
+        """The scheduler, built here on ``chain`` (the ingress's, whose model replicas may live in
+        this process too), on the running event loop: its timers start at once."""
         scheduler_class = Scheduler.func_or_class  # type: ignore[attr-defined]  # the class under @serve.deployment
-        return InProcessHandle(scheduler_class(self.config, self.chain))
+        return InProcessHandle(scheduler_class(self.config, chain))

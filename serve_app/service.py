@@ -25,6 +25,7 @@ from deployments.errors import (
     is_storage_failure,
 )
 from deployments.generation_log import GenerationLog
+from deployments.in_process import StageHandle
 from deployments.metrics import stage_metrics
 from deployments.resilience import CircuitOpenError
 from deployments.stage_chain import StageChain
@@ -51,7 +52,7 @@ from serve_app.job_client import JobClient
 from serve_app.jobs import check_webhook_url, new_job_id
 from serve_app.planning import PlanTarget, plan_edit, plan_generation, plan_variation, resolve_quality
 from serve_app.protocol import ImageData, ImageFields, ModelCard, ModelList
-from serve_app.scheduler import Grant, SchedulerHandle
+from serve_app.scheduler import Grant
 from serve_app.signed_files import SignedFiles
 from serve_app.slot_client import SlotClient
 from serve_app.streaming import StreamDescription, estimate_usage, event_stream
@@ -63,7 +64,7 @@ logger = logging.getLogger("imagegen.service")
 
 
 class ImageService:
-    def __init__(self, config: AppConfig, chain: StageChain, scheduler: SchedulerHandle) -> None:
+    def __init__(self, config: AppConfig, chain: StageChain, scheduler: StageHandle) -> None:
         self.config = config
         self.chain = chain
         self.scheduler = scheduler
@@ -336,7 +337,7 @@ class ImageService:
         cold = {v.name for v in self.config.variants if v.autoscaling is not None and v.autoscaling.cold}
         stages = {"scheduler": self.scheduler, **self.chain.probes(cold)}
 
-        async def is_ready(handle: SchedulerHandle) -> bool:
+        async def is_ready(handle: StageHandle) -> bool:
             try:
                 return bool(await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S))
             except Exception:

@@ -22,9 +22,10 @@ from collections.abc import Callable
 
 from deployments.call_timeouts import bounded_on_a_live_replica
 from deployments.errors import APIError, UpstreamTimeoutError, unwrap_remote_error
+from deployments.in_process import StageHandle
 from serve_app.admission_policy import WorkRequest
 from serve_app.errors import OverloadedError
-from serve_app.scheduler import Grant, Release, SchedulerHandle
+from serve_app.scheduler import Grant, Release
 
 RELEASE_DELAY_S = 0.01  # a slot held this much longer is noise beside a forward pass
 SHED_MEMORY_S = 1.0
@@ -32,7 +33,7 @@ SHED_MEMORY_S = 1.0
 
 class SlotClient:
     def __init__(
-        self, scheduler: SchedulerHandle, slot_wait_s: float, clock: Callable[[], float] = time.monotonic
+        self, scheduler: StageHandle, slot_wait_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.scheduler = scheduler
         self.slot_wait_s = slot_wait_s

@@ -95,7 +95,7 @@ def scheduler_config(tmp_path: Path) -> AppConfig:
 def start_scheduler(config: AppConfig, stages: FakeStages) -> Any:
     """The scheduler deployment's class on this event loop, with ``stages`` as its chain (built as
     an ingress builds its colocated scheduler)."""
-    return ColocatedScheduler(config, stages).start().target
+    return ColocatedScheduler(config).start(stages).target
 
 
 class JobHarness:

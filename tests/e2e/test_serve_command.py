@@ -1,7 +1,8 @@
 """The service as the README starts it: `imagegen serve` (what `make serve` runs), then curl's request,
 and Ctrl-C, which writes the generation log's buffered rows before it exits; behind Serve's proxy,
-and as one server: the ingress listening itself (``stages.ingress.direct``) with the scheduler in
-its process (``scheduler.colocate``), as the benchmarks run it."""
+and as one server: the ingress listening itself (``stages.ingress.direct``) with the scheduler and
+the model replica in its process (``scheduler.colocate``, ``stages.ingress.colocate_models``), as
+the benchmarks run it."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         "PYTHONUNBUFFERED": "1",
         "IMAGEGEN_STAGES__INGRESS__DIRECT": str(direct).lower(),
         "IMAGEGEN_SCHEDULER__COLOCATE": str(direct).lower(),
+        "IMAGEGEN_STAGES__INGRESS__COLOCATE_MODELS": str(direct).lower(),
     }
     executable = Path(sys.executable).with_name("imagegen")
     process = subprocess.Popen(
@@ -123,10 +125,23 @@ def test_the_port_is_held_by_serves_proxy_or_by_the_direct_ingress_replica(serve
     )
 
 
-def test_the_scheduler_is_a_replica_of_its_own_or_lives_in_the_ingress(served: Served) -> None:
+def test_the_scheduler_and_model_are_replicas_of_their_own_or_live_in_the_ingress(served: Served) -> None:
     titles = {" ".join(process.info["cmdline"] or []) for process in psutil.process_iter(["cmdline"])}
-    schedulers = [title for title in titles if title.startswith("ray::ServeReplica:imagegen:Scheduler")]
-    assert len(schedulers) == (0 if served.direct else 1), schedulers
+    replicas = sorted(title.split()[0] for title in titles if title.startswith("ray::ServeReplica:imagegen:"))
+    apart = ["ModelReplica-digits", "ModelReplica-digits-ar", "Scheduler"]  # the embedded default's
+    expected = ["Ingress"] + ([] if served.direct else apart)
+    assert replicas == [f"ray::ServeReplica:imagegen:{name}" for name in expected], replicas
+
+
+def test_a_stream_sends_previews_then_the_image(served: Served) -> None:
+    body = {"prompt": "a handwritten 3", "stream": True, "partial_images": 2}
+    with httpx.stream("POST", f"{served.base_url}/v1/images/generations", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = [line.split(": ", 1)[1] for line in response.iter_lines() if line.startswith("event: ")]
+    assert events[-1] == "image_generation.completed" and set(events[:-1]) == {
+        "image_generation.partial_image"
+    }
+    assert len(events) >= 2, events
 
 
 def test_generation_log_is_written_at_shutdown(served: Served) -> None:

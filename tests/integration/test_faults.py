@@ -344,3 +344,16 @@ def test_the_key_is_checked_before_the_body_is_read(faults: FaultService) -> Non
     # A body that never arrives: only a server that checks the key first can answer it.
     assert send_partial_body(faults, None) == 401
     assert send_partial_body(faults, "Bearer sk-not-a-key") == 401
+
+
+def test_a_stream_through_postprocess_deployed_apart_reaches_the_model_it_is_handed(
+    faults: FaultService,
+) -> None:
+    """Postprocess (a deployment of its own here) streams from the model replica whose handle
+    the chain passes with the call, and the slot comes back when the stream ends."""
+    body = {**SMALL, "stream": True, "partial_images": 2, "num_inference_steps": 4}
+    with faults.client() as client, client.stream("POST", "/v1/images/generations", json=body) as response:
+        assert response.status_code == 200
+        events = [line.split(": ", 1)[1] for line in response.iter_lines() if line.startswith("event: ")]
+    assert events == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], events
+    wait_until_idle()

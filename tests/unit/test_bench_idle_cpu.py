@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import psutil
 import pytest
 
 from benchmarks.idle_cpu import parse_env
-from benchmarks.machine import noisy_neighbour, process_label, session_cpu
+from benchmarks.machine import MODEL_PASSES, noisy_neighbour, process_label, session_cpu
+from deployments.model_replica import LANE_THREAD_NAME, name_os_thread
 from tests.polling import wait_until
 
 
@@ -29,6 +32,31 @@ def test_process_labels(cmdline: list[str], label: str) -> None:
 
 def test_session_cpu_finds_this_process_in_its_own_session() -> None:
     assert os.getpid() in session_cpu(os.getsid(0))
+
+
+def test_session_cpu_counts_a_model_lanes_threads_apart_from_the_rest_of_its_process() -> None:
+    pid = os.getpid()
+    assert -pid not in session_cpu(os.getsid(0))  # no lane here yet
+
+    def lane() -> None:
+        name_os_thread(LANE_THREAD_NAME.format(lane=0))  # as a model replica names its lanes
+        started = time.thread_time()
+        while time.thread_time() - started < 0.3:  # a forward pass's worth of CPU
+            pass
+        done.wait()
+
+    done = threading.Event()
+    worker = threading.Thread(target=lane)
+    worker.start()
+    try:
+        wait_until(lambda: session_cpu(os.getsid(0)).get(-pid, ("", 0.0))[1] >= 0.25, "no lane CPU")
+        usage = session_cpu(os.getsid(0))
+        label, passes = usage[-pid]
+        assert label.endswith(MODEL_PASSES) and passes < psutil.Process(pid).cpu_times().user + 1
+        assert usage[pid][0] == process_label(psutil.Process(pid).cmdline())  # the rest of it
+    finally:
+        done.set()
+        worker.join()
 
 
 def test_env_settings_must_name_a_variable() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from benchmarks.loadgen import RequestRecord
+from benchmarks.machine import MODEL_PASSES
 from benchmarks.run_report import (
     RunInfo,
     ServerCpu,
@@ -208,21 +209,24 @@ def test_the_forward_pass_in_the_replica_is_set_beside_the_bare_passes_of_its_ba
     ]
 
 
-def test_server_cpu_per_image_splits_the_model_replicas_from_the_rest() -> None:
+def test_server_cpu_per_image_splits_the_forward_passes_from_the_rest() -> None:
+    replica = "ray::ServeReplica:imagegen:Ingress"
     before = {
-        1: ("ray::ServeReplica:imagegen:ModelReplica-digits", 10.0),
+        1: (replica, 2.0),
+        -1: (f"{replica}: {MODEL_PASSES}", 8.0),
         2: ("ray::ProxyActor", 1.0),
         3: ("raylet", 5.0),
     }
     after = {
-        1: ("ray::ServeReplica:imagegen:ModelReplica-digits", 18.0),
+        1: (replica, 2.5),
+        -1: (f"{replica}: {MODEL_PASSES}", 16.0),
         2: ("ray::ProxyActor", 2.0),
         3: ("raylet", 5.5),
         4: ("new", 9.0),
     }
     cpu = ServerCpu.from_samples("imagegen", 0, 0.04, before, after, images=10)
-    assert cpu.core_ms_per_image == pytest.approx(950.0)
-    assert cpu.outside_model_core_ms_per_image == pytest.approx(150.0)
+    assert cpu.core_ms_per_image == pytest.approx(1000.0)
+    assert cpu.outside_model_core_ms_per_image == pytest.approx(200.0)
     single = ServerCpu.from_samples("litserve", 1, 0.0, {7: ("python", 1.0)}, {7: ("python", 3.0)}, images=4)
     assert (single.core_ms_per_image, single.outside_model_core_ms_per_image) == (500.0, None)
 

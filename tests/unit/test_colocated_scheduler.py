@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.errors import NotFoundError
-from serve_app.scheduler import ColocatedScheduler, InProcessHandle
+from serve_app.scheduler import ColocatedScheduler
 from serve_app.slot_client import SlotClient
 from tests.job_harness import DEADLINE_S, FakeStages, scheduler_config, submission, until
 
@@ -21,7 +21,7 @@ from tests.job_harness import DEADLINE_S, FakeStages, scheduler_config, submissi
 def test_a_cancelled_call_gives_the_callers_place_back(tmp_path: Path) -> None:
     async def scenario() -> None:
         config = scheduler_config(tmp_path)  # one slot
-        handle = ColocatedScheduler(config, FakeStages()).start()
+        handle = ColocatedScheduler(config).start(FakeStages())
         scheduler = handle.target
         assert await asyncio.wait_for(handle.ready.remote(), DEADLINE_S) is True
         holder = await handle.acquire.remote(submission(config).work)
@@ -43,7 +43,7 @@ def test_a_cancelled_call_gives_the_callers_place_back(tmp_path: Path) -> None:
 def test_the_slot_client_gets_grants_and_the_schedulers_own_refusals(tmp_path: Path) -> None:
     async def scenario() -> None:
         config = scheduler_config(tmp_path)
-        handle = ColocatedScheduler(config, FakeStages()).start()
+        handle = ColocatedScheduler(config).start(FakeStages())
         slots = SlotClient(handle, slot_wait_s=DEADLINE_S)
         first = await slots.acquire(submission(config).work)
         slots.release(first.ticket_id, 1)
@@ -62,15 +62,9 @@ def test_a_job_runs_to_the_end_in_the_ingress_process(tmp_path: Path) -> None:
     async def scenario() -> None:
         config = scheduler_config(tmp_path)
         stages = FakeStages()
-        handle = ColocatedScheduler(config, stages).start()
+        handle = ColocatedScheduler(config).start(stages)
         view = await handle.submit.remote(submission(config))
         done = await asyncio.wait_for(handle.wait.remote("local", view.record.id), DEADLINE_S)
         assert done.record.status == "succeeded" and stages.runs == 1
 
     asyncio.run(scenario())
-
-
-def test_private_names_are_not_calls() -> None:
-    handle = InProcessHandle(object())
-    with pytest.raises(AttributeError):
-        _ = handle._anything

@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from deployments.errors import APIError
+from deployments.in_process import InProcessMethod
 from serve_app.admission_policy import WorkRequest
 from serve_app.errors import OverloadedError, RateLimitError
-from serve_app.scheduler import Grant, InProcessMethod, Release
+from serve_app.scheduler import Grant, Release
 from serve_app.slot_client import SHED_MEMORY_S, SlotClient
 
 DEADLINE_S = 10.0

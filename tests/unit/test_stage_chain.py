@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from deployments.contracts import EncodeOptions, ImageRequest
 from deployments.errors import UpstreamTimeoutError
-from deployments.stage_chain import LocalEvents, LocalStage, StageChain
+from deployments.in_process import LocalEvents
+from deployments.stage_chain import LocalStage, StageChain
 from serve_app.config import ChainStageConfig, StageConfig
 from tests.job_harness import scheduler_config, submission
 
@@ -81,7 +82,7 @@ class FinishHere:
     async def finish(self, images: list[str], options: EncodeOptions) -> list[str]:
         return [f"{image} as {options.output_format}" for image in images]
 
-    async def stream(self, tasks: list[str], options: EncodeOptions) -> AsyncGenerator[str, None]:
+    async def stream(self, tasks: list[str], options: EncodeOptions, model: Any) -> AsyncGenerator[str, None]:
         try:
             for task in tasks:
                 yield f"{task} streamed"
