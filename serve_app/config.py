@@ -390,7 +390,8 @@ class AppConfig(BaseSettings):
             return self
         apart = [name for name in ("preprocess", "postprocess") if not getattr(self.stages, name).colocate]
         if not self.scheduler.colocate or apart:
-            needs = ["scheduler.colocate"] + [f"stages.{name}.colocate" for name in apart]
+            needs = ["scheduler.colocate"] * (not self.scheduler.colocate)
+            needs += [f"stages.{name}.colocate" for name in apart]
             raise ValueError(
                 f"stages.ingress.colocate_models needs {' and '.join(needs)}: every caller of a model "
                 "replica must share its process"

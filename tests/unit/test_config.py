@@ -9,6 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.config import VariantConfig, parse_size
+from deployments.model_replica import ColocatedModel
+from serve_app.app import build_app
 from serve_app.config import AppConfig, load_config, read_config_data
 
 
@@ -120,3 +122,33 @@ def test_a_colocated_scheduler_lives_only_in_a_direct_ingress_and_without_autosc
         AppConfig(**{**data, "stages": scaled_stage, "scheduler": {"colocate": True}})
     config = AppConfig(**{**data, "stages": direct, "scheduler": {"colocate": True}})
     assert config.scheduler.colocate
+
+
+# The whole service in the direct ingress's process: scheduler and model replicas too.
+ONE_SERVER = {
+    "stages": {"ingress": {"direct": True, "colocate_models": True}},
+    "scheduler": {"colocate": True},
+}
+
+
+def test_models_live_in_the_ingress_only_beside_a_colocated_scheduler_and_stages_with_one_replica() -> None:
+    data = read_config_data()  # the embedded default: two variants
+    with pytest.raises(ValidationError, match=r"needs scheduler\.colocate"):
+        AppConfig(**{**data, "stages": {"ingress": {"direct": True, "colocate_models": True}}})
+    apart = {"ingress": {"direct": True, "colocate_models": True}, "postprocess": {"colocate": False}}
+    with pytest.raises(ValidationError, match=r"needs stages\.postprocess\.colocate"):
+        AppConfig(**{**data, "stages": apart, "scheduler": {"colocate": True}})
+    two_replicas = [{**data["variants"][0], "resources": {"num_replicas": 2}}, *data["variants"][1:]]
+    with pytest.raises(ValidationError, match="several replicas"):
+        AppConfig(**{**data, **ONE_SERVER, "variants": two_replicas})
+    assert AppConfig(**{**data, **ONE_SERVER}).stages.ingress.colocate_models
+
+
+def test_an_ingress_that_holds_the_models_asks_for_their_resources_too() -> None:
+    data = read_config_data()  # the embedded default: two variants
+    config = AppConfig(**{**data, **ONE_SERVER})
+    ingress = build_app(config)._bound_deployment
+    chain = ingress.init_args[1]
+    assert all(isinstance(model, ColocatedModel) for model in chain.models.values())
+    wanted = config.stages.ingress.num_cpus + sum(variant.resources.num_cpus for variant in config.variants)
+    assert ingress.ray_actor_options["num_cpus"] == pytest.approx(wanted)

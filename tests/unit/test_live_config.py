@@ -126,11 +126,25 @@ def test_the_shipped_serve_config_gives_replicas_the_same_settings() -> None:
     assert shipped["applications"][0]["runtime_env"]["env_vars"] == REPLICA_ENVIRONMENT
 
 
-def write_direct_config(directory: Path, direct: bool) -> Path:
+def write_direct_config(directory: Path, direct: bool, colocate_models: bool = False) -> Path:
     path = write_config(directory, ["digits"], {})
     data = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump({**data, "stages": {"ingress": {"direct": direct}}}))
+    ingress = {"direct": direct, "colocate_models": colocate_models}
+    path.write_text(
+        yaml.safe_dump({**data, "stages": {"ingress": ingress}, "scheduler": {"colocate": colocate_models}})
+    )
     return path
+
+
+def test_models_in_the_ingress_are_no_deployments_of_their_own(tmp_path: Path) -> None:
+    built = serve_config(write_direct_config(tmp_path, direct=True, colocate_models=True), proxy_port=41234)
+    ServeDeploySchema(**built)
+    assert [deployment["name"] for deployment in built["applications"][0]["deployments"]] == ["Ingress"]
+    apart = serve_config(write_direct_config(tmp_path, direct=True), proxy_port=41234)
+    assert [deployment["name"] for deployment in apart["applications"][0]["deployments"]] == [
+        "Ingress",
+        "ModelReplica-digits",
+    ]
 
 
 def test_a_direct_ingress_gets_the_port_and_serves_proxy_another_only_under_imagegen_serve(
