@@ -2,9 +2,7 @@
 
 Tasks wait in arrival order; a batch takes at most ``max_batch_size`` of them, and tasks that
 arrive while no pass may start wait for the next one, so under load every batch leaves full. A
-partial batch waits ``batch_wait_timeout_s`` after its first task for more, and, while the callers
-of the batch that ended last are coming back (:func:`company_wait_s`), up to ``company_wait_s``
-after that batch's end for them.
+partial batch waits ``batch_wait_timeout_s`` after its first task for more.
 
 Up to ``concurrent`` batches run at once (the replica's ``concurrent_passes``), each told whether it
 runs *alone*: it started with no other batch running, none left waiting behind it, and no company
@@ -55,22 +53,6 @@ def expects_company(last_callers: int, last_started: float, last_ended: float, n
     return last_callers > 1 and now - last_ended < (last_ended - last_started) / 4
 
 
-def company_wait_s(
-    last_callers: int, last_started: float, last_ended: float, back: int, now: float, longest_s: float
-) -> float:
-    """How much longer the next batch waits for the callers of the batch that ended last (0: none).
-
-    Closed-loop clients come back a few at a time after their batch ends (the front end answers
-    them one after another), and a task that waited through that pass may leave at once: without
-    this, the first few (or that one task) left alone in a small pass and the rest waited a whole
-    pass for the next (make bench, 2026-12-02 14:43: at 16 clients on two lanes of 8, 23 of 249
-    images ran in passes of one). So while they may be on their way (:func:`expects_company`)
-    and fewer than it served are ``back``, the batch waits, at most ``longest_s`` after the end."""
-    if back >= last_callers or not expects_company(last_callers, last_started, last_ended, now):
-        return 0.0
-    return max(0.0, last_ended + longest_s - now)
-
-
 @dataclass(eq=False)
 class Waiting(Generic[ItemT]):
     item: ItemT
@@ -97,7 +79,6 @@ class BatchQueue(Generic[ItemT, EventT]):
         self.concurrent = concurrent
         self.caller = caller
         self._last_batch = (0, 0.0, 0.0)  # the batch that ended last: its callers, start and end
-        self._callers_since = set[Hashable]()  # callers whose tasks arrived since it ended
         self._waiting: list[Waiting[ItemT]] = []
         self._changed = asyncio.Event()  # a task arrived or a batch ended
         self._batches: asyncio.Task[None] | None = None
@@ -111,7 +92,6 @@ class BatchQueue(Generic[ItemT, EventT]):
             self._batches = asyncio.create_task(self._start_batches())
         waiting = Waiting[ItemT](item, asyncio.get_running_loop().time())
         self._waiting.append(waiting)
-        self._callers_since.add(self.caller(item))
         self._changed.set()
         try:
             while (event := await waiting.events.get()) is not END:
@@ -147,23 +127,18 @@ class BatchQueue(Generic[ItemT, EventT]):
                 waiting.events.put_nowait(error)
         finally:
             self._last_batch = (len({self.caller(waiting.item) for waiting in batch}), started, loop.time())
-            self._callers_since = set()
             for waiting in batch:
                 waiting.events.put_nowait(END)
 
     async def _next_batch(self) -> list[Waiting[ItemT]]:
         """The next batch, once one may start: a full one, or what is there once the first task
-        has waited ``batch_wait_timeout_s`` (tasks that waited through a pass have) and the callers
-        of the batch that ended last are back (or ``company_wait_s`` has passed since it ended)."""
+        has waited ``batch_wait_timeout_s`` (tasks that waited through a pass have)."""
         loop = asyncio.get_running_loop()
         while True:
             batching = self.batching
             timeout = None
             if self._waiting and may_start(len(self._running), self._running_alone, self.concurrent):
-                now = loop.time()
-                back = len(self._callers_since)
-                company = company_wait_s(*self._last_batch, back, now, batching.company_wait_s)
-                timeout = max(self._waiting[0].arrived + batching.batch_wait_timeout_s - now, company)
+                timeout = self._waiting[0].arrived + batching.batch_wait_timeout_s - loop.time()
                 if len(self._waiting) >= batching.max_batch_size or timeout <= 0:
                     batch = self._waiting[: batching.max_batch_size]
                     del self._waiting[: batching.max_batch_size]

@@ -12,7 +12,7 @@ from contextlib import aclosing
 
 import pytest
 
-from deployments.batch_queue import BatchQueue, company_wait_s, expects_company, may_start
+from deployments.batch_queue import BatchQueue, expects_company, may_start
 from deployments.config import BatchingConfig
 
 PASS_S = 0.05  # the fake pass's compute time
@@ -43,17 +43,9 @@ class FakeModel:
 
 
 def make_queue(
-    model: FakeModel,
-    max_batch_size: int = 4,
-    batch_wait_timeout_s: float = 0.0,
-    concurrent: int = 1,
-    company_wait_s: float = 0.0,
+    model: FakeModel, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.0, concurrent: int = 1
 ) -> BatchQueue[str, str]:
-    batching = BatchingConfig(
-        max_batch_size=max_batch_size,
-        batch_wait_timeout_s=batch_wait_timeout_s,
-        company_wait_s=company_wait_s,
-    )
+    batching = BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
     return BatchQueue(model.run, batching, concurrent)
 
 
@@ -219,54 +211,3 @@ def test_one_caller_s_images_are_one_caller() -> None:
     model = asyncio.run(scenario())
     assert model.batches == [["a", "A"], ["a"]]
     assert model.alone == [True, True]
-
-
-@pytest.mark.parametrize(
-    ("last_callers", "back", "ended_ago", "expected"),
-    [
-        (1, 0, 0.001, 0.0),  # a lone client's batch: its next request runs at once
-        (4, 4, 0.001, 0.0),  # every caller is back
-        (4, 1, 0.001, 0.029),  # three are still on their way: wait out the rest of the 30 ms
-        (4, 1, 0.031, 0.0),  # the 30 ms have passed
-        (4, 1, 0.3, 0.0),  # a quarter of the 1 s run has gone: nobody is expected
-    ],
-)
-def test_how_long_the_next_batch_waits_for_the_callers_of_the_last(
-    last_callers: int, back: int, ended_ago: float, expected: float
-) -> None:
-    waited = company_wait_s(last_callers, 10.0, 11.0, back, 11.0 + ended_ago, longest_s=0.03)
-    assert waited == pytest.approx(expected)
-
-
-def test_a_task_left_over_waits_for_the_callers_coming_back_instead_of_leaving_alone() -> None:
-    """16 clients on lanes of 8 left one task over from each round, which then waited through a
-    pass and left at once, alone, as the lane freed: a pass of one. It now leaves with the callers
-    of the batch that just ended, who come back a few at a time."""
-
-    async def scenario() -> list[list[str]]:
-        model = FakeModel()
-        queue = make_queue(model, max_batch_size=4, company_wait_s=10.0)  # exact: only full or all back
-        first = [asyncio.ensure_future(answer(queue, f"a{index}")) for index in range(4)]
-        await model.running.wait()
-        left_over = asyncio.ensure_future(answer(queue, "left-over"))  # waits through the pass
-        await asyncio.wait_for(asyncio.gather(*first), 10)
-        back = []
-        for index in range(3):  # the callers come back one at a time
-            back.append(asyncio.ensure_future(answer(queue, f"b{index}")))
-            await asyncio.sleep(0)  # each is submitted before the next comes
-        await asyncio.wait_for(asyncio.gather(left_over, *back), 10)
-        return model.batches
-
-    batches = asyncio.run(scenario())
-    assert batches == [["a0", "a1", "a2", "a3"], ["left-over", "b0", "b1", "b2"]]
-
-
-def test_callers_that_do_not_come_back_are_waited_for_only_company_wait_s() -> None:
-    async def scenario() -> list[list[str]]:
-        model = FakeModel()
-        queue = make_queue(model, max_batch_size=4, company_wait_s=0.05)
-        await asyncio.wait_for(asyncio.gather(*(answer(queue, f"a{index}") for index in range(4))), 10)
-        await asyncio.wait_for(answer(queue, "only-one-back"), 10)  # the other three never ask again
-        return model.batches
-
-    assert asyncio.run(scenario())[-1] == ["only-one-back"]
