@@ -16,9 +16,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.model_replica import LANE_THREAD_PREFIX
+
 PROC = Path("/proc")
-# The model's compute threads are named after deployments/model_replica.py's LANE_THREAD_NAME.
-MODEL_THREAD_PREFIX = "torch-lane-"
 MODEL_PASSES = "model passes"
 """In a `session_cpu` label: the forward passes' threads; everything else is outside the model."""
 
@@ -62,7 +62,7 @@ def _model_threads_cpu(entry: Path) -> float | None:
     with suppress(OSError):
         for task in (entry / "task").iterdir():
             with suppress(OSError, IndexError):
-                if (task / "comm").read_text().startswith(MODEL_THREAD_PREFIX):
+                if (task / "comm").read_text().startswith(LANE_THREAD_PREFIX):
                     fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
                     total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / ticks
     return total

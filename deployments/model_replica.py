@@ -162,7 +162,8 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncGenerator[T, None]:
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
-LANE_THREAD_NAME = "torch-lane-{lane}"
+LANE_THREAD_PREFIX = "torch-lane-"
+LANE_THREAD_NAME = LANE_THREAD_PREFIX + "{lane}"
 """A lane's compute thread, by name in the OS too (``/proc/<pid>/task/<tid>/comm``), so that its
 CPU (with its OpenMP team's, which inherits the name) can be told from the rest of its process."""
 

@@ -112,9 +112,7 @@ class Postprocessor:
         comes. Closing this stream (a client disconnect) cancels the model call, which stops the task.
         """
         events = model.options(stream=True).generate_stream.remote(tasks)
-        assert isinstance(
-            events, DeploymentResponseGenerator | LocalEvents
-        )  # what options(stream=True) returns
+        assert isinstance(events, DeploymentResponseGenerator | LocalEvents)  # a stream call's answer
         finished = False
         try:
             async for event in events:
