@@ -63,10 +63,8 @@ def test_a_stream_gives_previews_then_the_image(
 def test_a_cancelled_stream_cancels_its_task_in_the_replica(
     model: InProcessHandle, loop: asyncio.AbstractEventLoop
 ) -> None:
-    replica = model.target
-    cancelled_before = replica._cancelled
-
     async def call() -> None:
+        cancelled_before = (await model.stats.remote()).cancelled
         events = model.options(stream=True).generate_stream.remote([make_task(4, steps=12, partial_images=3)])
         first = await asyncio.wait_for(events.__anext__(), DEADLINE_S)
         assert isinstance(first, PartialImage)
@@ -74,10 +72,10 @@ def test_a_cancelled_stream_cancels_its_task_in_the_replica(
         deadline = asyncio.get_running_loop().time() + DEADLINE_S
         while (await model.stats.remote()).in_flight:  # the replica lets go of the task
             assert asyncio.get_running_loop().time() < deadline, "the cancelled task stayed in flight"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the pace of the polling
+        assert (await model.stats.remote()).cancelled == cancelled_before + 1
 
     loop.run_until_complete(call())
-    assert replica._cancelled == cancelled_before + 1
 
 
 def test_private_names_are_not_calls() -> None:

@@ -83,6 +83,7 @@ class FinishHere:
         return [f"{image} as {options.output_format}" for image in images]
 
     async def stream(self, tasks: list[str], options: EncodeOptions, model: Any) -> AsyncGenerator[str, None]:
+        self.model = model  # the request's model replica, handed over with the call
         try:
             for task in tasks:
                 yield f"{task} streamed"
@@ -133,12 +134,14 @@ def test_a_timeout_cancels_the_model_call_of_a_colocated_chain(tmp_path: Path) -
 def test_closing_a_colocated_stream_closes_the_stage_stream(tmp_path: Path) -> None:
     async def scenario() -> None:
         request, options = request_and_options(tmp_path)
-        chain = chain_with(ModelStandIn())
+        model = ModelStandIn()
+        chain = chain_with(model)
         events = chain.stream_events(request, options)
         assert isinstance(events, LocalEvents)
         assert await events.__anext__() == "task 0! streamed"
         events.cancel()  # the client went away after the first event
         stage = chain.postprocess.instance  # type: ignore[union-attr]
+        assert stage.model is model  # the stage streams from the request's variant
         await asyncio.wait_for(stage.closed.wait(), DEADLINE_S)
 
     asyncio.run(scenario())
