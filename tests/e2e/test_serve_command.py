@@ -7,6 +7,7 @@ the benchmarks run it."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -126,8 +127,13 @@ def test_the_port_is_held_by_serves_proxy_or_by_the_direct_ingress_replica(serve
 
 
 def test_the_scheduler_and_model_are_replicas_of_their_own_or_live_in_the_ingress(served: Served) -> None:
-    titles = {" ".join(process.info["cmdline"] or []) for process in psutil.process_iter(["cmdline"])}
-    replicas = sorted(title.split()[0] for title in titles if title.startswith("ray::ServeReplica:imagegen:"))
+    # This service's own processes (Ray's workers descend from the Ray that `imagegen serve` started),
+    # by Ray's title less the method running now ("ray::ServeReplica:imagegen:Ingress.check_health").
+    titles = []
+    for process in psutil.Process(served.process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a short-lived helper may be gone already
+            titles.append((process.cmdline() or [""])[0].split(" ")[0].split(".")[0])
+    replicas = sorted(title for title in titles if title.startswith("ray::ServeReplica:imagegen:"))
     apart = ["ModelReplica-digits", "ModelReplica-digits-ar", "Scheduler"]  # the embedded default's
     expected = ["Ingress"] + ([] if served.direct else apart)
     assert replicas == [f"ray::ServeReplica:imagegen:{name}" for name in expected], replicas
