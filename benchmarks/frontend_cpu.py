@@ -6,8 +6,7 @@ itself, as in ``make bench``) in its own session, warms it up, then runs a close
 ``--clients`` (16) for ``--window`` seconds and reads each of the session's processes' CPU time from
 ``/proc`` around it: core-ms per image for every process (proxy, ingress, scheduler, the stages,
 Ray's own), and their sum outside the forward passes (all but the model's compute threads), the
-front end's cost (issue 13). A 1-client
-loop before it gives the unloaded latency.
+front end's cost (issue 13). A 1-client loop before it gives the unloaded latency.
 
 On a slow or shared machine the model makes few images per second, so the part of that sum that
 runs by the clock (Serve's controller, metrics, health checks, Ray's agents) weighs heavily per

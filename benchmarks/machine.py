@@ -23,17 +23,23 @@ MODEL_PASSES = "model passes"
 """In a `session_cpu` label: the forward passes' threads; everything else is outside the model."""
 
 
+def _stat(folder: Path) -> tuple[int, float]:
+    """The session and the CPU seconds so far (user + system) in a process's or thread's ``stat``
+    under ``folder``; OSError or IndexError where it is gone or not readable."""
+    fields = (folder / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[3]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _processes() -> Iterator[tuple[int, int, float, Path]]:
     """(pid, session, CPU seconds so far, its /proc folder) of every process still readable."""
-    ticks = os.sysconf("SC_CLK_TCK")
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            session, cpu = _stat(entry)
         except (OSError, IndexError):
             continue  # gone, or not readable
-        yield int(entry.name), int(fields[3]), (int(fields[11]) + int(fields[12])) / ticks, entry
+        yield int(entry.name), session, cpu, entry
 
 
 def _process_cpu(own_sessions: set[int]) -> dict[int, float]:
@@ -57,14 +63,12 @@ def process_label(cmdline: list[str]) -> str:
 def _model_threads_cpu(entry: Path) -> float | None:
     """CPU seconds so far of the model's compute threads in the process at ``entry`` (each lane's
     thread and the OpenMP team it started, which inherits its name); None where it has none."""
-    ticks = os.sysconf("SC_CLK_TCK")
     total: float | None = None
     with suppress(OSError):
         for task in (entry / "task").iterdir():
             with suppress(OSError, IndexError):
                 if (task / "comm").read_text().startswith(LANE_THREAD_PREFIX):
-                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                    total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+                    total = (total or 0.0) + _stat(task)[1]
     return total
 
 

@@ -29,7 +29,8 @@ SHUTDOWN_TIMEOUT_S = 60
 ALL_THREADS_CONFIG = Path(__file__).parent / "configs" / "tiny-sd-all-threads.yaml"
 # imagegen-serve as a single server, as its peers run: `imagegen serve` on its own Ray with the
 # ingress listening on the port itself, without Serve's proxy in front (stages.ingress.direct),
-# and the scheduler in the ingress's process (scheduler.colocate).
+# and the scheduler and the model replica in the ingress's process (scheduler.colocate,
+# stages.ingress.colocate_models): one Serve replica.
 SINGLE_SERVER = {
     "IMAGEGEN_STAGES__INGRESS__DIRECT": "true",
     "IMAGEGEN_SCHEDULER__COLOCATE": "true",
