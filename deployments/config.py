@@ -35,6 +35,13 @@ class BatchingConfig(StrictModel):
     batch_wait_timeout_s: float = Field(
         0.01, ge=0.0, le=10.0, description="How long a partial batch waits for more tasks."
     )
+    company_wait_s: float = Field(
+        0.03,
+        ge=0.0,
+        le=10.0,
+        description="How long after a batch of several callers ends the next one waits for them to "
+        "come back (closed-loop clients return a few at a time), unless it fills or they are all back.",
+    )
 
 
 class ResourcesConfig(StrictModel):

@@ -12,7 +12,7 @@ from contextlib import aclosing
 
 import pytest
 
-from deployments.batch_queue import BatchQueue, expects_company, may_start
+from deployments.batch_queue import BatchQueue, callers_on_the_way, even_share, expects_company, may_start
 from deployments.config import BatchingConfig
 
 PASS_S = 0.05  # the fake pass's compute time
@@ -43,9 +43,17 @@ class FakeModel:
 
 
 def make_queue(
-    model: FakeModel, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.0, concurrent: int = 1
+    model: FakeModel,
+    max_batch_size: int = 4,
+    batch_wait_timeout_s: float = 0.0,
+    concurrent: int = 1,
+    company_wait_s: float = 0.0,
 ) -> BatchQueue[str, str]:
-    batching = BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+    batching = BatchingConfig(
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        company_wait_s=company_wait_s,
+    )
     return BatchQueue(model.run, batching, concurrent)
 
 
@@ -211,3 +219,90 @@ def test_one_caller_s_images_are_one_caller() -> None:
     model = asyncio.run(scenario())
     assert model.batches == [["a", "A"], ["a"]]
     assert model.alone == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("last_callers", "back", "ended_ago", "expected"),
+    [
+        (1, 0, 0.001, 0),  # a lone client's batch: nobody else is coming
+        (4, 4, 0.001, 0),  # every caller is back
+        (4, 1, 0.001, 3),
+        (4, 1, 0.3, 0),  # a quarter of the 1 s run has gone: nobody is expected
+    ],
+)
+def test_how_many_callers_of_the_last_batch_are_on_their_way(
+    last_callers: int, back: int, ended_ago: float, expected: int
+) -> None:
+    assert callers_on_the_way(last_callers, 10.0, 11.0, back, 11.0 + ended_ago) == expected
+
+
+@pytest.mark.parametrize(
+    ("running", "waiting", "on_the_way", "concurrent", "expected"),
+    [
+        (0, 1, 7, 2, 4),  # 8 clients on two lanes: 4 each, not all 8 on one lane's thread
+        (8, 1, 8, 2, 8),  # 16 clients: the task left over waits for 7 more, not a pass of its own
+        (4, 1, 3, 2, 4),
+        (0, 1, 1, 2, 1),  # 2 clients: one each
+        (0, 1, 3, 1, 4),  # one lane: everyone coming
+        (8, 8, 8, 2, 8),  # never beyond a full batch
+    ],
+)
+def test_a_batch_s_even_share_of_the_work_running_waiting_and_on_its_way(
+    running: int, waiting: int, on_the_way: int, concurrent: int, expected: int
+) -> None:
+    assert even_share(running, waiting, on_the_way, concurrent, max_batch_size=8) == expected
+
+
+def test_a_task_left_over_waits_for_the_callers_coming_back_instead_of_leaving_alone() -> None:
+    """16 clients on lanes of 8 left one task over from each round, which then waited through a
+    pass and left at once, alone, as the lane freed: a pass of one. It now leaves with the callers
+    of the batch that just ended, who come back a few at a time."""
+
+    async def scenario() -> list[list[str]]:
+        model = FakeModel()
+        queue = make_queue(model, max_batch_size=4, company_wait_s=10.0)  # exact: only full or all back
+        first = [asyncio.ensure_future(answer(queue, f"a{index}")) for index in range(4)]
+        await model.running.wait()
+        left_over = asyncio.ensure_future(answer(queue, "left-over"))  # waits through the pass
+        await asyncio.wait_for(asyncio.gather(*first), 10)
+        back = []
+        for index in range(3):  # the callers come back one at a time
+            back.append(asyncio.ensure_future(answer(queue, f"b{index}")))
+            await asyncio.sleep(0)  # each is submitted before the next comes
+        await asyncio.wait_for(asyncio.gather(left_over, *back), 10)
+        return model.batches
+
+    batches = asyncio.run(scenario())
+    assert batches == [["a0", "a1", "a2", "a3"], ["left-over", "b0", "b1", "b2"]]
+
+
+def test_callers_that_do_not_come_back_are_waited_for_only_company_wait_s() -> None:
+    async def scenario() -> list[list[str]]:
+        model = FakeModel()
+        queue = make_queue(model, max_batch_size=4, company_wait_s=0.05)
+        await asyncio.wait_for(asyncio.gather(*(answer(queue, f"a{index}") for index in range(4))), 10)
+        await asyncio.wait_for(answer(queue, "only-one-back"), 10)  # the other three never ask again
+        return model.batches
+
+    assert asyncio.run(scenario())[-1] == ["only-one-back"]
+
+
+def test_callers_of_a_batch_coming_back_split_evenly_over_the_lanes() -> None:
+    """8 clients on two lanes: the 8 of a batch that ran alone come back one at a time, and leave
+    4 and 4, side by side (waiting for all of them held 8 on one lane while the other idled)."""
+
+    async def scenario() -> FakeModel:
+        model = FakeModel()
+        queue = make_queue(model, max_batch_size=8, concurrent=2, company_wait_s=10.0)  # exact
+        await asyncio.wait_for(asyncio.gather(*(answer(queue, f"a{index}") for index in range(8))), 10)
+        back = []
+        for index in range(8):  # the callers come back one at a time
+            back.append(asyncio.ensure_future(answer(queue, f"b{index}")))
+            await asyncio.sleep(0)  # each is submitted before the next comes
+        await asyncio.wait_for(asyncio.gather(*back), 10)
+        return model
+
+    model = asyncio.run(scenario())
+    assert [len(batch) for batch in model.batches] == [8, 4, 4]
+    assert model.alone == [True, False, False]
+    assert model.peak_passes == 2
