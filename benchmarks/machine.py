@@ -91,6 +91,15 @@ def session_cpu(session: int) -> dict[int, tuple[str, float]]:
     return usage
 
 
+def signal_session(session: int, signum: int) -> None:
+    """Send ``signum`` to every process of ``session``: with SIGSTOP and SIGCONT, pause and resume
+    a whole server, whose processes need not share one process group (Ray's do not)."""
+    for pid, own_session, _, _ in _processes():
+        if own_session == session:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
 @dataclass(frozen=True)
 class ProcessCpu:
     pid: int

@@ -10,7 +10,9 @@ Without ``--url`` it compares, one system at a time on this machine:
 Each server gets the same scenarios: closed loops at 1, 8 and a saturating number of clients
 (its capacity is its best closed-loop throughput), open loops (Poisson by default) at the same
 absolute rates for every system (fractions of the bare pipeline's best images/s), and an open
-loop at 80% of its own capacity. With ``--url`` it loads one running server instead, with any
+loop at 80% of its own capacity. After the rounds, every server runs at once and each gets one
+request in turn while the others are paused (``--one-client-turns``): the 1-client comparison in
+the same seconds. With ``--url`` it loads one running server instead, with any
 schedule and request mix. Either way it writes Parquet, a Markdown report and PNG plots.
 
     python -m benchmarks.run                 # the full comparison (< 10 minutes on 2 cores)
@@ -26,6 +28,7 @@ import contextlib
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +41,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.loadgen import RequestRecord, http_client, run_closed_loop, run_open_loop, send, warm_up
-from benchmarks.machine import ForeignLoadMeter, measure_idle, noisy_neighbour, session_cpu
-from benchmarks.run_report import TARGET_SYSTEM, RunInfo, ServerCpu, saturated_throughput, write_report
+from benchmarks.machine import ForeignLoadMeter, measure_idle, noisy_neighbour, session_cpu, signal_session
+from benchmarks.run_report import (
+    ONE_CLIENT_IN_TURN,
+    PEERS,
+    TARGET_SYSTEM,
+    RunInfo,
+    ServerCpu,
+    saturated_throughput,
+    write_report,
+)
 from benchmarks.stats import Scenario, summarize, summarize_runs, window_s
 from benchmarks.workload import (
     RateSchedule,
@@ -73,6 +84,7 @@ QUICK = {
     "load_fractions": "0.5",
     "bare_batch_sizes": "1,2",
     "bare_one_thread": False,
+    "one_client_turns": 0,
     "drain": 15.0,  # short scenarios, but no request should fail for want of waiting
     "rounds": 1,
 }
@@ -84,6 +96,7 @@ FULL = {
     "load_fractions": "0.3,0.6,0.9,1.2",
     "bare_batch_sizes": "1,2,4,8,16",
     "bare_one_thread": True,
+    "one_client_turns": 30,
     "rounds": 2,
 }
 IDLE_WINDOW_S = 20.0
@@ -168,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bare-one-thread",
         action=argparse.BooleanOptionalAction,
         help="also time the pipeline on one torch thread, as a 1-CPU Ray worker runs it (default: on)",
+    )
+    compare.add_argument(
+        "--one-client-turns",
+        type=int,
+        help="after the rounds, start every server at once and send each one request in turn, "
+        "the others paused, this many times (default 30; 0: none)",
     )
     target = parser.add_argument_group("one running server (--url)")
     target.add_argument("--url", help="load this server instead of starting the peers")
@@ -452,6 +471,83 @@ async def time_in_turn(
             collector.add(served_scenario, served, round_index)
 
 
+async def one_client_in_turn(
+    args: argparse.Namespace, servers: dict[str, RunningServer], mix: RequestMix, collector: Collector
+) -> None:
+    """One request to each server in turn, again and again (``--one-client-turns``), every other
+    server paused (SIGSTOP, its whole session) meanwhile: the 1-client latencies of the systems in
+    the same seconds, none slowed by another's idle work. Run system by system, minutes apart,
+    their medians moved with the machine more than they differed (2026-12-02, by hand, four
+    windows each: imagegen-serve 278-359 ms, LitServe 280-354). Scenario `ONE_CLIENT_IN_TURN`
+    (mode "in-turn", not a load point). A server resumed waits `SETTLE_S` (its timers run late)
+    before its request, and is paused again as soon as it answers: work it does after an answer
+    stays in its own turn."""
+    specs = iter_requests(mix, random.Random(args.seed - 2))
+    records: dict[str, list[RequestRecord]] = {name: [] for name in servers}
+    common = {"timeout_s": args.timeout, "drain_s": args.drain}
+    for name, server in servers.items():
+        await warm_up(server.base_url, mix, [1, 1, 1], system=name, **common)
+        signal_session(server.session, signal.SIGSTOP)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {
+                name: await stack.enter_async_context(http_client(server.base_url, args.timeout))
+                for name, server in servers.items()
+            }
+            origin = time.perf_counter()
+            for turn in range(args.one_client_turns):
+                print(f"one client in turn: {turn + 1}/{args.one_client_turns}", end="\r", flush=True)
+                for name, server in servers.items():
+                    signal_session(server.session, signal.SIGCONT)
+                    await asyncio.sleep(SETTLE_S)
+                    spec = replace(next(specs), index=turn, n=1, stream=False)
+                    records[name].append(
+                        await send(
+                            clients[name],
+                            spec,
+                            system=name,
+                            scenario=ONE_CLIENT_IN_TURN,
+                            origin=origin,
+                            scheduled_s=None,
+                        )
+                    )
+                    signal_session(server.session, signal.SIGSTOP)
+    finally:
+        for server in servers.values():
+            signal_session(server.session, signal.SIGCONT)
+    for name, served in records.items():
+        collector.add(Scenario(name, ONE_CLIENT_IN_TURN, "in-turn", clients=1), served)
+
+
+def measure_one_client_in_turn(
+    args: argparse.Namespace,
+    systems: Sequence[str],
+    storage: Path,
+    mix: RequestMix,
+    collector: Collector,
+    info: RunInfo,
+) -> None:
+    """Start every server of ``systems`` at once, each on a port of its own, and time them in
+    turn at one client (:func:`one_client_in_turn`)."""
+    from benchmarks.systems import running_server, server_systems
+
+    names = [name for name in (*PEERS, TARGET_SYSTEM) if name in systems]  # one Ray service at a time
+    if args.one_client_turns <= 0 or len(names) < 2:
+        return
+    print(f"one client in turn: starting {', '.join(names)} at once", flush=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for name in names:
+                port = free_port()
+                system = server_systems(port, storage)[name]
+                servers[name] = stack.enter_context(running_server(system, port))
+            asyncio.run(one_client_in_turn(args, servers, mix, collector))
+    except RuntimeError as failure:
+        info.notes.append(f"one client in turn was skipped: {str(failure).splitlines()[0]}")
+        print(failure, file=sys.stderr, flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -590,6 +686,9 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
                 except RuntimeError as failure:
                     info.notes.append(f"{name} was skipped: {str(failure).splitlines()[0]}")
                     print(failure, file=sys.stderr, flush=True)
+        meter.start()
+        measure_one_client_in_turn(args, systems, Path(storage), mix, collector, info)
+        note_foreign_load(info, "one client in turn", meter)
     if reference_rps:
         info.notes.append(
             f"open loops at the same rates for every system: fractions {args.load_fractions} of "

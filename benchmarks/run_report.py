@@ -77,6 +77,8 @@ SCENARIO_COLUMNS = (
 PLOTS = ("latency_cdf.png", "throughput_vs_load.png", "latency_vs_load.png")
 TARGET_SYSTEM = "imagegen"
 PEERS = ("naive", "litserve", "litserve-workers")
+ONE_CLIENT_IN_TURN = "one-client-in-turn"
+"""The scenario of one request to each server in turn, the others paused (`benchmarks.run`)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,16 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], system: str = TARGET_SYSTEM
         if served and bare_one and served["p50_ms"] is not None and bare_one["p50_ms"] is not None:
             added = served["p50_ms"] - bare_one["p50_ms"]
         results.append(TargetResult(name, added, "<= 25", None if added is None else added <= 25.0))
+    # At one client, against each peer's requests taken in turn with this server's (the others
+    # paused), in the same seconds: run system by system, the machine's drift outweighed the gap.
+    in_turn = _find(rows, system, ONE_CLIENT_IN_TURN)
+    for peer in PEERS:
+        theirs_in_turn = _find(rows, peer, ONE_CLIENT_IN_TURN)
+        value = None
+        if in_turn and theirs_in_turn and in_turn["p50_ms"] is not None and theirs_in_turn["p50_ms"]:
+            value = in_turn["p50_ms"] / theirs_in_turn["p50_ms"]
+        name = f"p50 at 1 client, one request each in turn / {peer}"
+        results.append(TargetResult(name, value, "<= 1.0", None if value is None else value <= 1.0))
     paired = (int(row["scenario"].removeprefix("paired-batch-")) for row in _rows(rows, system, "paired"))
     for batch in sorted(paired):
         ratio = pass_timed_in_turn(rows, system, batch)[2]
@@ -343,6 +355,10 @@ def render_markdown(info: RunInfo, rows: Sequence[dict[str, Any]], records: Sequ
                 for t in evaluate_targets(rows, ours)
             ],
         ),
+        "",
+        f"Scenario `{ONE_CLIENT_IN_TURN}`: after the rounds, every server runs at once and gets one "
+        "request in turn, again and again, each answering while every other is paused (SIGSTOP), so "
+        "that the 1-client comparison sees the same seconds of the machine.",
         "",
         "## All scenarios",
         "",

@@ -26,7 +26,7 @@ class Scenario:
 
     system: str
     name: str
-    mode: str  # "open", "closed" or "in-process"
+    mode: str  # "open", "closed", "in-process", or "paired" / "in-turn" (not load points)
     clients: int | None = None  # closed loop
     offered_rps: float | None = None  # open loop: the scheduled arrival rate
 

@@ -129,6 +129,9 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
         row("imagegen", "closed-16", "closed", 7.6),
         row("imagegen", "open-0.8cap", "open", 6.0, p50=400.0, p99=700.0),
         row("imagegen", "open-9.00rps", "open", 9.0),  # open loops do not define capacity
+        row("imagegen", "one-client-in-turn", "in-turn", 3.0, p50=250.0),
+        row("litserve", "one-client-in-turn", "in-turn", 3.0, p50=260.0),
+        row("naive", "one-client-in-turn", "in-turn", 3.0, p50=240.0),
     ]
     assert saturated_throughput(rows, "imagegen") == 7.6
     results = {target.name: target for target in evaluate_targets(rows)}
@@ -145,6 +148,10 @@ def test_targets_compare_imagegen_with_the_bare_pipeline_and_peers() -> None:
     in_turn = results["p50 added over the bare call timed in turn with it, at 1 client (ms)"]
     assert in_turn.value == pytest.approx(40.0)  # the paired requests against their bare calls
     assert in_turn.met is False
+    against_litserve = results["p50 at 1 client, one request each in turn / litserve"]
+    assert (against_litserve.value, against_litserve.met) == (pytest.approx(250 / 260), True)
+    assert results["p50 at 1 client, one request each in turn / naive"].met is False
+    assert results["p50 at 1 client, one request each in turn / litserve-workers"].met is None  # not run
     one = results["forward pass in the replica / bare pass timed in turn with it, batch 1"]
     assert (one.value, one.met) == (pytest.approx(200 / 190), True)
     eight = results["forward pass in the replica / bare pass timed in turn with it, batch 8"]
