@@ -526,6 +526,7 @@ def measure_one_client_in_turn(
     mix: RequestMix,
     collector: Collector,
     info: RunInfo,
+    meter: ForeignLoadMeter,
 ) -> None:
     """Start every server of ``systems`` at once, each on a port of its own, and time them in
     turn at one client (:func:`one_client_in_turn`)."""
@@ -542,7 +543,9 @@ def measure_one_client_in_turn(
                 port = free_port()
                 system = server_systems(port, storage)[name]
                 servers[name] = stack.enter_context(running_server(system, port))
+            meter.start(*(server.session for server in servers.values()))
             asyncio.run(one_client_in_turn(args, servers, mix, collector))
+            note_foreign_load(info, "one client in turn", meter)
     except RuntimeError as failure:
         info.notes.append(f"one client in turn was skipped: {str(failure).splitlines()[0]}")
         print(failure, file=sys.stderr, flush=True)
@@ -686,9 +689,7 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> RunInfo:
                 except RuntimeError as failure:
                     info.notes.append(f"{name} was skipped: {str(failure).splitlines()[0]}")
                     print(failure, file=sys.stderr, flush=True)
-        meter.start()
-        measure_one_client_in_turn(args, systems, Path(storage), mix, collector, info)
-        note_foreign_load(info, "one client in turn", meter)
+        measure_one_client_in_turn(args, systems, Path(storage), mix, collector, info, meter)
     if reference_rps:
         info.notes.append(
             f"open loops at the same rates for every system: fractions {args.load_fractions} of "
