@@ -12,7 +12,14 @@ from contextlib import aclosing
 
 import pytest
 
-from deployments.batch_queue import BatchQueue, callers_on_the_way, even_share, expects_company, may_start
+from deployments.batch_queue import (
+    BatchQueue,
+    callers_on_the_way,
+    even_share,
+    expects_arrivals,
+    expects_company,
+    may_start,
+)
 from deployments.config import BatchingConfig
 
 PASS_S = 0.05  # the fake pass's compute time
@@ -165,7 +172,7 @@ def test_a_batch_alone_keeps_later_arrivals_waiting_until_it_ends() -> None:
 
     model = asyncio.run(scenario())
     assert model.batches == [["lone"], ["a", "b"]]
-    assert model.alone == [True, True]
+    assert model.alone == [True, False]  # they arrived during a pass: more may come during theirs
     assert model.peak_passes == 1
 
 
@@ -306,3 +313,41 @@ def test_callers_of_a_batch_coming_back_split_evenly_over_the_lanes() -> None:
     assert [len(batch) for batch in model.batches] == [8, 4, 4]
     assert model.alone == [True, False, False]
     assert model.peak_passes == 2
+
+
+@pytest.mark.parametrize(
+    ("overlap_ago", "expected"),
+    [
+        (float("inf"), False),  # no task ever arrived during a pass: a lone client
+        (0.5, True),  # half a second ago, passes of 0.1 s: arrivals overlap passes
+        (1.1, False),  # over ten passes ago
+    ],
+)
+def test_when_a_task_may_arrive_during_the_next_pass(overlap_ago: float, expected: bool) -> None:
+    assert expects_arrivals(11.0 - overlap_ago, 10.9, 11.0, 11.0) is expected
+
+
+def test_once_tasks_arrive_during_passes_a_lone_task_leaves_the_other_cores_to_the_next() -> None:
+    """A task alone takes every core, and one arriving meanwhile waits for it to end. Under an open
+    loop, arrivals overlap passes: a lone task then runs on its share, and the next starts beside
+    it at once. A client alone (nothing arriving during its passes) still runs alone."""
+
+    async def scenario() -> FakeModel:
+        model = FakeModel()
+        queue = make_queue(model, concurrent=2)
+        await answer(queue, "lone")
+        await answer(queue, "lone again")
+        first = asyncio.ensure_future(answer(queue, "first"))
+        await model.running.wait()
+        overlapping = asyncio.ensure_future(answer(queue, "arrives during its pass"))
+        await asyncio.wait_for(asyncio.gather(first, overlapping), 10)
+        after = asyncio.ensure_future(answer(queue, "after"))
+        await model.running.wait()
+        during = asyncio.ensure_future(answer(queue, "during"))
+        await asyncio.wait_for(asyncio.gather(after, during), 10)
+        return model
+
+    model = asyncio.run(scenario())
+    assert model.alone == [True, True, True, False, False, False]
+    assert model.batches[-2:] == [["after"], ["during"]]
+    assert model.peak_passes == 2  # "during" ran beside "after", not behind it
