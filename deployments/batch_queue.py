@@ -195,14 +195,10 @@ class BatchQueue(Generic[ItemT, EventT]):
                 now = loop.time()
                 timeout = self._waiting[0].arrived + batching.batch_wait_timeout_s - now
                 on_the_way = callers_on_the_way(*self._last_batch, len(self._callers_since), now)
-                share = even_share(
-                    self._running_tasks,
-                    len(self._waiting),
-                    on_the_way,
-                    self.concurrent,
-                    batching.max_batch_size,
-                )
-                size = share if on_the_way else batching.max_batch_size
+                size = batching.max_batch_size
+                if on_the_way:
+                    waiting = len(self._waiting)
+                    size = even_share(self._running_tasks, waiting, on_the_way, self.concurrent, size)
                 if len(self._waiting) < size and on_the_way:
                     timeout = max(timeout, self._last_batch[2] + batching.company_wait_s - now)
                 if len(self._waiting) >= size or timeout <= 0:

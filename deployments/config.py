@@ -39,8 +39,8 @@ class BatchingConfig(StrictModel):
         0.03,
         ge=0.0,
         le=10.0,
-        description="How long after a batch of several callers ends the next one waits for them to "
-        "come back (closed-loop clients return a few at a time), unless it fills or they are all back.",
+        description="How long after a batch of several callers ends the next one waits for its even "
+        "share of the work while they come back (closed-loop clients return a few at a time).",
     )
 
 
