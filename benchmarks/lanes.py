@@ -24,7 +24,7 @@ def lane_passes(family: Any, bare: Any, batch: int, passes: int, lane: int) -> l
     import torch
 
     torch.set_num_threads(1)
-    tasks = bare._tasks(batch, SIZE, lane)
+    tasks = bare.tasks(batch, SIZE, lane)
     family.generate(tasks)
     times = []
     for _ in range(passes):

@@ -245,7 +245,7 @@ class BarePipeline:
     def _time_calls(
         self, scenario: str, batch: int, duration_s: float, size: str, min_calls: int
     ) -> list[RequestRecord]:
-        self.family.generate(self._tasks(batch, size, -1))
+        self.family.generate(self.tasks(batch, size, -1))
         records: list[RequestRecord] = []
         origin = time.perf_counter()
         while len(records) < min_calls or time.perf_counter() - origin < duration_s:
@@ -259,7 +259,7 @@ class BarePipeline:
         on ``threads`` torch threads if given."""
         import torch
 
-        tasks = self._tasks(batch, size, index)
+        tasks = self.tasks(batch, size, index)
         own_threads = torch.get_num_threads()
         torch.set_num_threads(threads or own_threads)
         try:
@@ -285,7 +285,8 @@ class BarePipeline:
             batch_sizes=[batch] * batch,
         )
 
-    def _tasks(self, batch: int, size: str, call: int) -> list[ImageTask]:
+    def tasks(self, batch: int, size: str, call: int) -> list[ImageTask]:
+        """The ``batch`` image tasks of call ``call``: prompts in turn, a seed per image."""
         from deployments.models.registry import generation_tasks
 
         prompts = [

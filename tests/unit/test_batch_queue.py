@@ -69,6 +69,16 @@ async def answer(queue: BatchQueue[str, str], item: str) -> list[str]:
         return [event async for event in events]
 
 
+async def second_during_the_first_s_pass(
+    queue: BatchQueue[str, str], model: FakeModel, first: str, second: str
+) -> None:
+    """``first`` is submitted, and ``second`` once a pass runs; returns when both are answered."""
+    first_answer = asyncio.ensure_future(answer(queue, first))
+    await model.running.wait()
+    second_answer = asyncio.ensure_future(answer(queue, second))
+    await asyncio.wait_for(asyncio.gather(first_answer, second_answer), 10)
+
+
 def test_tasks_beyond_a_full_batch_wait_for_the_next_pass_and_leave_with_later_ones() -> None:
     async def scenario() -> list[int]:
         model = FakeModel()
@@ -200,10 +210,7 @@ def test_callers_of_a_shared_batch_coming_back_a_few_at_a_time_run_side_by_side(
         model = FakeModel(pass_s=0.4)  # company is expected for a quarter of it: 100 ms, ample
         queue = make_queue(model, concurrent=2)
         await asyncio.wait_for(asyncio.gather(answer(queue, "a"), answer(queue, "b")), 10)
-        first_back = asyncio.ensure_future(answer(queue, "a2"))
-        await model.running.wait()
-        second_back = asyncio.ensure_future(answer(queue, "b2"))
-        await asyncio.wait_for(asyncio.gather(first_back, second_back), 10)
+        await second_during_the_first_s_pass(queue, model, "a2", "b2")
         return model
 
     model = asyncio.run(scenario())
@@ -337,14 +344,8 @@ def test_once_tasks_arrive_during_passes_a_lone_task_leaves_the_other_cores_to_t
         queue = make_queue(model, concurrent=2)
         await answer(queue, "lone")
         await answer(queue, "lone again")
-        first = asyncio.ensure_future(answer(queue, "first"))
-        await model.running.wait()
-        overlapping = asyncio.ensure_future(answer(queue, "arrives during its pass"))
-        await asyncio.wait_for(asyncio.gather(first, overlapping), 10)
-        after = asyncio.ensure_future(answer(queue, "after"))
-        await model.running.wait()
-        during = asyncio.ensure_future(answer(queue, "during"))
-        await asyncio.wait_for(asyncio.gather(after, during), 10)
+        await second_during_the_first_s_pass(queue, model, "first", "arrives during its pass")
+        await second_during_the_first_s_pass(queue, model, "after", "during")
         return model
 
     model = asyncio.run(scenario())
